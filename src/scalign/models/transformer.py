@@ -1,0 +1,395 @@
+"""A decoder-only transformer in Flax Linen, with an explicit KV cache.
+
+    tokens [B, T] -> embed [B, T, D] -> L x Block -> RMSNorm -> hidden [B, T, D]
+    Block:  h = x + PostNorm(Attention(PreNorm(x)))        (PostNorm only with post_norms)
+            y = h + PostNorm(MLP(PreNorm(h)))
+
+Shape letters: B batch, T new tokens, S cache slots, D model width, H query heads, K kv heads,
+G = H / K query heads per kv head, Dh head width, F MLP width, V vocab.
+
+The KV cache is a plain pytree argument and return value, never a mutable collection:
+`cache = {"layer_i": {"k": [B, S, K, Dh], "v": [B, S, K, Dh]}}`. Tokens are written at slots
+`cache_index + arange(T)` (one scalar for the whole batch). Ragged prompts are **left-padded**:
+row b's first real token sits at slot `key_start[b]`, keys before it are masked, and its RoPE
+positions are `slot - key_start[b]`. One slot index per batch keeps the cache update a single
+`dynamic_update_slice` (no scatter) in every decode step.
+
+Attention mask for query slot q and key slot s of row b:
+    s <= q  and  s >= key_start[b]  and  (global layer or q - s < sliding_window)
+
+Every param carries logical axes (`nn.with_logical_partitioning`) and key activations are
+constrained by logical axes (`scalign.parallel.constrain`), so one rule table shards the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from scalign.models.config import ModelConfig
+from scalign.parallel import constrain
+
+Array = jax.Array
+Cache = dict[str, dict[str, Array]]
+
+_INIT_STD = 0.02
+
+
+# ------------------------------------------------------------------------ helpers
+def _matmul(eq: str, x: Array, w: Array, dtype: jnp.dtype) -> Array:
+    """einsum in the compute dtype with float32 accumulation; result in the compute dtype."""
+    x, w = x.astype(dtype), w.astype(dtype)
+    if dtype == jnp.float32:
+        return jnp.einsum(eq, x, w)
+    return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32).astype(dtype)
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
+           init: Any, dtype: jnp.dtype) -> Array:
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _softcap(x: Array, cap: float | None) -> Array:
+    """cap * tanh(x / cap) (Gemma 2 soft-capping); identity when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def _activation(name: str):
+    return {
+        "silu": jax.nn.silu,
+        "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+        "gelu": functools.partial(jax.nn.gelu, approximate=False),
+        "relu": jax.nn.relu,
+    }[name]
+
+
+# --------------------------------------------------------------------------- RoPE
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> Array:
+    """Inverse frequencies theta^(-2i/Dh), i < Dh/2 (Su et al. 2021), with optional scaling.
+
+    linear: inv_freq / factor (position interpolation, Chen et al. 2023).
+    llama3: wavelengths 2*pi/f longer than orig/low_freq_factor are divided by `factor`, those
+      shorter than orig/high_freq_factor are kept, and the band between is interpolated with
+      s = (orig / wavelength - low) / (high - low): f' = (1 - s) f / factor + s f
+      (Llama 3.1, Dubey et al. 2024).
+    """
+    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if not scaling:
+        return inv
+    kind = scaling["type"]
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv / factor
+    if kind == "llama3":
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        orig = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > orig / low, inv / factor, inv)
+        smooth = (orig / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+        return jnp.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope scaling type {kind!r}")
+
+
+def rope_tables(positions: Array, inv_freq: Array) -> tuple[Array, Array]:
+    """sin, cos of positions * inv_freq: [B, T, Dh/2] each (float32)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: Array, sin: Array, cos: Array) -> Array:
+    """Rotate halves of x [B, T, N, Dh] (the "rotate_half" layout of HF checkpoints)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+# ------------------------------------------------------------------------ masking
+def attention_mask(q_slots: Array, num_slots: int, key_start: Array,
+                   window: int | None) -> Array:
+    """Boolean mask [B, T, S]: key slot s is visible from query slot q (see module docstring)."""
+    s = jnp.arange(num_slots, dtype=jnp.int32)
+    q = q_slots[:, None]
+    visible = (s[None, :] <= q)[None] & (s[None, None, :] >= key_start[:, None, None])
+    if window is not None:
+        visible &= (q - s[None, :] < window)[None]
+    return visible
+
+
+# ------------------------------------------------------------------------ modules
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * (offset + w), computed in float32 (Zhang & Sennrich 2019)."""
+
+    eps: float
+    offset: float
+    param_dtype: Any
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        scale = _param(self, "scale", (x.shape[-1],), (self.axis_name,), init, self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * (self.offset + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE, optional q/k norms, biases, soft-cap, sliding window."""
+
+    config: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x: Array, sin: Array, cos: Array, q_slots: Array, key_start: Array,
+                 cache: dict[str, Array] | None, cache_index: Array | None
+                 ) -> tuple[Array, dict[str, Array] | None]:
+        c = self.config
+        D, H, K, Dh = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+        dt, pdt = c.compute_dtype, c.params_dtype
+        init = nn.initializers.normal(_INIT_STD)
+        out_init = nn.initializers.normal(_INIT_STD / math.sqrt(2 * c.n_layers))
+        wq = _param(self, "q", (D, H, Dh), ("embed", "heads", "head_dim"), init, pdt)
+        wk = _param(self, "k", (D, K, Dh), ("embed", "kv_heads", "head_dim"), init, pdt)
+        wv = _param(self, "v", (D, K, Dh), ("embed", "kv_heads", "head_dim"), init, pdt)
+        wo = _param(self, "o", (H, Dh, D), ("heads", "head_dim", "embed"), out_init, pdt)
+
+        q = _matmul("btd,dhk->bthk", x, wq, dt)  # [B, T, H, Dh]
+        k = _matmul("btd,dhk->bthk", x, wk, dt)  # [B, T, K, Dh]
+        v = _matmul("btd,dhk->bthk", x, wv, dt)
+        if c.qkv_bias:
+            zeros = nn.initializers.zeros
+            q = q + _param(self, "q_bias", (H, Dh), ("heads", "head_dim"), zeros, pdt).astype(dt)
+            k = k + _param(self, "k_bias", (K, Dh), ("kv_heads", "head_dim"), zeros, pdt).astype(dt)
+            v = v + _param(self, "v_bias", (K, Dh), ("kv_heads", "head_dim"), zeros, pdt).astype(dt)
+        if c.qk_norm:
+            q = RMSNorm(c.norm_eps, c.norm_offset, pdt, "head_dim", name="q_norm")(q)
+            k = RMSNorm(c.norm_eps, c.norm_offset, pdt, "head_dim", name="k_norm")(k)
+        q = constrain(apply_rope(q, sin, cos), ("act_batch", "act_length", "act_heads", None))
+        k = constrain(apply_rope(k, sin, cos), ("act_batch", "act_length", "act_kv_heads", None))
+        v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
+
+        if cache is not None:
+            idx = (0, cache_index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx)
+            v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)
+            k_all = constrain(k_all, ("act_batch", "cache_length", "act_kv_heads", None))
+            v_all = constrain(v_all, ("act_batch", "cache_length", "act_kv_heads", None))
+            new_cache = {"k": k_all, "v": v_all}
+        else:
+            k_all, v_all, new_cache = k, v, None
+
+        B, T = x.shape[:2]
+        S = k_all.shape[1]
+        G = H // K
+        qg = (q.astype(jnp.float32) * c.attention_scale).astype(dt).reshape(B, T, K, G, Dh)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_all.astype(dt),
+                            preferred_element_type=jnp.float32)
+        scores = _softcap(scores, c.attn_softcap)
+        mask = attention_mask(q_slots, S, key_start, c.window(self.layer))  # [B, T, S]
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = _matmul("bkgts,bskd->btkgd", probs, v_all, dt).reshape(B, T, H, Dh)
+        out = constrain(out, ("act_batch", "act_length", "act_heads", None))
+        y = _matmul("bthk,hkd->btd", out, wo, dt)
+        return y, new_cache
+
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(x W_gate) * (x W_up)) (SwiGLU / GeGLU, Shazeer 2020)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        dt, pdt = c.compute_dtype, c.params_dtype
+        init = nn.initializers.normal(_INIT_STD)
+        out_init = nn.initializers.normal(_INIT_STD / math.sqrt(2 * c.n_layers))
+        wg = _param(self, "gate", (c.d_model, c.mlp_dim), ("embed", "mlp"), init, pdt)
+        wu = _param(self, "up", (c.d_model, c.mlp_dim), ("embed", "mlp"), init, pdt)
+        wd = _param(self, "down", (c.mlp_dim, c.d_model), ("mlp", "embed"), out_init, pdt)
+        g = _matmul("btd,df->btf", x, wg, dt)
+        u = _matmul("btd,df->btf", x, wu, dt)
+        h = (_activation(c.activation)(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(dt)
+        h = constrain(h, ("act_batch", "act_length", "act_mlp"))
+        return _matmul("btf,fd->btd", h, wd, dt)
+
+
+class Block(nn.Module):
+    config: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, sin, cos, q_slots, key_start, cache, cache_index):
+        c = self.config
+        norm = functools.partial(RMSNorm, c.norm_eps, c.norm_offset, c.params_dtype)
+        h, new_cache = Attention(c, self.layer, name="attn")(
+            norm(name="pre_attn_norm")(x), sin, cos, q_slots, key_start, cache, cache_index)
+        if c.post_norms:
+            h = norm(name="post_attn_norm")(h)
+        x = constrain(x + h, ("act_batch", "act_length", "act_embed"))
+        h = MLP(c, name="mlp")(norm(name="pre_mlp_norm")(x))
+        if c.post_norms:
+            h = norm(name="post_mlp_norm")(h)
+        x = constrain(x + h, ("act_batch", "act_length", "act_embed"))
+        return x, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Transformer(nn.Module):
+    """The decoder backbone plus its LM head (`logits` method)."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.embedding = _param(self, "embedding", (c.vocab_size, c.d_model), ("vocab", "embed"),
+                                nn.initializers.normal(_INIT_STD), c.params_dtype)
+        block = Block
+        if c.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat])
+        self.blocks = [block(c, i, name=f"layer_{i}") for i in range(c.n_layers)]
+        self.final_norm = RMSNorm(c.norm_eps, c.norm_offset, c.params_dtype)
+        if not c.tie_embeddings:
+            self.lm_head = _param(self, "lm_head", (c.d_model, c.vocab_size), ("embed", "vocab"),
+                                  nn.initializers.normal(_INIT_STD), c.params_dtype)
+
+    def __call__(self, tokens: Array, positions: Array | None = None, *,
+                 cache: Cache | None = None, cache_index: Array | int | None = None,
+                 key_start: Array | None = None) -> tuple[Array, Cache | None]:
+        """Hidden states after the final norm [B, T, D] and the updated cache (or None).
+
+        Args:
+          tokens: int32 [B, T].
+          positions: int32 [B, T] RoPE positions; default `slot - key_start`.
+          cache: per-layer K/V buffers from `init_cache`; when given, the T tokens are written at
+            slots cache_index .. cache_index + T - 1 and attend to every earlier slot.
+          cache_index: scalar slot of the first new token (required with a cache).
+          key_start: int32 [B] first real slot of each row (left padding); default 0.
+        """
+        c = self.config
+        B, T = tokens.shape
+        if cache is not None and cache_index is None:
+            raise ValueError("cache_index is required when a cache is given")
+        start = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+        q_slots = start + jnp.arange(T, dtype=jnp.int32)
+        key_start = (jnp.zeros((B,), jnp.int32) if key_start is None
+                     else jnp.asarray(key_start, jnp.int32))
+        if positions is None:
+            positions = jnp.maximum(q_slots[None, :] - key_start[:, None], 0)
+
+        x = jnp.take(self.embedding, tokens, axis=0).astype(c.compute_dtype)
+        if c.embed_scale:
+            x = x * jnp.asarray(math.sqrt(c.d_model), c.compute_dtype)
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+
+        tables: dict[float, tuple[Array, Array]] = {}
+        new_cache: Cache | None = {} if cache is not None else None
+        for i, block in enumerate(self.blocks):
+            theta = c.layer_rope_theta(i)
+            if theta not in tables:
+                local = c.layer_type(i) == "local"
+                scaling = c.rope_scaling_dict if (not local or c.rope_scaling_local) else None
+                tables[theta] = rope_tables(positions, rope_inv_freq(c.head_dim, theta, scaling))
+            sin, cos = tables[theta]
+            layer_cache = cache[f"layer_{i}"] if cache is not None else None
+            x, lc = block(x, sin, cos, q_slots, key_start, layer_cache, start)
+            if new_cache is not None:
+                new_cache[f"layer_{i}"] = lc
+        return self.final_norm(x), new_cache
+
+    def logits(self, hidden: Array) -> Array:
+        """LM logits in float32 [..., V], with the final soft-cap."""
+        c = self.config
+        dt = c.compute_dtype
+        if c.tie_embeddings:
+            out = jnp.einsum("...d,vd->...v", hidden.astype(dt), self.embedding.astype(dt),
+                             preferred_element_type=jnp.float32)
+        else:
+            out = jnp.einsum("...d,dv->...v", hidden.astype(dt), self.lm_head.astype(dt),
+                             preferred_element_type=jnp.float32)
+        if out.ndim == 3:
+            out = constrain(out, ("act_batch", "act_length", "act_vocab"))
+        return _softcap(out.astype(jnp.float32), c.final_softcap)
+
+
+# --------------------------------------------------------------- functional API
+def _module(config: ModelConfig) -> Transformer:
+    return Transformer(config)
+
+
+def _init_all(module: Transformer, tokens: Array) -> tuple[Array, Cache | None]:
+    hidden, cache = module(tokens)
+    module.logits(hidden)
+    return hidden, cache
+
+
+def init_boxed(config: ModelConfig, key: Array) -> Any:
+    """Params with `nn.LogicallyPartitioned` boxes (use `jax.eval_shape` for shapes only)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return _module(config).init(key, tokens, method=_init_all)["params"]
+
+
+def init_params(config: ModelConfig, key: Array) -> dict[str, Any]:
+    """A fresh params pytree (plain arrays)."""
+    return nn.unbox(init_boxed(config, key))
+
+
+def param_logical_axes(config: ModelConfig) -> Any:
+    """Tree of PartitionSpecs of logical axis names, matching `init_params`."""
+    boxed = jax.eval_shape(functools.partial(init_boxed, config), jax.random.PRNGKey(0))
+    return nn.get_partition_spec(boxed)
+
+
+def _backbone(params: dict[str, Any]) -> dict[str, Any]:
+    # params may carry extra heads (e.g. "scalar_head") next to the backbone
+    return {k: v for k, v in params.items() if k != "scalar_head"}
+
+
+def forward(config: ModelConfig, params: dict[str, Any], tokens: Array,
+            positions: Array | None = None, *, cache: Cache | None = None,
+            cache_index: Array | int | None = None, key_start: Array | None = None
+            ) -> tuple[Array, Cache | None]:
+    """Hidden states [B, T, D] and updated cache; see `Transformer.__call__`."""
+    return _module(config).apply({"params": _backbone(params)}, tokens, positions, cache=cache,
+                                 cache_index=cache_index, key_start=key_start)
+
+
+def lm_logits(config: ModelConfig, params: dict[str, Any], hidden: Array) -> Array:
+    """LM logits (float32) from hidden states of any leading shape."""
+    return _module(config).apply({"params": _backbone(params)}, hidden,
+                                 method=Transformer.logits)
+
+
+def logits(config: ModelConfig, params: dict[str, Any], tokens: Array) -> Array:
+    """Full causal forward: int32 [B, T] -> float32 logits [B, T, V]."""
+    hidden, _ = forward(config, params, tokens)
+    return lm_logits(config, params, hidden)
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int,
+               dtype: Any | None = None) -> Cache:
+    """Zeroed K/V buffers: {"layer_i": {"k","v": [B, S, K, Dh]}} in the compute dtype."""
+    dtype = jnp.dtype(dtype or config.compute_dtype)
+    shape = (batch, max_len, config.n_kv_heads, config.head_dim)
+    return {f"layer_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            for i in range(config.n_layers)}
+
+
+def cache_logical_axes(config: ModelConfig) -> Any:
+    from jax.sharding import PartitionSpec as P
+    spec = P("act_batch", "cache_length", "act_kv_heads", None)
+    return {f"layer_{i}": {"k": spec, "v": spec} for i in range(config.n_layers)}

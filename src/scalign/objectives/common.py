@@ -1,0 +1,27 @@
+"""Shared pieces of the objectives: token log-probs and masked means."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(targets) under softmax(logits): [B, T, V], [B, T] -> float32 [B, T].
+
+    Computed as logit[target] - logsumexp(logits), without materialising log_softmax.
+    """
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def shifted(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Targets and their mask for next-token prediction: position t predicts token t+1."""
+    return tokens[:, 1:], mask[:, 1:].astype(jnp.float32)
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """sum(x * mask) / max(sum(mask), 1)."""
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)

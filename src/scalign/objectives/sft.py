@@ -1,0 +1,48 @@
+"""Supervised fine-tuning: next-token cross-entropy on response tokens only.
+
+    L = - sum_{b,t} m[b,t+1] log p(x[b,t+1] | x[b,<=t]) / sum m
+
+where m is the batch's `loss_mask` (1 on response tokens and EOS, 0 on prompt, BOS, padding).
+The batch is `{"tokens": int32[B, T], "loss_mask": float32[B, T]}` (see `scalign.data.pipeline`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from scalign.models.config import ModelConfig
+from scalign.models.transformer import logits as model_logits
+from scalign.objectives.common import shifted, token_log_probs
+
+
+def sft_loss(config: ModelConfig, params: Any, batch: dict[str, jax.Array],
+             rng: jax.Array | None = None, frozen: Any = None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean token NLL over masked targets, and metrics (the loss signature of `make_train_step`).
+
+    Metrics: `loss`, `accuracy` (argmax = target on masked tokens), `num_tokens` (count) and
+    `weight` (= tokens; the train step weights micro-batches by it, so gradient accumulation
+    equals the full-batch loss exactly).
+    """
+    del rng, frozen
+    tokens = batch["tokens"]
+    targets, mask = shifted(tokens, batch["loss_mask"])
+    logits = model_logits(config, params, tokens[:, :-1])
+    logp = token_log_probs(logits, targets)
+    count = jnp.sum(mask)
+    denom = jnp.maximum(count, 1.0)
+    loss = -jnp.sum(logp * mask) / denom
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    metrics = {"loss": loss, "accuracy": jnp.sum(correct * mask) / denom, "num_tokens": count,
+               "weight": count}
+    return loss, metrics
+
+
+def make_sft_loss(config: ModelConfig):
+    """`sft_loss` with the config bound: (params, batch, rng, frozen) -> (loss, metrics)."""
+    def loss_fn(params, batch, rng=None, frozen=None):
+        return sft_loss(config, params, batch, rng, frozen)
+    return loss_fn

@@ -247,6 +247,38 @@ class Tokenizer:
         """The id of `piece`, or `unk_id` if the piece is not in the vocabulary."""
         return int(self._sp.piece_to_id(piece))
 
+    def token_bytes(self) -> list[bytes]:
+        """The UTF-8 bytes each id contributes to decoded text, indexed by id (computed once).
+
+        Control pieces (pad, bos, eos) give b""; byte-fallback pieces `<0xNN>` give the single
+        byte NN; the unknown piece gives the model's `unk_surface` (" \u2047 " by default); every
+        other piece gives its text with "\u2581" replaced by " ". Hence for ids from `encode`,
+        `b"".join(tb[i] for i in ids).decode() == decode(ids)`, except that a model trained with
+        `add_dummy_prefix=True` (not `Tokenizer.train`'s models) also drops one leading space in
+        `decode`. The sampler builds its stop-string automaton from these byte strings.
+        """
+        cached = getattr(self, "_token_bytes_cache", None)
+        if cached is not None:
+            return cached
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self._serialized)
+        unk = (proto.trainer_spec.unk_surface or " \u2047 ").encode("utf-8")
+        sp = self._sp
+        out: list[bytes] = []
+        for i in range(self.vocab_size):
+            if sp.IsControl(i):
+                out.append(b"")
+            elif sp.IsUnknown(i):
+                out.append(unk)
+            elif sp.IsByte(i):
+                out.append(bytes([int(sp.id_to_piece(i)[3:-1], 16)]))
+            else:
+                out.append(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        self._token_bytes_cache = out
+        return out
+
     # ------------------------------------------------------------------ encode / decode
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:

@@ -14,7 +14,13 @@ import jax.numpy as jnp
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")
 LAYER_TYPES = ("global", "local")
-ROPE_SCALING_TYPES = ("linear", "llama3")
+ROPE_SCALING_TYPES = ("linear", "llama3", "yarn")
+# keys each rope_scaling type must carry (beyond "type")
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+}
 REMAT_POLICIES = ("none", "full", "dots")
 
 
@@ -35,7 +41,10 @@ class ModelConfig:
       rope_theta / rope_local_theta: RoPE base (Su et al. 2021) for global / sliding-window layers.
       rope_scaling: None or a tuple of (key, value) pairs, e.g. (("type", "linear"), ("factor", 8.0))
         or Llama-3's (("type","llama3"), ("factor",8.0), ("low_freq_factor",1.0),
-        ("high_freq_factor",4.0), ("original_max_position_embeddings",8192)).
+        ("high_freq_factor",4.0), ("original_max_position_embeddings",8192)), or YaRN's
+        (("type","yarn"), ("factor",4.0), ("original_max_position_embeddings",32768)) with
+        optional beta_fast (32), beta_slow (1), truncate (True) and attention_factor (default
+        0.1 ln(factor) + 1, or the mscale / mscale_all_dim ratio when both are given).
       rope_scaling_local: whether rope_scaling also applies to sliding-window layers (Gemma 3 scales
         only the global ones).
       attn_softcap / final_softcap: logits -> cap * tanh(logits / cap) (Gemma 2).
@@ -50,6 +59,10 @@ class ModelConfig:
       dtype: compute dtype of activations and matmul inputs ("float32" | "bfloat16"); matmuls
         accumulate in float32. param_dtype: storage dtype of the params.
       remat: rematerialisation of each block in the backward pass ("none" | "full" | "dots").
+      max_position_embeddings: the context length the checkpoint was trained for (informational:
+        kept so an exported HF config says the same; None when unknown).
+      family: the checkpoint family ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+        "gemma3"); it picks the HF architecture on export.
     """
 
     vocab_size: int
@@ -79,6 +92,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    max_position_embeddings: int | None = None
     family: str = "llama"
 
     def __post_init__(self):
@@ -119,10 +133,15 @@ class ModelConfig:
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"ModelConfig.sliding_window must be positive, got {self.sliding_window}")
         if self.rope_scaling is not None:
-            kind = self.rope_scaling_dict.get("type")
+            scaling = self.rope_scaling_dict
+            kind = scaling.get("type")
             if kind not in ROPE_SCALING_TYPES:
                 raise ValueError(f"ModelConfig.rope_scaling type must be one of "
                                  f"{ROPE_SCALING_TYPES}, got {kind!r}")
+            missing = [k for k in ROPE_SCALING_KEYS[kind] if k not in scaling]
+            if missing:
+                raise ValueError(f"ModelConfig.rope_scaling of type {kind!r} needs key(s) "
+                                 f"{missing}, got {sorted(scaling)}")
 
     # ------------------------------------------------------------ derived facts
     @property

@@ -8,7 +8,9 @@ Shape letters: B batch, T new tokens, S cache slots, D model width, H query head
 G = H / K query heads per kv head, Dh head width, F MLP width, V vocab.
 
 The KV cache is a plain pytree argument and return value, never a mutable collection:
-`cache = {"layer_i": {"k": [B, S, K, Dh], "v": [B, S, K, Dh]}}`. Tokens are written at slots
+`cache = {"layer_i": {"k": [B, K, S, Dh], "v": [B, K, S, Dh]}}` (heads-major, so the decode
+attention reads each head's keys contiguously with no per-step transpose of the cache; that was
+~10x slower on CPU). Tokens are written at slots
 `cache_index + arange(T)` (one scalar for the whole batch). Ragged prompts are **left-padded**:
 row b's first real token sits at slot `key_start[b]`, keys before it are masked, and its RoPE
 positions are `slot - key_start[b]`. One slot index per batch keeps the cache update a single
@@ -77,6 +79,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
       shorter than orig/high_freq_factor are kept, and the band between is interpolated with
       s = (orig / wavelength - low) / (high - low): f' = (1 - s) f / factor + s f
       (Llama 3.1, Dubey et al. 2024).
+    yarn: "NTK-by-parts" (Peng et al. 2023, YaRN): with the correction dims
+      d(r) = Dh ln(orig / (2 pi r)) / (2 ln theta) for r = beta_fast (low) and beta_slow (high)
+      (floored / ceiled when `truncate`), clipped to [0, Dh - 1], the ramp
+      m_i = clip((i - low) / (high - low), 0, 1) over i < Dh/2 blends
+      f' = f / factor * m + f * (1 - m). See `rope_attention_factor` for YaRN's cos/sin scale.
     """
     inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     if not scaling:
@@ -94,13 +101,53 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= orig / high) & (wavelen <= orig / low)
         return jnp.where(medium, smoothed, scaled)
+    if kind == "yarn":
+        orig = float(scaling["original_max_position_embeddings"])
+        beta_fast = float(scaling.get("beta_fast") or 32.0)
+        beta_slow = float(scaling.get("beta_slow") or 1.0)
+
+        def correction_dim(rotations: float) -> float:
+            return head_dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        if low == high:
+            high += 0.001  # avoid a zero-width ramp
+        ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+        return inv / factor * ramp + inv * (1 - ramp)
     raise ValueError(f"unsupported rope scaling type {kind!r}")
 
 
-def rope_tables(positions: Array, inv_freq: Array) -> tuple[Array, Array]:
-    """sin, cos of positions * inv_freq: [B, T, Dh/2] each (float32)."""
+def rope_attention_factor(scaling: dict[str, Any] | None) -> float:
+    """Scale applied to RoPE's cos and sin (so to q and k): 1 except for YaRN.
+
+    YaRN (Peng et al. 2023): `attention_factor` if given; else with mscale(s, m) =
+    0.1 m ln(s) + 1 (1 for s <= 1) it is mscale(factor, mscale) / mscale(factor, mscale_all_dim)
+    when both are set, otherwise mscale(factor, 1).
+    """
+    if not scaling or scaling["type"] != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = float(scaling["factor"])
+
+    def mscale(m: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return mscale(float(scaling["mscale"])) / mscale(float(scaling["mscale_all_dim"]))
+    return mscale(1.0)
+
+
+def rope_tables(positions: Array, inv_freq: Array, attention_factor: float = 1.0
+                ) -> tuple[Array, Array]:
+    """sin, cos of positions * inv_freq, times attention_factor: [B, T, Dh/2] each (float32)."""
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.sin(angles), jnp.cos(angles)
+    if attention_factor == 1.0:
+        return jnp.sin(angles), jnp.cos(angles)
+    return jnp.sin(angles) * attention_factor, jnp.cos(angles) * attention_factor
 
 
 def apply_rope(x: Array, sin: Array, cos: Array) -> Array:
@@ -177,26 +224,30 @@ class Attention(nn.Module):
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
 
         if cache is not None:
-            idx = (0, cache_index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx)
-            v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)
-            k_all = constrain(k_all, ("act_batch", "cache_length", "act_kv_heads", None))
-            v_all = constrain(v_all, ("act_batch", "cache_length", "act_kv_heads", None))
+            idx = (0, 0, cache_index, 0)
+            k_all = jax.lax.dynamic_update_slice(
+                cache["k"], k.swapaxes(1, 2).astype(cache["k"].dtype), idx)
+            v_all = jax.lax.dynamic_update_slice(
+                cache["v"], v.swapaxes(1, 2).astype(cache["v"].dtype), idx)
+            k_all = constrain(k_all, ("act_batch", "act_kv_heads", "cache_length", None))
+            v_all = constrain(v_all, ("act_batch", "act_kv_heads", "cache_length", None))
             new_cache = {"k": k_all, "v": v_all}
+            kv = "bksd"  # cache layout [B, K, S, Dh]
         else:
             k_all, v_all, new_cache = k, v, None
+            kv = "bskd"
 
         B, T = x.shape[:2]
-        S = k_all.shape[1]
+        S = k_all.shape[2 if cache is not None else 1]
         G = H // K
         qg = (q.astype(jnp.float32) * c.attention_scale).astype(dt).reshape(B, T, K, G, Dh)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_all.astype(dt),
+        scores = jnp.einsum(f"btkgd,{kv}->bkgts", qg, k_all.astype(dt),
                             preferred_element_type=jnp.float32)
         scores = _softcap(scores, c.attn_softcap)
         mask = attention_mask(q_slots, S, key_start, c.window(self.layer))  # [B, T, S]
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
-        out = _matmul("bkgts,bskd->btkgd", probs, v_all, dt).reshape(B, T, H, Dh)
+        out = _matmul(f"bkgts,{kv}->btkgd", probs, v_all, dt).reshape(B, T, H, Dh)
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
         y = _matmul("bthk,hkd->btd", out, wo, dt)
         return y, new_cache
@@ -296,15 +347,17 @@ class Transformer(nn.Module):
             x = x * jnp.asarray(math.sqrt(c.d_model), c.compute_dtype)
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
 
-        tables: dict[float, tuple[Array, Array]] = {}
+        tables: dict[tuple[float, bool], tuple[Array, Array]] = {}
         new_cache: Cache | None = {} if cache is not None else None
         for i, block in enumerate(self.blocks):
             theta = c.layer_rope_theta(i)
-            if theta not in tables:
-                local = c.layer_type(i) == "local"
-                scaling = c.rope_scaling_dict if (not local or c.rope_scaling_local) else None
-                tables[theta] = rope_tables(positions, rope_inv_freq(c.head_dim, theta, scaling))
-            sin, cos = tables[theta]
+            scaled = c.layer_type(i) != "local" or c.rope_scaling_local
+            if (theta, scaled) not in tables:
+                scaling = c.rope_scaling_dict if scaled else None
+                tables[theta, scaled] = rope_tables(
+                    positions, rope_inv_freq(c.head_dim, theta, scaling),
+                    rope_attention_factor(scaling))
+            sin, cos = tables[theta, scaled]
             layer_cache = cache[f"layer_{i}"] if cache is not None else None
             x, lc = block(x, sin, cos, q_slots, key_start, layer_cache, start)
             if new_cache is not None:
@@ -382,14 +435,14 @@ def logits(config: ModelConfig, params: dict[str, Any], tokens: Array) -> Array:
 
 def init_cache(config: ModelConfig, batch: int, max_len: int,
                dtype: Any | None = None) -> Cache:
-    """Zeroed K/V buffers: {"layer_i": {"k","v": [B, S, K, Dh]}} in the compute dtype."""
+    """Zeroed K/V buffers: {"layer_i": {"k","v": [B, K, S, Dh]}} in the compute dtype."""
     dtype = jnp.dtype(dtype or config.compute_dtype)
-    shape = (batch, max_len, config.n_kv_heads, config.head_dim)
+    shape = (batch, config.n_kv_heads, max_len, config.head_dim)
     return {f"layer_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
             for i in range(config.n_layers)}
 
 
 def cache_logical_axes(config: ModelConfig) -> Any:
     from jax.sharding import PartitionSpec as P
-    spec = P("act_batch", "cache_length", "act_kv_heads", None)
+    spec = P("act_batch", "act_kv_heads", "cache_length", None)
     return {f"layer_{i}": {"k": spec, "v": spec} for i in range(config.n_layers)}

@@ -169,3 +169,51 @@ def abstract_like(tree: Any) -> Any:
         return x
 
     return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+# ---------------------------------------------------------------- model artifacts
+def save_model(directory: str | epath.PathLike, config: Any, params: Any,
+               extra: dict[str, Any] | None = None) -> None:
+    """Write a model artifact: `model_config.json` (+ `extra`) and the params (orbax).
+
+    This is the hand-off format between stages (SFT policy -> reward model init, RL, eval);
+    train checkpoints (with optimizer state) stay in each stage's `checkpoints/`. Every
+    process calls this; orbax decides who writes.
+    """
+    directory = epath.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ckptr = ocp.StandardCheckpointer()
+    target = directory / "params"
+    if target.exists() and jax.process_index() == 0:
+        target.rmtree()
+    ckptr.save(target, params)
+    ckptr.wait_until_finished()
+    ckptr.close()
+    if jax.process_index() == 0:
+        meta = {"model_config": config.to_dict(), **(extra or {})}
+        (directory / "model_config.json").write_text(json.dumps(meta, indent=1))
+
+
+def load_model(directory: str | epath.PathLike, *, shardings: Any = None
+               ) -> tuple[Any, Any, dict[str, Any]]:
+    """(ModelConfig, params, extra) from `save_model`; params placed on `shardings` if given."""
+    from scalign.models.config import ModelConfig
+
+    directory = epath.Path(directory)
+    meta_path = directory / "model_config.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path} not found: not a saved model directory")
+    meta = json.loads(meta_path.read_text())
+    config = ModelConfig.from_dict(meta.pop("model_config"))
+    ckptr = ocp.StandardCheckpointer()
+    if shardings is None:
+        stored = ckptr.metadata(directory / "params")
+        tree = getattr(stored, "item_metadata", stored)
+        tree = getattr(tree, "tree", tree)
+        # the stored tree may carry extra heads (scalar_head): restore what was saved
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+        params = ckptr.restore(directory / "params", abstract_like(abstract))
+    else:
+        params = ckptr.restore(directory / "params", abstract_like(shardings))
+    ckptr.close()
+    return config, params, meta

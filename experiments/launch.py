@@ -1,0 +1,76 @@
+"""Launch an experiment from a config file.
+
+    python experiments/launch.py --config=experiments/configs/demo.py --workdir=runs/demo
+    python experiments/launch.py --config=experiments/configs/demo.py:small \
+        --config.sft.steps=50 --workdir=runs/x --resume
+
+`--config` is an ml_collections config file with `get_config()` (an optional `:arg` is passed
+to it); any key can be overridden on the command line (`--config.a.b=value`). The config is
+validated before anything compiles. Stages, their order and their artifacts are described in
+`scalign.stages`; this launcher only parses flags, sets up (multi-process) JAX and calls
+`scalign.experiment.run`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Output directory (local path or gs://).")
+flags.DEFINE_bool("resume", False, "Continue the run in --workdir (finished stages are kept, "
+                  "the interrupted one resumes from its newest checkpoint).")
+flags.DEFINE_bool("overwrite", False, "Delete --workdir first.")
+flags.DEFINE_bool("validate_only", False, "Validate the config and exit.")
+flags.DEFINE_string("coordinator", None, "host:port of process 0 for multi-process runs "
+                    "(TPU VMs find it themselves; leave unset there).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process CPU/GPU).")
+flags.DEFINE_integer("process_id", None, "This process' index (multi-process CPU/GPU).")
+flags.DEFINE_integer("cpu_devices", None, "Virtual CPU devices per process (CPU testing).")
+flags.mark_flags_as_required(["config"])
+
+FLAGS = flags.FLAGS
+
+
+def _setup_jax() -> None:
+    import jax
+
+    if FLAGS.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+    if FLAGS.coordinator or FLAGS.num_processes:
+        jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SCALIGN_DISTRIBUTED"):
+        jax.distributed.initialize()
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax/absl INFO lines drown the progress bars
+    _setup_jax()
+    from scalign import experiment
+
+    config = FLAGS.config
+    try:
+        mesh_shape = experiment.validate(config)
+    except experiment.ConfigError as e:
+        logging.error("%s", e)
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if FLAGS.validate_only:
+        print(f"config OK; mesh {mesh_shape}; stages {list(config.stages)}")
+        return
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required")
+    ctx = experiment.run(config, FLAGS.workdir, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
+    report = ctx.workdir / "report.md"
+    print(f"done: {ctx.workdir}/results.json" + (f", {report}" if report.exists() else ""))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,323 @@
+"""What does a tiny policy learn of a stepmath design in the demo's CPU budget?
+
+For one design of `scalign.data.stepmath` (or several, run one after another), this script
+
+1. draws per-level train/test splits (`stepmath.splits`), trains a BPE tokenizer
+   (`Tokenizer.train`, "\\n\\n" kept as one piece, digits split),
+2. SFTs a tiny decoder (`presets.tiny`) on levels 1-3 only, with the project's pipeline
+   (`make_sft_iterator`), loss (`make_sft_loss`) and train step (`make_train_step`),
+3. evaluates on the test split of every level 1-5: greedy accuracy, per-step accuracy (a step
+   counts when every earlier step was right: correct / attempted up to the first error),
+   by-operation step accuracy, the first-error type of greedy failures, and pass@N / mean
+   sample accuracy at temperature T (N samples per problem),
+4. prints a markdown table and writes everything to `--out` (JSON).
+
+Decoding is a small jitted loop over `scalign.models.forward` with an explicit KV cache
+(left-padded prompts, `key_start`), greedy or temperature sampling, stopping at EOS.
+
+Usage (from the repository root):
+
+    PYTHONPATH=src .venv/bin/python experiments/studies/stepmath_learnability.py \\
+        --design mulmix --steps 600 --out /tmp/stepmath_mulmix.json
+
+pass@N: the fraction of problems with at least one correct sample among N (Chen et al. 2021's
+estimator with k = n). Majority baseline: the accuracy of always answering the level's most
+frequent gold answer (on the test split) -- a floor that guessing reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scalign import parallel
+from scalign.data import stepmath
+from scalign.data.pipeline import make_sft_iterator
+from scalign.data.tokenizer import Tokenizer
+from scalign.models import forward, init_cache, init_params, lm_logits, param_logical_axes, presets
+from scalign.objectives.sft import make_sft_loss
+from scalign.training.state import OptimizerConfig, make_optimizer
+from scalign.training.step import init_train_state, make_train_step
+
+TRAIN_LEVELS = (1, 2, 3)
+
+
+# ----------------------------------------------------------------------------- decoding
+@functools.partial(jax.jit, static_argnames=("config", "max_new", "temperature", "eos_id",
+                                             "pad_id"))
+def decode(config, params, prompt: jax.Array, key_start: jax.Array, rng: jax.Array, *,
+           max_new: int, temperature: float, eos_id: int, pad_id: int) -> jax.Array:
+    """Continue left-padded prompts [B, P] by `max_new` tokens (greedy if temperature == 0).
+
+    Prefill writes the prompt at cache slots 0..P-1; decode step i writes its token at slot
+    P + i. After a row emits EOS it emits `pad_id` only.
+    """
+    B, P = prompt.shape
+    cache = init_cache(config, B, P + max_new)
+    hidden, cache = forward(config, params, prompt, cache=cache, cache_index=0,
+                            key_start=key_start)
+
+    def pick(logits, key):
+        if temperature == 0.0:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+
+    first = pick(lm_logits(config, params, hidden[:, -1]), jax.random.fold_in(rng, 0))
+
+    def body(carry, i):
+        cache, tok, done = carry
+        out = jnp.where(done, pad_id, tok)
+        done = done | (tok == eos_id)
+        h, cache = forward(config, params, tok[:, None], cache=cache, cache_index=P + i,
+                           key_start=key_start)
+        nxt = pick(lm_logits(config, params, h[:, 0]), jax.random.fold_in(rng, i + 1))
+        return (cache, nxt, done), out
+
+    init = (cache, first, jnp.zeros((B,), bool))
+    _, toks = jax.lax.scan(body, init, jnp.arange(max_new, dtype=jnp.int32))
+    return toks.T  # [B, max_new]
+
+
+def generate_texts(config, params, tok: Tokenizer, prompts: list[str], *, max_new: int,
+                   temperature: float, seed: int, chunk: int = 512) -> list[str]:
+    """Decode every prompt (in chunks of `chunk` rows, one compiled shape) to text."""
+    ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
+    P = max(len(x) for x in ids)
+    out: list[str] = []
+    for c0 in range(0, len(ids), chunk):
+        rows = ids[c0:c0 + chunk]
+        n_real = len(rows)
+        rows = rows + [rows[0]] * (chunk - n_real)
+        arr = np.full((chunk, P), tok.pad_id, np.int32)
+        start = np.zeros((chunk,), np.int32)
+        for i, r in enumerate(rows):
+            arr[i, P - len(r):] = r
+            start[i] = P - len(r)
+        toks = decode(config, params, jnp.asarray(arr), jnp.asarray(start),
+                      jax.random.PRNGKey(seed * 100_003 + c0), max_new=max_new,
+                      temperature=float(temperature), eos_id=tok.eos_id, pad_id=tok.pad_id)
+        toks = np.asarray(toks)[:n_real]
+        for row in toks:
+            row = row.tolist()
+            if tok.eos_id in row:
+                row = row[: row.index(tok.eos_id)]
+            out.append(tok.decode([t for t in row if t != tok.pad_id]))
+    return out
+
+
+# ----------------------------------------------------------------------------- metrics
+def step_stats(problem: stepmath.Problem, verdict: stepmath.Verdict) -> dict[str, list[int]]:
+    """Per operation type: [correct, attempted] steps up to and including the first error."""
+    stats: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for k, op in enumerate(problem.ops):
+        if verdict.first_error is not None and k > verdict.first_error:
+            break
+        if k >= len(verdict.step_labels):  # stopped before this step
+            if verdict.first_error == k:
+                stats[op][1] += 1
+            break
+        stats[op][1] += 1
+        stats[op][0] += verdict.step_labels[k]
+    return stats
+
+
+def evaluate(config, params, tok, test: dict[int, list[stepmath.Problem]], *, n_greedy: int,
+             n_pass: int, num_samples: int, temperature: float, max_new: int, seed: int
+             ) -> dict[str, Any]:
+    levels = sorted(test)
+    t0 = time.time()
+    greedy_probs = [p for lv in levels for p in test[lv][:n_greedy]]
+    greedy_txt = generate_texts(config, params, tok, [p.prompt for p in greedy_probs],
+                                max_new=max_new, temperature=0.0, seed=seed)
+    t_greedy = time.time() - t0
+    pass_probs = [p for lv in levels for p in test[lv][:n_pass]]
+    sample_prompts = [p.prompt for p in pass_probs for _ in range(num_samples)]
+    t0 = time.time()
+    sample_txt = generate_texts(config, params, tok, sample_prompts, max_new=max_new,
+                                temperature=temperature, seed=seed + 1)
+    t_sample = time.time() - t0
+
+    rows: dict[int, dict[str, Any]] = {}
+    examples: dict[int, list[dict[str, str]]] = {}
+    for lv in levels:
+        probs = [p for p in greedy_probs if p.level == lv]
+        txts = [t for p, t in zip(greedy_probs, greedy_txt, strict=True) if p.level == lv]
+        verdicts = [stepmath.verify(p, t) for p, t in zip(probs, txts, strict=True)]
+        ops = collections.defaultdict(lambda: [0, 0])
+        for p, v in zip(probs, verdicts, strict=True):
+            for op, (c, a) in step_stats(p, v).items():
+                ops[op][0] += c
+                ops[op][1] += a
+        correct_steps = sum(c for c, _ in ops.values())
+        attempted = sum(a for _, a in ops.values())
+        errors = collections.Counter(v.error for v in verdicts if not v.outcome_correct)
+        first_err_pos = collections.Counter(v.first_error for v in verdicts
+                                            if not v.outcome_correct)
+        answers = collections.Counter(p.answer for p in test[lv])
+        n_fail = max(1, sum(errors.values()))
+        rows[lv] = {
+            "level": lv,
+            "greedy_acc": float(np.mean([v.outcome_correct for v in verdicts])),
+            "greedy_all_steps": float(np.mean([v.answer_label for v in verdicts])),
+            "step_acc": correct_steps / max(1, attempted),
+            "step_acc_by_op": {op: c / max(1, a) for op, (c, a) in sorted(ops.items())},
+            "first_error_types": {k: v / n_fail for k, v in errors.most_common()},
+            "first_error_pos": {str(k): v for k, v in sorted(first_err_pos.items(),
+                                                             key=lambda kv: str(kv[0]))},
+            "majority_baseline": answers.most_common(1)[0][1] / len(test[lv]),
+            "n_greedy": len(probs),
+        }
+        examples[lv] = [{"prompt": p.question, "output": t, "error": str(v.error)}
+                        for p, t, v in zip(probs, txts, verdicts, strict=True)
+                        if not v.outcome_correct][:4]
+        sp = [p for p in pass_probs if p.level == lv]
+        idx = [i for i, p in enumerate(pass_probs) if p.level == lv]
+        correct = np.zeros((len(sp), num_samples), bool)
+        strict = np.zeros((len(sp), num_samples), bool)
+        majority = np.zeros((len(sp),), bool)
+        for j, i in enumerate(idx):
+            answers = []
+            for s in range(num_samples):
+                v = stepmath.verify(pass_probs[i], sample_txt[i * num_samples + s])
+                correct[j, s] = v.outcome_correct
+                strict[j, s] = bool(v.answer_label)
+                if v.answer is not None:
+                    answers.append(v.answer)
+            top = collections.Counter(answers).most_common(1)
+            majority[j] = bool(top) and stepmath.grade_answer(pass_probs[i], top[0][0])
+        rows[lv].update({
+            "sample_acc": float(correct.mean()),
+            "sample_all_steps": float(strict.mean()),
+            f"pass@{num_samples}": float(correct.any(axis=1).mean()),
+            f"pass@{num_samples}_all_steps": float(strict.any(axis=1).mean()),
+            f"maj@{num_samples}": float(majority.mean()),
+            "greedy_acc_on_pass_subset": float(np.mean(
+                [stepmath.verify(p, t).outcome_correct for p, t in
+                 zip(probs[:n_pass], txts[:n_pass], strict=True)])),
+            "n_pass": len(sp),
+        })
+    return {"levels": rows, "failures": examples,
+            "eval_seconds": {"greedy": t_greedy, "sample": t_sample}}
+
+
+# ----------------------------------------------------------------------------- training
+def train(design: str, args) -> dict[str, Any]:
+    spl = stepmath.splits(stepmath.levels(design), n_train={lv: args.n_train if lv in
+                                                             TRAIN_LEVELS else 0
+                                                             for lv in stepmath.levels(design)},
+                          n_test=args.n_test, seed=args.seed, design=design)
+    train_records = [stepmath.to_record(p) for lv in TRAIN_LEVELS for p in spl[lv].train]
+    corpus = [r["prompt"] + r["response"] for r in train_records[:: max(1, len(train_records)
+                                                                        // 3000)]]
+    tok = Tokenizer.train(corpus, None, vocab_size=args.vocab, user_defined_symbols=("\n\n",))
+    config = presets.get(args.model, vocab_size=tok.vocab_size, dtype=args.dtype)
+    seq_len = max(len(tok.encode(r["prompt"])) + len(tok.encode(r["response"])) + 2
+                  for r in train_records)
+    mesh = parallel.single_device_mesh()
+    opt_cfg = OptimizerConfig(learning_rate=args.lr, warmup_steps=args.warmup,
+                              total_steps=args.steps, min_lr_ratio=0.1,
+                              weight_decay=args.weight_decay)
+    optimizer = make_optimizer(opt_cfg)
+    state, st_sh = init_train_state(functools.partial(init_params, config),
+                                    param_logical_axes(config), optimizer, mesh, seed=args.seed)
+    step = make_train_step(make_sft_loss(config), optimizer, mesh, state_sharding=st_sh)
+    it = make_sft_iterator(train_records, tok, batch_size=args.batch, seq_len=seq_len,
+                           seed=args.seed)
+    log = []
+    t0 = time.time()
+    t_first = None
+    for i in range(args.steps):
+        batch = parallel.shard_batch(next(it), mesh)
+        state, metrics = step(state, batch)
+        if i == 0:
+            jax.block_until_ready(metrics["loss"])
+            t_first = time.time() - t0
+        if (i + 1) % max(1, args.steps // 10) == 0 or i == args.steps - 1:
+            m = jax.device_get(metrics)
+            log.append({"step": i + 1, "loss": float(m["loss"]), "acc": float(m["accuracy"]),
+                        "t": time.time() - t0})
+            print(f"  step {i + 1:5d} loss {m['loss']:.4f} tok-acc {m['accuracy']:.4f} "
+                  f"t={time.time() - t0:.1f}s", flush=True)
+    jax.block_until_ready(state.params)
+    train_s = time.time() - t0
+    test = {lv: list(spl[lv].test) for lv in spl}
+    max_new = max(len(tok.encode(p.solution)) for lv in test for p in test[lv]) + 8
+    ev = evaluate(config, state.params, tok, test, n_greedy=args.n_greedy, n_pass=args.n_pass,
+                  num_samples=args.num_samples, temperature=args.temperature, max_new=max_new,
+                  seed=args.seed)
+    return {"design": design, "model": config.describe(), "params": config.num_params(),
+            "vocab": tok.vocab_size, "seq_len": seq_len, "train_seconds": train_s,
+            "first_step_seconds": t_first, "steps": args.steps, "batch": args.batch,
+            "train_tokens_per_step_max": args.batch * seq_len, "train_log": log,
+            "load_before": os.getloadavg(), **ev}
+
+
+def table(results: list[dict[str, Any]], num_samples: int) -> str:
+    n = num_samples
+    lines = [f"| design | level | greedy acc | greedy all-steps | step acc | step acc (+ / - / *) "
+             f"| sample acc | pass@{n} | pass@{n} all-steps | maj@{n} | majority baseline "
+             f"| greedy first errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for lv, row in sorted(r["levels"].items()):
+            by_op = row["step_acc_by_op"]
+            ops = " / ".join(f"{by_op[o]:.2f}" if o in by_op else "-" for o in "+-*")
+            errs = ", ".join(f"{k} {v:.0%}" for k, v in list(row["first_error_types"].items())[:3])
+            lines.append(f"| {r['design']} | {lv} | {row['greedy_acc']:.1%} | "
+                         f"{row['greedy_all_steps']:.1%} | {row['step_acc']:.1%} | {ops} | "
+                         f"{row['sample_acc']:.1%} | {row[f'pass@{n}']:.1%} | "
+                         f"{row[f'pass@{n}_all_steps']:.1%} | {row[f'maj@{n}']:.1%} | "
+                         f"{row['majority_baseline']:.1%} | {errs} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--design", nargs="+", default=[stepmath.DEFAULT_DESIGN])
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--vocab", type=int, default=96)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--n-train", type=int, default=8000, help="train problems per easy level")
+    ap.add_argument("--n-test", type=int, default=200)
+    ap.add_argument("--n-greedy", type=int, default=200)
+    ap.add_argument("--n-pass", type=int, default=50)
+    ap.add_argument("--num-samples", type=int, default=16)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    results = []
+    for design in args.design:
+        print(f"== design {design} (load {os.getloadavg()[0]:.2f})", flush=True)
+        r = train(design, args)
+        r["args"] = vars(args)
+        results.append(r)
+        print(f"   train {r['train_seconds']:.1f}s, eval greedy "
+              f"{r['eval_seconds']['greedy']:.1f}s sample {r['eval_seconds']['sample']:.1f}s",
+              flush=True)
+        print(table([r], args.num_samples), flush=True)
+        for lv, ex in r["failures"].items():
+            for e in ex[:2]:
+                print(f"   L{lv} fail [{e['error']}]: {e['prompt']!r} -> {e['output']!r}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+    print(table(results, args.num_samples))
+
+
+if __name__ == "__main__":
+    main()

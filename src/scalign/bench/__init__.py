@@ -1,0 +1,1 @@
+"""Benchmarks against the shared peer workloads (`python -m scalign.bench KIND --workload NAME`)."""

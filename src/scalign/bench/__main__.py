@@ -1,0 +1,36 @@
+"""`python -m scalign.bench {sample,train,dpo} --workload NAME [--spec PATH]`.
+
+Runs one workload of the shared peer spec and prints one JSON line
+`{"system": "scalign", "workload", "metric", "value", "unit", ...}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+KINDS = {"sample": "scalign.bench.sample", "train": "scalign.bench.train",
+         "dpo": "scalign.bench.dpo"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scalign.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=sorted(KINDS))
+    parser.add_argument("--workload", required=True)
+    parser.add_argument("--spec", default=None, help="path to workloads.json")
+    parser.add_argument("--extra", action="append", default=[],
+                        help="kind-specific key=value options (see each module)")
+    args = parser.parse_args(argv)
+    try:
+        module = importlib.import_module(KINDS[args.kind])
+    except ModuleNotFoundError as e:
+        parser.error(f"benchmark kind {args.kind!r} is not available: {e}")
+    extra = dict(kv.split("=", 1) for kv in args.extra)
+    module.run(args.workload, args.spec, **extra)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

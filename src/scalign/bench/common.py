@@ -1,0 +1,104 @@
+"""Shared benchmark plumbing: the workload spec, its inputs, timing and the JSON line.
+
+The spec is `shared/peers/workloads.json` (found beside the checkout by default, or `--spec`).
+Inputs follow the spec's notes exactly: prompts/batches are
+`numpy.random.default_rng(seed).integers(low, high, size=...)` with high = vocab_size unless the
+workload names `prompt_token_high`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scalign.models.config import ModelConfig
+
+
+def default_spec_path() -> Path:
+    env = os.environ.get("SCALIGN_WORKLOADS")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        cand = parent.parent / "shared" / "peers" / "workloads.json"
+        if cand.exists():
+            return cand
+        cand = parent / "shared" / "peers" / "workloads.json"
+        if cand.exists():
+            return cand
+    raise FileNotFoundError("workloads.json not found beside the checkout; pass --spec PATH or "
+                            "set SCALIGN_WORKLOADS")
+
+
+def load_workload(name: str, spec_path: str | Path | None = None) -> tuple[dict, dict]:
+    """(workload dict, model dict) from the spec; errors list the known workloads."""
+    path = Path(spec_path) if spec_path else default_spec_path()
+    spec = json.loads(path.read_text())
+    workloads = spec["workloads"]
+    if name not in workloads:
+        raise KeyError(f"workload {name!r} not in {path}; known: {sorted(workloads)}")
+    wl = workloads[name]
+    return wl, spec["models"][wl["model"]]
+
+
+def model_config_from_spec(m: dict[str, Any], **overrides: Any) -> ModelConfig:
+    """ModelConfig for a llama-architecture model entry of the spec."""
+    if m["architecture"] != "llama":
+        raise ValueError(f"model_config_from_spec handles llama entries; got {m['architecture']}")
+    cfg = ModelConfig(
+        vocab_size=m["vocab_size"], d_model=m["hidden_size"], n_layers=m["num_layers"],
+        n_heads=m["num_heads"], n_kv_heads=m["num_kv_heads"], head_dim=m["head_dim"],
+        mlp_dim=m["intermediate_size"], norm_eps=m["rms_norm_eps"], rope_theta=m["rope_theta"],
+        tie_embeddings=m["tie_word_embeddings"], dtype=m.get("dtype", "float32"), family="llama")
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def random_ids(seed: int, low: int, high: int, shape: tuple[int, ...]) -> np.ndarray:
+    return np.random.default_rng(seed).integers(low, high, size=shape).astype(np.int32)
+
+
+def time_calls(fn: Callable[[], Any], *, warmup: int, timed: int) -> list[float]:
+    """Wall-clock seconds of `timed` calls after `warmup` calls; fn must block until done."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(timed):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def peak_matmul_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """Best of `repeats` jitted n x n @ n x n matmuls, in FLOP/s (2 n^3 per matmul)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+    b = jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), dtype)
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, b).block_until_ready()
+    best = min(time_calls(lambda: mm(a, b).block_until_ready(), warmup=1, timed=repeats))
+    return 2 * n**3 / best
+
+
+def emit(workload: str, metric: str, value: float, unit: str, **extra: Any) -> dict:
+    """Print the one JSON line of the benchmark protocol and return it."""
+    import jax
+
+    line = {"system": "scalign", "workload": workload, "metric": metric, "value": value,
+            "unit": unit, "backend": jax.default_backend(),
+            "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, **extra}
+    print(json.dumps(line), flush=True)
+    return line
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)

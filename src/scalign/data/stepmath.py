@@ -1,0 +1,617 @@
+"""stepmath: a synthetic, graded, step-verifiable math domain.
+
+Why it exists: the easy-to-hard experiments (Sun et al. 2024, "Easy-to-Hard Generalization:
+Scalable Alignment Beyond Human Supervision") need problems with difficulty levels whose every
+solution step can be checked; with no human labeller here, a program labels the steps.
+
+**Problems.** A problem is a left-to-right chain of single-digit operations modulo 10::
+
+    # Question
+
+    Evaluate left to right, mod 10: 3 + 4 * 7 - 2
+
+    # Solution
+
+    3 + 4 = 7
+
+    7 * 7 = 9
+
+    9 - 2 = 7
+
+    # Answer
+
+    7
+
+`v_0 = start`, `v_k = (v_{k-1} op_k b_k) mod 10`, answer = `v_n`. Step k is the text
+``"{v_{k-1}} {op_k} {b_k} = {v_k}"``; steps are joined by ``"\\n\\n"`` and followed by
+``"\\n\\n# Answer\\n\\n{v_n}"``: the PRM800K layout (Lightman et al. 2023) that the paper uses.
+Operands: `start` in 0..9, `+`/`-` operands in 1..9, `*` operands in 2..9 (no trivial steps).
+
+**Levels.** A `Design` maps each level to a `LevelSpec`: how many operations the chain has and
+how many of them are multiplications (the rest are `+`/`-`, each with probability 1/2;
+positions of the `*` are uniform). `DEFAULT_DESIGN` ("mulmix") keeps every level within the
+chain lengths of levels 1-3 and makes levels 4-5 hard through *more* multiplications: a tiny
+model trained on levels 1-3 sees `*` in at most one step per problem, learns it less well than
+`+`/`-`, and so errs more often on problems with many `*` steps -- the same kind of step error
+it makes on easy problems, more of them. `experiments/studies/stepmath_learnability.py`
+measures what a tiny model learns for each design in `DESIGNS`.
+
+**Verifier.** `verify(problem, text)` labels every step of any generated solution: step k is
+correct iff it reads ``"a op b = c"`` with `a` the correct running value, `op`/`b` the k-th
+operation of the question and `c = (a op b) mod 10`. Labels follow the PRM800K convention: 1
+for correct steps up to the first error, 0 for the first wrong step and every step after it.
+The final answer is graded separately (`outcome_correct`), and `answer_label` is 1 iff every
+step is correct, the chain is complete and the answer is right. Malformed text (garbage,
+truncation, no answer section) is labelled, never raised on.
+
+**Determinism.** Problem i of (level, seed, design) is drawn from SHA-256 in counter mode keyed
+by those values, so the same arguments give the same problems on every platform, process and
+numpy version, and `generate(level, n, seed)` is a prefix of `generate(level, m, seed)` for
+n <= m. `splits` draws test problems first and then train problems that are not in the test set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from collections.abc import Iterator, Mapping, Sequence
+
+MODULUS = 10
+OPS = ("+", "-", "*")
+QUESTION_PREFIX = f"Mod {MODULUS}, left to right: "
+STEP_DELIMITER = "\n\n"
+ANSWER_HEADER = "# Answer"
+PROMPT_TEMPLATE = "# Question\n\n{question}\n\n# Solution\n\n"
+
+_START_RANGE = (0, 9)
+_OPERAND_RANGE = {"+": (1, 9), "-": (1, 9), "*": (2, 9)}
+
+# Error categories of `Verdict.error` (the first error of a solution).
+ERR_MALFORMED = "malformed"        # a step that does not read "a op b = c"
+ERR_OPERAND = "wrong_operand"      # `a` is not the running value
+ERR_OPERATION = "wrong_operation"  # `op` or `b` is not the question's k-th operation
+ERR_ARITHMETIC = "wrong_arithmetic"  # `c != (a op b) mod 10`
+ERR_EXTRA = "extra_step"           # more steps than the chain has operations
+ERR_INCOMPLETE = "incomplete"      # all steps right, but fewer than the chain needs
+ERROR_TYPES = (ERR_MALFORMED, ERR_OPERAND, ERR_OPERATION, ERR_ARITHMETIC, ERR_EXTRA,
+               ERR_INCOMPLETE)
+
+
+# ------------------------------------------------------------------------------ designs
+@dataclasses.dataclass(frozen=True)
+class LevelSpec:
+    """What a level's problems look like.
+
+    Attributes:
+      num_ops: chain lengths n to draw from (uniformly).
+      num_mul: numbers m of `*` operations to draw from (uniformly, among values <= n).
+    """
+
+    num_ops: tuple[int, ...]
+    num_mul: tuple[int, ...]
+
+    def __post_init__(self):
+        if not self.num_ops or min(self.num_ops) < 1:
+            raise ValueError(f"LevelSpec.num_ops must be non-empty positive ints, got "
+                             f"{self.num_ops}")
+        if not self.num_mul or min(self.num_mul) < 0:
+            raise ValueError(f"LevelSpec.num_mul must be non-empty ints >= 0, got {self.num_mul}")
+        if min(self.num_mul) > max(self.num_ops):
+            raise ValueError(f"LevelSpec: every num_mul {self.num_mul} exceeds every num_ops "
+                             f"{self.num_ops}")
+
+    def shapes(self) -> set[tuple[int, int]]:
+        """The (n, m) pairs this level can produce."""
+        return {(n, m) for n in self.num_ops for m in self.num_mul if m <= n}
+
+
+@dataclasses.dataclass(frozen=True)
+class Design:
+    """A named level table. Levels must not share an (n, m) shape, so no problem can belong to
+    two levels (test problems of a hard level never appear in an easy level's train split)."""
+
+    name: str
+    levels: Mapping[int, LevelSpec]
+
+    def __post_init__(self):
+        owner: dict[tuple[int, int], int] = {}
+        for level, spec in self.levels.items():
+            for shape in spec.shapes():
+                if shape in owner:
+                    raise ValueError(f"Design {self.name!r}: levels {owner[shape]} and {level} "
+                                     f"both produce chains with (num_ops, num_mul)={shape}")
+                owner[shape] = level
+
+    def spec(self, level: int) -> LevelSpec:
+        if level not in self.levels:
+            raise ValueError(f"design {self.name!r} has no level {level}; levels: "
+                             f"{sorted(self.levels)}")
+        return self.levels[level]
+
+
+def _design(name: str, table: Mapping[int, tuple[Sequence[int], Sequence[int]]]) -> Design:
+    return Design(name, {lv: LevelSpec(tuple(n), tuple(m)) for lv, (n, m) in table.items()})
+
+
+DESIGNS: dict[str, Design] = {
+    # The notes' design B: level L has L+1 operations of any kind (hard = longer chains).
+    "length": _design("length", {1: ((2,), (0, 1, 2)), 2: ((3,), (0, 1, 2, 3)),
+                                 3: ((4,), (0, 1, 2, 3, 4)), 4: ((5,), (0, 1, 2, 3, 4, 5)),
+                                 5: ((6,), (0, 1, 2, 3, 4, 5, 6))}),
+    # Same chain lengths for easy and hard; hard levels have more multiplications.
+    "mulmix": _design("mulmix", {1: ((3,), (0,)), 2: ((3,), (1,)), 3: ((4,), (1,)),
+                                 4: ((4,), (2,)), 5: ((4,), (3,))}),
+    # Every level has 4 operations; level L has L-1 multiplications.
+    "mulcount": _design("mulcount", {1: ((4,), (0,)), 2: ((4,), (1,)), 3: ((4,), (2,)),
+                                     4: ((4,), (3,)), 5: ((4,), (4,))}),
+}
+DEFAULT_DESIGN = "mulmix"
+
+
+def get_design(design: str | Design | None) -> Design:
+    """A `Design` by name (None = `DEFAULT_DESIGN`), or the given one."""
+    if isinstance(design, Design):
+        return design
+    name = DEFAULT_DESIGN if design is None else design
+    if name not in DESIGNS:
+        raise ValueError(f"unknown stepmath design {name!r}; known: {sorted(DESIGNS)}")
+    return DESIGNS[name]
+
+
+def levels(design: str | Design | None = None) -> tuple[int, ...]:
+    """The levels of a design, ascending."""
+    return tuple(sorted(get_design(design).levels))
+
+
+# ------------------------------------------------------------------------------ problems
+def apply_op(a: int, op: str, b: int, modulus: int = MODULUS) -> int:
+    """(a op b) mod modulus for op in + - * (Python's % is non-negative for a positive modulus)."""
+    if op == "+":
+        return (a + b) % modulus
+    if op == "-":
+        return (a - b) % modulus
+    if op == "*":
+        return (a * b) % modulus
+    raise ValueError(f"unknown operation {op!r}; expected one of {OPS}")
+
+
+def format_step(a: int, op: str, b: int, c: int) -> str:
+    """The canonical text of one step: "a op b = c"."""
+    return f"{a}{op}{b}={c}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One chain problem: v_0 = start, v_k = (v_{k-1} ops[k] operands[k]) mod 10."""
+
+    level: int
+    start: int
+    ops: tuple[str, ...]
+    operands: tuple[int, ...]
+
+    def __post_init__(self):
+        if len(self.ops) != len(self.operands) or not self.ops:
+            raise ValueError(f"Problem needs as many operands as ops (>= 1), got ops={self.ops} "
+                             f"operands={self.operands}")
+        bad = [op for op in self.ops if op not in OPS]
+        if bad:
+            raise ValueError(f"Problem has unknown operations {bad}; expected {OPS}")
+
+    @property
+    def values(self) -> tuple[int, ...]:
+        """Running values v_0 .. v_n."""
+        out = [self.start]
+        for op, b in zip(self.ops, self.operands, strict=True):
+            out.append(apply_op(out[-1], op, b))
+        return tuple(out)
+
+    @property
+    def expression(self) -> str:
+        """"3+4*7-2"."""
+        return "".join([str(self.start)] + [f"{op}{b}" for op, b in
+                                            zip(self.ops, self.operands, strict=True)])
+
+    @property
+    def question(self) -> str:
+        return QUESTION_PREFIX + self.expression
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        v = self.values
+        return tuple(format_step(v[k], op, b, v[k + 1])
+                     for k, (op, b) in enumerate(zip(self.ops, self.operands, strict=True)))
+
+    @property
+    def answer(self) -> str:
+        return str(self.values[-1])
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.ops)
+
+    @property
+    def num_mul(self) -> int:
+        return self.ops.count("*")
+
+    @property
+    def prompt(self) -> str:
+        """"# Question\\n\\n{q}\\n\\n# Solution\\n\\n"."""
+        return PROMPT_TEMPLATE.format(question=self.question)
+
+    @property
+    def solution(self) -> str:
+        """The gold solution: steps joined by "\\n\\n", then "\\n\\n# Answer\\n\\n{a}"."""
+        return (STEP_DELIMITER.join(self.steps) + STEP_DELIMITER + ANSWER_HEADER
+                + STEP_DELIMITER + self.answer)
+
+    @property
+    def key(self) -> str:
+        """Identity of the problem's content (level excluded: designs keep levels disjoint)."""
+        return self.expression
+
+    @property
+    def uid(self) -> str:
+        """"stepmath-L{level}-{first 12 hex of sha256(expression)}"."""
+        digest = hashlib.sha256(self.key.encode("utf-8")).hexdigest()[:12]
+        return f"stepmath-L{self.level}-{digest}"
+
+
+def to_record(problem: Problem) -> dict[str, str | int]:
+    """SFT record: {"prompt", "response", "level", "answer", "uid"} (pipeline convention)."""
+    return {"prompt": problem.prompt, "response": problem.solution, "level": problem.level,
+            "answer": problem.answer, "uid": problem.uid}
+
+
+def from_record(record: Mapping[str, object]) -> Problem:
+    """The `Problem` of a record written by `to_record` (or a TFDS stepmath example).
+
+    Reads "prompt" (str or UTF-8 bytes) and "level"; raises ValueError naming the key if the
+    prompt is not a stepmath question.
+    """
+    prompt = record.get("prompt")
+    if isinstance(prompt, bytes):
+        prompt = prompt.decode("utf-8")
+    if not isinstance(prompt, str):
+        raise ValueError(f"record key 'prompt': expected str, got {type(prompt).__name__}")
+    return parse_prompt(prompt, level=int(record["level"]))
+
+
+_EXPR_RE = re.compile(r"(\d)((?:[+\-*]\d)+)")
+
+
+def parse_prompt(prompt: str, *, level: int) -> Problem:
+    """Inverse of `Problem.prompt` (ValueError if `prompt` is not one)."""
+    head = PROMPT_TEMPLATE.split("{question}")
+    if not (prompt.startswith(head[0]) and prompt.endswith(head[1])):
+        raise ValueError(f"not a stepmath prompt: {prompt[:60]!r}")
+    question = prompt[len(head[0]): len(prompt) - len(head[1])]
+    if not question.startswith(QUESTION_PREFIX):
+        raise ValueError(f"not a stepmath question: {question[:60]!r}")
+    m = _EXPR_RE.fullmatch(question[len(QUESTION_PREFIX):])
+    if m is None:
+        raise ValueError(f"not a stepmath expression: {question[len(QUESTION_PREFIX):]!r}")
+    rest = m.group(2)
+    return Problem(level, int(m.group(1)), tuple(rest[0::2]), tuple(int(t) for t in rest[1::2]))
+
+
+# ------------------------------------------------------------------------------ randomness
+class _HashRng:
+    """Uniform integers from SHA-256 in counter mode: stable across platforms and versions."""
+
+    def __init__(self, *key: object):
+        self._key = "\x1f".join(str(k) for k in key).encode("utf-8")
+        self._counter = 0
+        self._pool = 0
+        self._bits = 0
+
+    def _refill(self) -> None:
+        block = hashlib.sha256(self._key + self._counter.to_bytes(8, "little")).digest()
+        self._counter += 1
+        self._pool |= int.from_bytes(block, "little") << self._bits
+        self._bits += 256
+
+    def below(self, n: int) -> int:
+        """Uniform in [0, n) by rejection sampling on ceil(log2 n) bits (no modulo bias)."""
+        if n <= 0:
+            raise ValueError(f"below(n) needs n > 0, got {n}")
+        width = max(1, (n - 1).bit_length())
+        while True:
+            if self._bits < width:
+                self._refill()
+            x = self._pool & ((1 << width) - 1)
+            self._pool >>= width
+            self._bits -= width
+            if x < n:
+                return x
+
+    def uniform_int(self, lo: int, hi: int) -> int:
+        """Uniform in [lo, hi]."""
+        return lo + self.below(hi - lo + 1)
+
+    def choice(self, seq: Sequence[object]) -> object:
+        return seq[self.below(len(seq))]
+
+    def sample_positions(self, n: int, k: int) -> list[int]:
+        """k distinct positions of range(n), uniformly (partial Fisher-Yates)."""
+        pool = list(range(n))
+        for i in range(k):
+            j = i + self.below(n - i)
+            pool[i], pool[j] = pool[j], pool[i]
+        return sorted(pool[:k])
+
+
+def _draw(level: int, spec: LevelSpec, rng: _HashRng) -> Problem:
+    n = int(rng.choice(spec.num_ops))
+    m = int(rng.choice([m for m in spec.num_mul if m <= n]))
+    mul_at = set(rng.sample_positions(n, m))
+    start = rng.uniform_int(*_START_RANGE)
+    ops, operands = [], []
+    for k in range(n):
+        op = "*" if k in mul_at else str(rng.choice(("+", "-")))
+        ops.append(op)
+        operands.append(rng.uniform_int(*_OPERAND_RANGE[op]))
+    return Problem(level, start, tuple(ops), tuple(operands))
+
+
+def num_distinct(level: int, design: str | Design | None = None) -> int:
+    """How many distinct problems a level has (a split cannot ask for more)."""
+    spec = get_design(design).spec(level)
+    n_start = _START_RANGE[1] - _START_RANGE[0] + 1
+    n_mul_operand = _OPERAND_RANGE["*"][1] - _OPERAND_RANGE["*"][0] + 1
+    n_add_operand = 2 * (_OPERAND_RANGE["+"][1] - _OPERAND_RANGE["+"][0] + 1)  # + or -
+    total = 0
+    for n, m in spec.shapes():
+        total += _comb(n, m) * n_mul_operand ** m * n_add_operand ** (n - m)
+    return n_start * total
+
+
+def _comb(n: int, k: int) -> int:
+    out = 1
+    for i in range(k):
+        out = out * (n - i) // (i + 1)
+    return out
+
+
+def _stream(level: int, seed: int, design: Design, purpose: str) -> Iterator[Problem]:
+    """Distinct problems of one level, in a fixed order (prefix-stable)."""
+    spec = design.spec(level)
+    limit = num_distinct(level, design)
+    seen: set[str] = set()
+    index = 0
+    misses = 0
+    while len(seen) < limit:
+        p = _draw(level, spec, _HashRng("stepmath", design.name, purpose, level, seed, index))
+        index += 1
+        if p.key in seen:
+            misses += 1
+            if misses > 50 * limit:  # unreachable in practice; guards against an endless loop
+                raise RuntimeError(f"stepmath: could not draw new level-{level} problems")
+            continue
+        seen.add(p.key)
+        yield p
+
+
+def generate(level: int, n: int, seed: int, *, design: str | Design | None = None
+             ) -> list[Problem]:
+    """n distinct problems of `level`, deterministic in (level, seed, design)."""
+    d = get_design(design)
+    if n < 0:
+        raise ValueError(f"generate: n must be >= 0, got {n}")
+    available = num_distinct(level, d)
+    if n > available:
+        raise ValueError(f"generate: level {level} of design {d.name!r} has only {available} "
+                         f"distinct problems, asked for {n}")
+    out: list[Problem] = []
+    for p in _stream(level, seed, d, "generate"):
+        if len(out) == n:
+            break
+        out.append(p)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelSplit:
+    """Train and test problems of one level; no problem is in both."""
+
+    level: int
+    train: tuple[Problem, ...]
+    test: tuple[Problem, ...]
+
+
+def splits(level_list: Sequence[int], n_train: int | Mapping[int, int],
+           n_test: int | Mapping[int, int], seed: int, *,
+           design: str | Design | None = None) -> dict[int, LevelSplit]:
+    """Per-level train/test splits with no overlap.
+
+    The first `n_test` distinct problems of the level's stream are the test set, the next
+    `n_train` the train set, so the test set does not depend on `n_train`. Sizes may be ints or
+    {level: size} maps. Raises ValueError (naming the level) when a level has fewer than
+    n_train + n_test distinct problems.
+    """
+    d = get_design(design)
+    out: dict[int, LevelSplit] = {}
+    for level in level_list:
+        tr = n_train[level] if isinstance(n_train, Mapping) else n_train
+        te = n_test[level] if isinstance(n_test, Mapping) else n_test
+        if tr < 0 or te < 0:
+            raise ValueError(f"splits: level {level}: sizes must be >= 0, got train={tr} "
+                             f"test={te}")
+        available = num_distinct(level, d)
+        if tr + te > available:
+            raise ValueError(f"splits: level {level} of design {d.name!r} has {available} "
+                             f"distinct problems, fewer than n_train + n_test = {tr + te}")
+        drawn: list[Problem] = []
+        for p in _stream(level, seed, d, "split"):
+            if len(drawn) == tr + te:
+                break
+            drawn.append(p)
+        out[level] = LevelSplit(level, tuple(drawn[te:]), tuple(drawn[:te]))
+    return out
+
+
+# ------------------------------------------------------------------------------ verifier
+@dataclasses.dataclass(frozen=True)
+class ParsedSolution:
+    """A solution text cut into steps and an answer section.
+
+    Attributes:
+      steps: the stripped text of each non-empty "\\n\\n"-separated chunk before the answer
+        header (all chunks when there is none).
+      step_ends: character offset in the text just after each step's last character (where a
+        process reward model reads the step's score).
+      answer: the answer section's first chunk, stripped ("" if empty), or None when the text
+        has no answer header.
+      answer_end: character offset after the answer, or None.
+    """
+
+    steps: tuple[str, ...]
+    step_ends: tuple[int, ...]
+    answer: str | None
+    answer_end: int | None
+
+
+_ANSWER_RE = re.compile(r"(?m)^[ \t]*#[ \t]*Answer[ \t]*:?[ \t]*$")
+_CHUNK_RE = re.compile(r"(?:(?!\n\n).)+", re.S)
+
+
+def split_solution(text: str) -> ParsedSolution:
+    """Cut generated text into steps and answer (never raises on str input).
+
+    The first line that reads "# Answer" (spaces and a trailing ":" tolerated) starts the answer
+    section; the answer is the first non-empty "\\n\\n"-chunk after it. Everything after the
+    answer is ignored.
+    """
+    m = _ANSWER_RE.search(text)
+    body = text if m is None else text[: m.start()]
+    steps, ends = [], []
+    for chunk in _CHUNK_RE.finditer(body):
+        s = chunk.group(0)
+        if s.strip():
+            steps.append(s.strip())
+            ends.append(chunk.start() + len(s.rstrip()))
+    if m is None:
+        return ParsedSolution(tuple(steps), tuple(ends), None, None)
+    answer, answer_end = "", None
+    for chunk in _CHUNK_RE.finditer(text, m.end()):
+        s = chunk.group(0)
+        if s.strip():
+            answer = s.strip()
+            answer_end = chunk.start() + len(s.rstrip())
+            break
+    return ParsedSolution(tuple(steps), tuple(ends), answer, answer_end)
+
+
+_STEP_RE = re.compile(r"(-?\d+)\s*([+\-*×−])\s*(-?\d+)\s*=\s*(-?\d+)")
+_INT_RE = re.compile(r"-?\d+")
+_OP_ALIASES = {"×": "*", "−": "-"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedStep:
+    a: int
+    op: str
+    b: int
+    c: int
+
+
+def parse_step(step: str) -> ParsedStep | None:
+    """"a op b = c" (spaces optional; × and − accepted) -> ParsedStep, else None."""
+    m = _STEP_RE.fullmatch(step.strip())
+    if m is None or len(step) > 64:
+        return None
+    a, op, b, c = m.groups()
+    return ParsedStep(int(a), _OP_ALIASES.get(op, op), int(b), int(c))
+
+
+def check_step(problem: Problem, k: int, step: str) -> str | None:
+    """None if `step` is a correct k-th step of `problem` (0-based), else its error type."""
+    if k >= problem.num_steps:
+        return ERR_EXTRA
+    parsed = parse_step(step)
+    if parsed is None:
+        return ERR_MALFORMED
+    if parsed.a != problem.values[k]:
+        return ERR_OPERAND
+    if parsed.op != problem.ops[k] or parsed.b != problem.operands[k]:
+        return ERR_OPERATION
+    if parsed.c != apply_op(parsed.a, parsed.op, parsed.b):
+        return ERR_ARITHMETIC
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """What `verify` says about one solution.
+
+    Attributes:
+      step_labels: one label per parsed step: 1 up to the first wrong step, 0 from it on
+        (PRM800K convention).
+      outcome_correct: the answer section holds the gold answer (an integer equal to it).
+      answer: the extracted answer text, or None without an answer section.
+      answer_label: 1 iff every step is correct, the chain is complete and the answer is right
+        (the label of the answer segment for step-level models); 0 otherwise.
+      first_error: index of the first wrong step; `len(step_labels)` when every step is right
+        but the chain is incomplete or the answer is wrong/missing; None for a perfect solution.
+      error: category of the first error (see ERROR_TYPES), "wrong_answer" / "no_answer" when
+        the steps are right but the answer is not, or None.
+      num_expected_steps: the chain length of the problem.
+    """
+
+    step_labels: tuple[int, ...]
+    outcome_correct: bool
+    answer: str | None
+    answer_label: int
+    first_error: int | None
+    error: str | None
+    num_expected_steps: int
+
+    @property
+    def all_steps_correct(self) -> bool:
+        return all(self.step_labels) and len(self.step_labels) == self.num_expected_steps
+
+    @property
+    def step_accuracy_prefix(self) -> int:
+        """Number of leading correct steps."""
+        return sum(self.step_labels)
+
+
+def grade_answer(problem: Problem, answer: str | None) -> bool:
+    """The answer text is an integer equal to the gold answer."""
+    if answer is None or _INT_RE.fullmatch(answer.strip()) is None or len(answer) > 32:
+        return False
+    return int(answer.strip()) == int(problem.answer)
+
+
+def verify(problem: Problem, solution_text: str | bytes) -> Verdict:
+    """Per-step labels and outcome of a generated solution (never raises on str/bytes input).
+
+    `solution_text` is the text after the prompt; a text that repeats the prompt first is
+    accepted (the prompt is stripped). Bytes are decoded as UTF-8 with replacement.
+    """
+    if isinstance(solution_text, bytes):
+        solution_text = solution_text.decode("utf-8", errors="replace")
+    text = str(solution_text)
+    if text.startswith(problem.prompt):
+        text = text[len(problem.prompt):]
+    parsed = split_solution(text)
+    labels: list[int] = []
+    first_error: int | None = None
+    error: str | None = None
+    for k, step in enumerate(parsed.steps):
+        if first_error is None:
+            err = check_step(problem, k, step)
+            if err is not None:
+                first_error, error = k, err
+        labels.append(1 if first_error is None else 0)
+    outcome = grade_answer(problem, parsed.answer)
+    if first_error is None:
+        if len(labels) < problem.num_steps:
+            first_error, error = len(labels), ERR_INCOMPLETE
+        elif parsed.answer is None:
+            first_error, error = len(labels), "no_answer"
+        elif not outcome:
+            first_error, error = len(labels), "wrong_answer"
+    answer_label = int(first_error is None and outcome)
+    return Verdict(tuple(labels), outcome, parsed.answer, answer_label, first_error, error,
+                   problem.num_steps)

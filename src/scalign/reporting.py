@@ -1,0 +1,88 @@
+"""Report helpers: markdown tables and matplotlib figures (Agg backend, PNG files)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from etils import epath
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.3g}"
+    return str(v)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
+                   headers: Sequence[str] | None = None, digits: int = 3) -> str:
+    """A GitHub markdown table of `rows` (dicts), columns in the given order."""
+    if not rows:
+        return "_(no rows)_\n"
+    columns = list(columns or rows[0].keys())
+    headers = list(headers or columns)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c, ""), digits) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def line_plot(path: epath.Path, series: dict[str, tuple[Sequence[float], Sequence[float]]], *,
+              title: str, xlabel: str, ylabel: str, logx: bool = False, logy: bool = False,
+              errors: dict[str, Sequence[float]] | None = None) -> epath.Path:
+    """One axes, one line per series name -> (xs, ys); optional error bars; saved as PNG."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for name, (xs, ys) in series.items():
+        if errors and name in errors:
+            ax.errorbar(xs, ys, yerr=errors[name], label=name, marker="o", ms=3, capsize=2)
+        else:
+            ax.plot(xs, ys, label=name, marker="o" if len(xs) < 30 else None, ms=3)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with epath.Path(path).open("wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return path
+
+
+def bar_plot(path: epath.Path, groups: Sequence[str], series: dict[str, Sequence[float]], *,
+             title: str, ylabel: str, ylim: tuple[float, float] | None = None) -> epath.Path:
+    """Grouped bars: one group per label, one bar per series."""
+    import numpy as np
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(len(groups))
+    for i, (name, vals) in enumerate(series.items()):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=name)
+    ax.set_xticks(x, groups)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with epath.Path(path).open("wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return path

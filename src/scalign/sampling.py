@@ -1,0 +1,554 @@
+"""Batched generation: prefill + decode over an explicit KV cache, N samples per prompt,
+greedy / temperature / top-k / top-p sampling, stops (EOS, length, stop strings), log-probs.
+
+    sampler = Sampler(config, params, tokenizer, mesh=mesh)
+    out = sampler.generate(["Q: 1+1?\\n", ...], n=16, max_new_tokens=256, key=jax.random.key(0),
+                           temperature=0.8, top_p=0.95, stop_strings=("\\n\\n",))
+    out.tokens [P, N, M], out.logprobs / out.model_logprobs [P, N, M], out.lengths [P, N],
+    out.stop_reason [P, N], out.texts [P][N]
+
+How one call runs (P prompts, N samples each, M = max_new_tokens, R = P * N rows):
+
+1. Host: prompts are **left-padded** to a bucketed length Tp (the next power of two >= the
+   longest prompt, at least `min_prompt_bucket`, or the smallest of `prompt_buckets` that fits),
+   so varied prompt lengths reuse a few compiled programs. Row p's first real token sits at slot
+   key_start[p] = Tp - len_p; the model masks the slots before it and gives RoPE positions
+   `slot - key_start` (see `models.transformer`).
+2. Jitted prefill (`_prefill`): one forward pass over [P, Tp] with a Tp-slot cache, LM logits at
+   the last position only ([P, V], not [P, Tp, V]); then the K/V buffers are padded by M empty
+   slots and each prompt's row is repeated N times (`jnp.repeat`, row r = p * N + j), so N
+   samples cost one prefill.
+3. Jitted decode (`_decode`): a `lax.while_loop` over steps t = 0 .. M-2 whose body samples token
+   t from the current logits, records it, then runs the decoder on that one token
+   (cache slot Tp + t, a single `dynamic_update_slice`) for the next logits; the last token is
+   sampled after the loop, so no forward pass is wasted. The loop exits early once every row has
+   stopped. The cache and the logits are donated into the decode call and the final cache is
+   returned, so XLA updates the K/V buffers in place.
+
+Sampling (`sample_tokens`), in the order of HF's logits processors: logits / temperature, then
+top-k (the k largest), then top-p (nucleus, Holtzman et al. 2020: the smallest set of the most
+likely tokens whose probability mass reaches p; token i of the descending order is kept iff the
+mass strictly before it is < p), then a draw by inverse CDF: with the kept, unnormalised weights
+w_i = exp(z_i - max z) and one uniform u per row, the token is the first i with
+cumsum(w)_i > u * sum(w). `temperature == 0` is greedy (argmax, a separately compiled program).
+Temperature and top-p are traced scalars (changing them does not recompile); top-k and whether
+top-p is active are static.
+
+Randomness (explicit keys, same key => same samples): row r = p * N + j draws its step-t uniform
+from `fold_in(fold_in(key, r), t)`. So sample j of prompt p with `n=N` equals row p * N + j of a
+call with every prompt repeated N times and `n=1`, and adding prompts at the end of a batch does
+not change the samples of the earlier rows.
+
+Log-probs (both [P, N, M] float32, 0 after a row stops):
+  `logprobs`        log pi_sample(token): under the distribution the token was drawn from
+                    (temperature, top-k and top-p applied, renormalised); 0 for greedy, whose
+                    distribution is a point mass.
+  `model_logprobs`  log softmax(logits)[token] of the unmodified model (temperature 1, no
+                    truncation): what PPO's ratios, KL penalties and DPO's reference terms need.
+
+Stops. A row stops after the token that (a) is an EOS id (if `stop_on_eos`), or (b) completes
+one of the stop strings in the generated text, or (c) is the M-th token. The stopping token is
+the row's last token and is counted in `lengths`; later positions hold `pad_id`. Stop strings
+are matched on the bytes the tokens decode to (`Tokenizer.token_bytes`) by an Aho-Corasick
+automaton (Aho & Corasick 1975) over bytes, lifted to whole tokens on the host: table[q, v] is
+the state after feeding token v's bytes from state q, or -1 if a stop string is completed
+inside them (`stop_string_table`, vectorised numpy, cached per stop-string set). The loop
+carries one automaton state per row, so a stop string spanning several tokens or lying inside
+one longer token is found at the exact token that completes its first occurrence. Only the
+generated text is searched (not the prompt). The decoded `texts` are cut right after the first
+occurrence of a stop string (or right before it with `include_stop_string=False`); a token can
+carry text past the stop string, which is cut from `texts` but kept in `tokens`.
+
+Sharding: with a `mesh`, params are placed by the logical-axis rule table
+(`parallel.tree_shardings(param_logical_axes(config), ...)`), rows are sharded over
+data x fsdp (the prompt batch is padded to a multiple of data * fsdp with rows that start
+stopped), heads over tensor; the model's `constrain` calls shard activations and the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scalign import parallel
+from scalign.models.config import ModelConfig
+from scalign.models.heads import SCALAR_HEAD
+from scalign.models.transformer import forward, init_cache, lm_logits, param_logical_axes
+
+Array = jax.Array
+
+# stop_reason codes (int8 on device, names on the host)
+MAX_LENGTH, EOS, STOP_STRING = 0, 1, 2
+STOP_REASONS = ("max_length", "eos", "stop_string")
+
+
+# ============================================================================ stop strings
+def aho_corasick(patterns: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Byte-level Aho-Corasick automaton (Aho & Corasick 1975) as a complete DFA.
+
+    Returns (delta int32 [Q, 256], accept bool [Q]): state 0 is the root (nothing matched);
+    delta[q, b] is the state after reading byte b in state q (the longest suffix of the text
+    read so far that is a prefix of some pattern); accept[q] is True iff some pattern is a suffix
+    of that text, i.e. a pattern occurrence ends at the byte just read.
+    """
+    if not patterns or any(len(p) == 0 for p in patterns):
+        raise ValueError("stop strings must be non-empty")
+    children: list[dict[int, int]] = [{}]
+    accept = [False]
+    for pat in patterns:
+        q = 0
+        for b in pat:
+            if b not in children[q]:
+                children.append({})
+                accept.append(False)
+                children[q][b] = len(children) - 1
+            q = children[q][b]
+        accept[q] = True
+    n = len(children)
+    delta = np.zeros((n, 256), np.int32)
+    fail = [0] * n
+    order = []  # BFS order, so a state's failure target is complete before the state
+    for b, child in children[0].items():
+        delta[0, b] = child
+        order.append(child)
+    head = 0
+    while head < len(order):
+        q = order[head]
+        head += 1
+        accept[q] = accept[q] or accept[fail[q]]
+        delta[q] = delta[fail[q]]
+        for b, child in children[q].items():
+            delta[q, b] = child
+            fail[child] = int(delta[fail[q], b]) if q else 0
+            order.append(child)
+    return delta, np.asarray(accept)
+
+
+def stop_string_table(token_bytes: Sequence[bytes], stop_strings: Sequence[str]) -> np.ndarray:
+    """The token-level stop automaton: int32 [Q, V].
+
+    table[q, v] = the automaton state after reading token v's bytes from state q, or -1 if a
+    stop string occurrence ends inside those bytes. Computed for all (q, v) at once: tokens are
+    sorted by byte length and byte position j only updates the tokens longer than j, so the
+    work is Q * sum_v len(v) byte steps in numpy.
+    """
+    delta, accept = aho_corasick([s.encode("utf-8") for s in stop_strings])
+    V, Q = len(token_bytes), delta.shape[0]
+    lengths = np.fromiter((len(b) for b in token_bytes), np.int64, count=V)
+    order = np.argsort(-lengths, kind="stable")
+    max_len = int(lengths.max()) if V else 0
+    padded = np.zeros((V, max(max_len, 1)), np.uint8)
+    for row, v in enumerate(order):
+        b = token_bytes[v]
+        padded[row, :len(b)] = np.frombuffer(b, np.uint8)
+    sorted_len = lengths[order]
+    state = np.repeat(np.arange(Q, dtype=np.int32)[:, None], V, axis=1)  # [Q, V] sorted order
+    hit = np.zeros((Q, V), bool)
+    for j in range(max_len):
+        n = int(np.searchsorted(-sorted_len, -j, side="left"))  # tokens with len > j
+        live = ~hit[:, :n]
+        nxt = delta[state[:, :n], padded[None, :n, j]]
+        state[:, :n] = np.where(live, nxt, state[:, :n])
+        hit[:, :n] |= live & accept[nxt]
+    table = np.empty((Q, V), np.int32)
+    table[:, order] = np.where(hit, -1, state)
+    return table
+
+
+def first_stop_end(text: str, stop_strings: Sequence[str]) -> tuple[int, int] | None:
+    """(start, end) of the stop-string occurrence that ends first in `text` (ties: the longest),
+    or None. Used to cut decoded texts; the device automaton stops at the same occurrence."""
+    best: tuple[int, int] | None = None
+    for s in stop_strings:
+        i = text.find(s)
+        if i < 0:
+            continue
+        cand = (i, i + len(s))
+        if best is None or cand[1] < best[1] or (cand[1] == best[1] and cand[0] < best[0]):
+            best = cand
+    return best
+
+
+# =============================================================================== sampling
+def sample_tokens(logits: Array, uniforms: Array, temperature: Array | float,
+                  top_p: Array | float, *, greedy: bool, top_k: int, use_top_p: bool
+                  ) -> tuple[Array, Array, Array]:
+    """One token per row from logits [R, V] (float32) and uniforms [R] in [0, 1).
+
+    Returns (tokens int32 [R], log pi_sample(token) [R], log softmax(logits)[token] [R]); see the
+    module docstring for the order temperature -> top-k -> top-p and the inverse-CDF draw.
+    """
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    if greedy:
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        model_lp = jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0] - lse
+        return tok, jnp.zeros_like(model_lp), model_lp
+    z = logits / jnp.asarray(temperature, jnp.float32)
+    if top_k:
+        vals, idx = jax.lax.top_k(z, top_k)  # descending
+    elif use_top_p:
+        iota = jnp.broadcast_to(jnp.arange(z.shape[-1], dtype=jnp.int32), z.shape)
+        neg, idx = jax.lax.sort_key_val(-z, iota, dimension=-1)
+        vals = -neg
+    else:
+        vals, idx = z, None
+    w = jnp.exp(vals - jnp.max(vals, axis=-1, keepdims=True))  # unnormalised, max weight 1
+    if use_top_p:
+        cum = jnp.cumsum(w, axis=-1)
+        keep = (cum - w) < jnp.asarray(top_p, jnp.float32) * cum[:, -1:]
+        w = jnp.where(keep, w, 0.0)
+    cdf = jnp.cumsum(w, axis=-1)
+    total = cdf[:, -1]
+    # u * total < total strictly, so the first index with cdf > thr has w > 0
+    thr = jnp.minimum(uniforms.astype(jnp.float32) * total, jnp.nextafter(total, 0.0))
+    choice = jnp.argmax(cdf > thr[:, None], axis=-1)
+    w_c = jnp.take_along_axis(w, choice[:, None], axis=-1)[:, 0]
+    sample_lp = jnp.log(w_c) - jnp.log(total)
+    tok = choice if idx is None else jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+    tok = tok.astype(jnp.int32)
+    model_lp = jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0] - lse
+    return tok, sample_lp, model_lp
+
+
+# ========================================================================== device programs
+def _constrain_rows(x: Array) -> Array:
+    return parallel.constrain(x, ("act_batch",) + (None,) * (x.ndim - 1))
+
+
+def _prefill(config: ModelConfig, params: Any, tokens: Array, key_start: Array, *,
+             n: int, max_new_tokens: int, cache_dtype: Any) -> tuple[Array, Any]:
+    """Prompts [P, Tp] -> (last-position logits [P*n, V], cache with Tp + M slots, P*n rows)."""
+    P, Tp = tokens.shape
+    cache = init_cache(config, P, Tp, cache_dtype)  # [P, K, Tp, Dh] per layer
+    hidden, cache = forward(config, params, tokens, cache=cache, cache_index=0,
+                            key_start=key_start)
+    logits = lm_logits(config, params, hidden[:, -1])  # [P, V]: last position only
+
+    def grow(x):
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, max_new_tokens), (0, 0)))
+        x = jnp.repeat(x, n, axis=0) if n > 1 else x
+        return parallel.constrain(x, ("act_batch", "act_kv_heads", "cache_length", None))
+
+    cache = jax.tree.map(grow, cache)
+    logits = _constrain_rows(jnp.repeat(logits, n, axis=0) if n > 1 else logits)
+    return logits, cache
+
+
+def _decode(config: ModelConfig, params: Any, cache: Any, logits: Array, key_start: Array,
+            done: Array, row_ids: Array, key: Array, temperature: Array, top_p: Array,
+            stop_table: Array | None, eos_ids: Array | None, *, prompt_len: int,
+            max_new_tokens: int, greedy: bool, top_k: int, use_top_p: bool, pad_id: int
+            ) -> tuple[dict[str, Array], Any]:
+    """The decode loop (see the module docstring). Returns (outputs, final cache)."""
+    R, M = logits.shape[0], max_new_tokens
+    row_keys = None if greedy else jax.vmap(jax.random.fold_in, (None, 0))(key, row_ids)
+
+    def emit(s: dict[str, Any]) -> tuple[dict[str, Any], Array]:
+        t = s["t"]
+        if greedy:
+            u = jnp.zeros((R,), jnp.float32)
+        else:
+            u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, t)))(row_keys)
+        tok, lp, lpm = sample_tokens(s["logits"], u, temperature, top_p, greedy=greedy,
+                                     top_k=top_k, use_top_p=use_top_p)
+        live = ~s["done"]
+        s = dict(s)
+        s["tokens"] = jax.lax.dynamic_update_slice(
+            s["tokens"], jnp.where(live, tok, pad_id)[:, None], (0, t))
+        s["logprobs"] = jax.lax.dynamic_update_slice(
+            s["logprobs"], jnp.where(live, lp, 0.0)[:, None], (0, t))
+        s["model_logprobs"] = jax.lax.dynamic_update_slice(
+            s["model_logprobs"], jnp.where(live, lpm, 0.0)[:, None], (0, t))
+        s["lengths"] = s["lengths"] + live.astype(jnp.int32)
+        stop = jnp.zeros((R,), bool)
+        if eos_ids is not None:
+            is_eos = live & jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+            s["reason"] = jnp.where(is_eos, jnp.int8(EOS), s["reason"])
+            stop = is_eos
+        if stop_table is not None:
+            nxt = stop_table[s["state"], tok]
+            hit = live & ~stop & (nxt < 0)
+            s["reason"] = jnp.where(hit, jnp.int8(STOP_STRING), s["reason"])
+            s["state"] = jnp.where(live, jnp.maximum(nxt, 0), s["state"])
+            stop = stop | hit
+        s["done"] = s["done"] | stop
+        return s, tok
+
+    def body(s):
+        s, tok = emit(s)
+        hidden, s["cache"] = forward(config, params, tok[:, None], cache=s["cache"],
+                                     cache_index=prompt_len + s["t"], key_start=key_start)
+        s["logits"] = _constrain_rows(lm_logits(config, params, hidden[:, 0]))
+        s["t"] = s["t"] + 1
+        return s
+
+    def cond(s):
+        return (s["t"] < M - 1) & ~jnp.all(s["done"])
+
+    state = {
+        "t": jnp.int32(0), "logits": logits, "cache": cache, "done": done,
+        "tokens": _constrain_rows(jnp.full((R, M), pad_id, jnp.int32)),
+        "logprobs": _constrain_rows(jnp.zeros((R, M), jnp.float32)),
+        "model_logprobs": _constrain_rows(jnp.zeros((R, M), jnp.float32)),
+        "lengths": jnp.zeros((R,), jnp.int32), "reason": jnp.zeros((R,), jnp.int8),
+        "state": jnp.zeros((R,), jnp.int32),
+    }
+    state = jax.lax.while_loop(cond, body, state)
+    state, _ = emit(state)  # token M-1 (a no-op if every row stopped earlier)
+    outputs = {k: state[k] for k in ("tokens", "logprobs", "model_logprobs", "lengths",
+                                     "reason")}
+    return outputs, state["cache"]
+
+
+# ================================================================================= host API
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+    """The result of one `Sampler` call (numpy arrays on the host).
+
+    tokens: int32 [P, N, M], `pad_id` after each row's last token.
+    logprobs: float32 [P, N, M], log-prob of each token under the *sampling* distribution
+      (temperature / top-k / top-p applied; 0 for greedy); 0 after the last token.
+    model_logprobs: float32 [P, N, M], log-prob under the unmodified model (temperature 1, full
+      vocabulary); 0 after the last token.
+    lengths: int32 [P, N], number of generated tokens, the stopping token (EOS or the token that
+      completes a stop string) included.
+    stop_reason: str [P, N], one of "eos", "stop_string", "max_length".
+    texts: [P][N] decoded completions cut at the first stop string, or None without a tokenizer.
+    """
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    model_logprobs: np.ndarray
+    lengths: np.ndarray
+    stop_reason: np.ndarray
+    texts: list[list[str]] | None
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(x, 1))))
+
+
+class Sampler:
+    """Batched sampler for one model (see the module docstring).
+
+    Args:
+      config, params: the model (params may carry a scalar head; it is ignored).
+      tokenizer: a `Tokenizer`, needed for text prompts, stop strings and decoded texts; None
+        for the id-only API (`generate_ids` without stop strings).
+      mesh: a (data, fsdp, tensor) mesh to shard over, or None for the default device.
+      rules: the logical-axis rule table.
+      max_new_tokens: default number of new tokens M (static: each value compiles once).
+      prompt_buckets: allowed padded prompt lengths (ascending); None means powers of two
+        >= `min_prompt_bucket`.
+      eos_ids: token ids that stop a row; default the tokenizer's eos id (none without one).
+      pad_id: the id written after a row stops and used for left padding; default the
+        tokenizer's pad id, else 0.
+      cache_dtype: K/V cache dtype; default the config's compute dtype.
+    """
+
+    def __init__(self, config: ModelConfig, params: Any, tokenizer: Any = None, *,
+                 mesh: jax.sharding.Mesh | None = None,
+                 rules: parallel.Rules = parallel.DEFAULT_RULES, max_new_tokens: int = 256,
+                 prompt_buckets: Sequence[int] | None = None, min_prompt_bucket: int = 16,
+                 eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
+                 cache_dtype: Any = None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+        self.rules = rules
+        self.max_new_tokens = int(max_new_tokens)
+        if prompt_buckets is not None:
+            buckets = sorted(int(b) for b in prompt_buckets)
+            if not buckets or buckets[0] <= 0:
+                raise ValueError(f"prompt_buckets must be positive lengths, got {prompt_buckets}")
+            self.prompt_buckets: tuple[int, ...] | None = tuple(buckets)
+        else:
+            self.prompt_buckets = None
+        self.min_prompt_bucket = int(min_prompt_bucket)
+        if eos_ids is None:
+            eos_ids = (tokenizer.eos_id,) if tokenizer is not None else ()
+        self.eos_ids = tuple(int(e) for e in eos_ids)
+        self.pad_id = int(pad_id if pad_id is not None
+                          else tokenizer.pad_id if tokenizer is not None else 0)
+        self.cache_dtype = jnp.dtype(cache_dtype or config.compute_dtype)
+        backbone = {k: v for k, v in params.items() if k != SCALAR_HEAD}
+        if self.mesh is not None:
+            shardings = parallel.tree_shardings(param_logical_axes(config), backbone, self.mesh,
+                                                rules)
+            backbone = parallel.put_tree(backbone, shardings)
+        self.params = backbone
+        self._stop_tables: dict[tuple[str, ...], Array] = {}
+        self._prefill = jax.jit(functools.partial(_prefill, config),
+                                static_argnames=("n", "max_new_tokens", "cache_dtype"))
+        self._decode = jax.jit(
+            functools.partial(_decode, config), donate_argnums=(1, 2),
+            static_argnames=("prompt_len", "max_new_tokens", "greedy", "top_k", "use_top_p",
+                             "pad_id"))
+
+    # ------------------------------------------------------------------ helpers
+    def prompt_bucket(self, length: int) -> int:
+        """The padded prompt length used for a longest prompt of `length` tokens."""
+        if self.prompt_buckets is None:
+            return max(self.min_prompt_bucket, _next_pow2(length))
+        for b in self.prompt_buckets:
+            if b >= length:
+                return b
+        raise ValueError(f"prompt of {length} tokens is longer than the largest prompt bucket "
+                         f"{self.prompt_buckets[-1]}; add a larger bucket to prompt_buckets")
+
+    def stop_table(self, stop_strings: Sequence[str]) -> Array:
+        """The [Q, V] token-level stop automaton for these stop strings, on device (cached; Q
+        padded to a power of two with unreachable states so similar stop sets share a compiled
+        program; ids the tokenizer lacks, if the model's vocabulary is larger, add no text)."""
+        key = tuple(stop_strings)
+        if key not in self._stop_tables:
+            if self.tokenizer is None:
+                raise ValueError("stop_strings need a tokenizer: pass one to Sampler(...)")
+            table = stop_string_table(self.tokenizer.token_bytes(), key)
+            Q, V = table.shape
+            if V > self.config.vocab_size:
+                raise ValueError(f"tokenizer has {V} ids but the model's vocab_size is "
+                                 f"{self.config.vocab_size}")
+            full = np.zeros((_next_pow2(Q), self.config.vocab_size), np.int32)
+            full[:Q, :V] = table
+            full[:Q, V:] = np.arange(Q, dtype=np.int32)[:, None]  # no text: state unchanged
+            self._stop_tables[key] = self._put_replicated(jnp.asarray(full))
+        return self._stop_tables[key]
+
+    def _put_rows(self, x: np.ndarray) -> Array:
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, parallel.batch_sharding(self.mesh))
+
+    def _put_replicated(self, x: Any) -> Any:
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, parallel.replicated(self.mesh))
+
+    def _context(self):
+        return parallel.sharding_context(self.mesh, self.rules)
+
+    # ------------------------------------------------------------------ API
+    def generate_ids(self, prompts: Sequence[Sequence[int]] | np.ndarray, n: int = 1, *,
+                     max_new_tokens: int | None = None, key: Array | int | None = None,
+                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                     stop_strings: Sequence[str] = (), stop_on_eos: bool = True,
+                     include_stop_string: bool = True, decode_texts: bool = True
+                     ) -> SampleOutput:
+        """Sample `n` completions for each tokenized prompt.
+
+        Args:
+          prompts: P token-id sequences (ragged) or an int array [P, T] of full-length rows.
+          n: samples per prompt N (one prefill per prompt).
+          max_new_tokens: M (default: the sampler's).
+          key: a PRNG key (or an int seed); required unless greedy.
+          temperature: 0 for greedy, else > 0.
+          top_k: keep the k most likely tokens (0: off). top_p: nucleus mass (1: off).
+          stop_strings: stop after the first occurrence of any of these in the generated text.
+          stop_on_eos: stop after an EOS id (`eos_ids`).
+          include_stop_string: keep the stop string at the end of `texts`.
+          decode_texts: fill `texts` (needs a tokenizer).
+        """
+        rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+        if not rows:
+            raise ValueError("generate_ids: no prompts")
+        for i, r in enumerate(rows):
+            if r.size == 0:
+                raise ValueError(f"prompt {i} is empty; give at least one token (e.g. bos)")
+            if r.min() < 0 or r.max() >= self.config.vocab_size:
+                raise ValueError(f"prompt {i} has ids outside [0, {self.config.vocab_size})")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        M = int(max_new_tokens if max_new_tokens is not None else self.max_new_tokens)
+        if M < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {M}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+        greedy = temperature == 0.0
+        if not greedy and key is None:
+            raise ValueError("sampling with temperature > 0 needs key=jax.random.key(seed)")
+        top_k = 0 if (greedy or top_k >= self.config.vocab_size) else int(top_k)
+        use_top_p = (not greedy) and top_p < 1.0
+        if isinstance(key, int):
+            key = jax.random.key(key)
+        if key is None:
+            key = jax.random.key(0)  # unused by greedy decoding
+
+        P = len(rows)
+        div = parallel.batch_divisor(self.mesh) if self.mesh is not None else 1
+        P_pad = -(-P // div) * div
+        Tp = self.prompt_bucket(max(r.size for r in rows))
+        tokens = np.full((P_pad, Tp), self.pad_id, np.int32)
+        key_start = np.full((P_pad,), Tp - 1, np.int32)
+        for i, r in enumerate(rows):
+            tokens[i, Tp - r.size:] = r
+            key_start[i] = Tp - r.size
+        R = P_pad * n
+        done = np.zeros((R,), bool)
+        done[P * n:] = True  # batch-padding rows start stopped
+
+        stop_table = self.stop_table(stop_strings) if stop_strings else None
+        eos = (self._put_replicated(jnp.asarray(self.eos_ids, jnp.int32))
+               if stop_on_eos and self.eos_ids else None)
+        with self._context():
+            logits, cache = self._prefill(self.params, self._put_rows(tokens),
+                                          self._put_rows(key_start), n=n, max_new_tokens=M,
+                                          cache_dtype=self.cache_dtype)
+            out, _ = self._decode(
+                self.params, cache, logits, self._put_rows(np.repeat(key_start, n)),
+                self._put_rows(done), self._put_rows(np.arange(R, dtype=np.int32)),
+                self._put_replicated(key), self._put_replicated(jnp.float32(temperature)),
+                self._put_replicated(jnp.float32(top_p)), stop_table, eos, prompt_len=Tp,
+                max_new_tokens=M, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
+                pad_id=self.pad_id)
+        out = jax.device_get(out)
+
+        def shape(x):
+            return np.asarray(x)[:P * n].reshape(P, n, *np.shape(x)[1:])
+
+        reasons = np.asarray(STOP_REASONS)[shape(out["reason"]).astype(np.int64)]
+        result = SampleOutput(tokens=shape(out["tokens"]), logprobs=shape(out["logprobs"]),
+                              model_logprobs=shape(out["model_logprobs"]),
+                              lengths=shape(out["lengths"]), stop_reason=reasons, texts=None)
+        if decode_texts and self.tokenizer is not None:
+            result = dataclasses.replace(result, texts=self._texts(result, stop_strings,
+                                                                   include_stop_string))
+        return result
+
+    def generate(self, texts: Sequence[str], n: int = 1, *, add_bos: bool = True,
+                 **kwargs: Any) -> SampleOutput:
+        """Encode `texts` (with bos unless add_bos=False) and call `generate_ids`."""
+        if self.tokenizer is None:
+            raise ValueError("Sampler.generate needs a tokenizer; use generate_ids for ids")
+        if isinstance(texts, str):
+            raise TypeError("generate takes a sequence of prompts, got one str; wrap it in a "
+                            "list")
+        prompts = [self.tokenizer.encode(t, add_bos=add_bos) for t in texts]
+        return self.generate_ids(prompts, n, **kwargs)
+
+    def _texts(self, out: SampleOutput, stop_strings: Sequence[str],
+               include_stop_string: bool) -> list[list[str]]:
+        texts = []
+        for p in range(out.tokens.shape[0]):
+            row = []
+            for j in range(out.tokens.shape[1]):
+                text = self.tokenizer.decode(out.tokens[p, j, :out.lengths[p, j]])
+                if out.stop_reason[p, j] == "stop_string":
+                    span = first_stop_end(text, stop_strings)
+                    if span is not None:
+                        text = text[:span[1] if include_stop_string else span[0]]
+                row.append(text)
+            texts.append(row)
+        return texts

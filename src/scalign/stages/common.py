@@ -1,0 +1,104 @@
+"""Pieces every training stage shares: model configs, optimizers, the checkpointed loop."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+
+from scalign import parallel
+from scalign.experiment import Context, check_batch
+from scalign.models import presets
+from scalign.models.config import ModelConfig
+from scalign.models.transformer import init_params, param_logical_axes
+from scalign.training.checkpoint import Checkpointer
+from scalign.training.loop import LoopResult, train_loop
+from scalign.training.state import OptimizerConfig, learning_rate_schedule, make_optimizer
+from scalign.training.step import init_train_state, make_train_step
+
+TRAIN_KEYS = ("steps", "batch_size", "seq_len", "optimizer")
+
+
+def model_config(cfg: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
+    """`config.model` -> ModelConfig: a preset plus `overrides`, vocab from the tokenizer."""
+    overrides = dict(cfg.get("overrides", {}) or {})
+    if vocab_size is not None and "vocab_size" not in overrides:
+        overrides["vocab_size"] = vocab_size
+    try:
+        return presets.get(cfg.preset, **overrides)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"config.model: {e}") from e
+
+
+def validate_training(config: ml_collections.ConfigDict, key: str, mesh_shape: dict[str, int],
+                      errors: list[str]) -> None:
+    """Common checks of a training block `config.<key>` (steps, batch, lengths, optimizer)."""
+    if key not in config:
+        errors.append(f"config.{key} is missing")
+        return
+    cfg = config[key]
+    for k in TRAIN_KEYS:
+        if k not in cfg:
+            errors.append(f"config.{key}.{k} is missing")
+    if errors:
+        return
+    if cfg.steps <= 0:
+        errors.append(f"config.{key}.steps={cfg.steps} must be positive")
+    if cfg.seq_len < 2:
+        errors.append(f"config.{key}.seq_len={cfg.seq_len} must be >= 2")
+    check_batch(errors, f"{key}.batch_size", cfg.batch_size, mesh_shape,
+                accum=int(cfg.get("grad_accum_steps", 1)))
+    try:
+        OptimizerConfig.from_config({**cfg.optimizer.to_dict(), "total_steps": cfg.steps})
+    except (ValueError, TypeError) as e:
+        errors.append(f"config.{key}.optimizer: {e}")
+
+
+def optimizer_for(cfg: ml_collections.ConfigDict):
+    opt_cfg = OptimizerConfig.from_config({**cfg.optimizer.to_dict(), "total_steps": cfg.steps})
+    return make_optimizer(opt_cfg), learning_rate_schedule(opt_cfg)
+
+
+def run_training(ctx: Context, *, stage: str, cfg: ml_collections.ConfigDict,
+                 model: ModelConfig, loss_fn: Callable, data_iter: Iterator[Any],
+                 params: Any = None, logical_axes: Any = None,
+                 init_fn: Callable[[jax.Array], Any] | None = None,
+                 hooks: tuple = (), hook_every: int = 0) -> LoopResult:
+    """Build state + step for `loss_fn`, then run the checkpointed loop of `stage`.
+
+    `params` (e.g. an SFT policy) are adopted and resharded; otherwise `init_fn` (default: a
+    fresh init of `model`) creates them from the stage's key. `logical_axes` defaults to the
+    backbone's; pass a tree with extra heads when params carry them.
+    """
+    optimizer, schedule = optimizer_for(cfg)
+    logical_axes = logical_axes if logical_axes is not None else param_logical_axes(model)
+    init_fn = init_fn or functools.partial(init_params, model)
+    seed = int(jax.random.randint(ctx.key(stage, "init"), (), 0, 2**31 - 1))
+    state, st_sh = init_train_state(init_fn, logical_axes, optimizer, ctx.mesh, seed=seed,
+                                    params=params)
+    step_fn = make_train_step(loss_fn, optimizer, ctx.mesh, state_sharding=st_sh,
+                              clip_norm=cfg.get("clip_norm", 1.0),
+                              grad_accum_steps=int(cfg.get("grad_accum_steps", 1)),
+                              lr_schedule=schedule)
+    ckpt = Checkpointer(ctx.stage_dir(stage) / "checkpoints",
+                        save_every=int(cfg.get("checkpoint_every", max(cfg.steps // 4, 1))),
+                        keep=int(cfg.get("keep_checkpoints", 2)))
+    try:
+        result = train_loop(step_fn, state, data_iter, num_steps=int(cfg.steps), mesh=ctx.mesh,
+                            stage=stage, checkpointer=ckpt, metrics=ctx.metrics,
+                            log_every=int(cfg.get("log_every", 10)), hooks=hooks,
+                            hook_every=hook_every,
+                            stop_after=ctx.config.get("debug", {}).get("stop_after_steps"),
+                            meta={"stage": stage})
+    finally:
+        ckpt.close()
+    return result
+
+
+def shardings_for(ctx: Context, model: ModelConfig, logical_axes: Any = None) -> Any:
+    logical_axes = logical_axes if logical_axes is not None else param_logical_axes(model)
+    abstract = jax.eval_shape(functools.partial(init_params, model), jax.random.PRNGKey(0))
+    return parallel.tree_shardings(logical_axes, abstract, ctx.mesh)

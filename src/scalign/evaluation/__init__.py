@@ -1,0 +1,1 @@
+"""Evaluation: pass@k, accuracy by level, solution sampling, re-ranking."""

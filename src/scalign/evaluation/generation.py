@@ -1,0 +1,57 @@
+"""Sampling solutions for many problems in fixed-size batches, and grading them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from scalign.data.domain import Domain
+from scalign.utils import progress_bar
+
+
+@dataclasses.dataclass
+class Solutions:
+    """N sampled solutions per problem, with their verdicts.
+
+    texts[i][j]: solution j of problem i (completion text only); verdicts[i][j]: the domain
+    verifier's verdict; tokens/lengths/logprobs from the sampler (numpy, [P, N, M] / [P, N]).
+    """
+
+    problems: list[Any]
+    texts: list[list[str]]
+    verdicts: list[list[Any]]
+    stop_reasons: list[list[str]]
+    lengths: Any = None
+
+    def correct(self) -> list[list[bool]]:
+        return [[bool(v.outcome_correct) for v in row] for row in self.verdicts]
+
+
+def sample_solutions(sampler: Any, domain: Domain, problems: Sequence[Any], *, n: int,
+                     key: jax.Array | None, temperature: float, max_new_tokens: int,
+                     batch_rows: int, top_p: float = 1.0, top_k: int = 0,
+                     desc: str = "sampling", progress: bool = True) -> Solutions:
+    """Sample `n` solutions per problem (prompts chunked so each call has <= batch_rows rows).
+
+    Chunk c uses key fold_in(key, c), so results do not depend on anything but the key, the
+    problem order and the chunk size.
+    """
+    per_call = max(1, batch_rows // n)
+    texts: list[list[str]] = []
+    reasons: list[list[str]] = []
+    bar = progress_bar(total=len(problems), desc=desc, enabled=progress, unit="problem")
+    for c, start in enumerate(range(0, len(problems), per_call)):
+        chunk = problems[start:start + per_call]
+        prompts = [domain.prompt(p) for p in chunk]
+        out = sampler.generate(prompts, n, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, top_k=top_k,
+                               key=None if key is None else jax.random.fold_in(key, c))
+        texts.extend(out.texts)
+        reasons.extend([[str(r) for r in row] for row in out.stop_reason])
+        bar.update(len(chunk))
+    bar.close()
+    verdicts = [[domain.verify(p, t) for t in row] for p, row in zip(problems, texts, strict=True)]
+    return Solutions(list(problems), texts, verdicts, reasons)

@@ -1,0 +1,165 @@
+"""Stage `evaluate`: accuracy of the policy by difficulty level, greedy and pass@k.
+
+For each level in `config.evaluate.levels`: greedy accuracy on the first `greedy_problems`
+test problems, and `pass_n` samples at `temperature` on the first `pass_problems` test
+problems, reported as pass@k for k = 1, 2, 4, ..., pass_n (unbiased estimator of Chen et al.
+2021). Also the first-error categories of the greedy failures, which say *how* the policy fails
+on hard problems. Rows: {"level", "decoding", "metric", "k", "value", "problems"} with level
+"1".."5", "easy", "hard" or "all".
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import ml_collections
+import numpy as np
+
+from scalign.evaluation.generation import Solutions, sample_solutions
+from scalign.evaluation.metrics import mean_pass_at_k, powers_of_two_upto
+from scalign.experiment import Context, Stage, register_stage
+from scalign.reporting import bar_plot, markdown_table
+from scalign.sampling import Sampler
+
+
+def _groups(levels: tuple[int, ...], easy: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    groups = {str(lv): (lv,) for lv in levels}
+    e = tuple(lv for lv in levels if lv in easy)
+    h = tuple(lv for lv in levels if lv not in easy)
+    if e:
+        groups["easy"] = e
+    if h:
+        groups["hard"] = h
+    groups["all"] = levels
+    return groups
+
+
+@register_stage
+class EvaluateStage(Stage):
+    name = "evaluate"
+    requires = {"policy": ("sft",), "tokenizer": ("data",), "domain": ("data",)}
+
+    def validate(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
+                 errors: list[str]) -> None:
+        cfg = config.get("evaluate")
+        if cfg is None:
+            errors.append("config.evaluate is missing")
+            return
+        for key in ("levels", "greedy_problems", "pass_problems", "pass_n", "temperature",
+                    "max_new_tokens", "batch_size"):
+            if key not in cfg:
+                errors.append(f"config.evaluate.{key} is missing")
+        if "pass_n" in cfg and cfg.pass_n < 1:
+            errors.append(f"config.evaluate.pass_n={cfg.pass_n} must be >= 1")
+        if "temperature" in cfg and cfg.temperature <= 0:
+            errors.append(f"config.evaluate.temperature={cfg.temperature} must be > 0 "
+                          f"(greedy is always evaluated)")
+
+    def run(self, ctx: Context) -> None:
+        cfg = ctx.config.evaluate
+        model, params = ctx.need("policy")
+        tokenizer = ctx.need("tokenizer")
+        domain = ctx.need("domain")
+        sampler = Sampler(model, params, tokenizer, mesh=ctx.mesh,
+                          max_new_tokens=int(cfg.max_new_tokens))
+        levels = tuple(cfg.levels)
+        easy = tuple(ctx.config.get("sft", {}).get("levels", ()))
+        greedy: dict[int, Solutions] = {}
+        sampled: dict[int, Solutions] = {}
+        for lv in levels:
+            test = list(domain.test_problems(lv))
+            greedy[lv] = sample_solutions(
+                sampler, domain, test[:int(cfg.greedy_problems)], n=1, key=None,
+                temperature=0.0, max_new_tokens=int(cfg.max_new_tokens),
+                batch_rows=int(cfg.batch_size), desc=f"greedy L{lv}")
+            sampled[lv] = sample_solutions(
+                sampler, domain, test[:int(cfg.pass_problems)], n=int(cfg.pass_n),
+                key=ctx.key(self.name, "pass", lv), temperature=float(cfg.temperature),
+                max_new_tokens=int(cfg.max_new_tokens), batch_rows=int(cfg.batch_size),
+                desc=f"pass@{int(cfg.pass_n)} L{lv}")
+        rows = self._rows(levels, easy, greedy, sampled, int(cfg.pass_n),
+                          float(cfg.temperature))
+        ctx.results.set_rows(self.name, rows)
+        self._save_samples(ctx, greedy, sampled)
+        self._report(ctx, levels, easy, rows, greedy, int(cfg.pass_n), float(cfg.temperature),
+                     int(cfg.get("show_samples", 2)))
+
+    def load(self, ctx: Context) -> None:
+        pass  # results and report section are on disk
+
+    # ------------------------------------------------------------------ numbers
+    @staticmethod
+    def _rows(levels, easy, greedy, sampled, pass_n, temperature) -> list[dict]:
+        rows = []
+        decoding = f"temperature={temperature:g}"
+        for name, lvs in _groups(levels, easy).items():
+            g = [c[0] for lv in lvs for c in greedy[lv].correct()]
+            rows.append({"level": name, "decoding": "greedy", "metric": "accuracy", "k": 1,
+                         "value": float(np.mean(g)) if g else float("nan"),
+                         "problems": len(g)})
+            s = [c for lv in lvs for c in sampled[lv].correct()]
+            for k in powers_of_two_upto(pass_n):
+                rows.append({"level": name, "decoding": decoding, "metric": f"pass@{k}",
+                             "k": k, "value": mean_pass_at_k(s, k), "problems": len(s)})
+            step_ok = [float(sum(v.step_labels) / max(v.num_expected_steps, 1))
+                       for lv in lvs for row in sampled[lv].verdicts for v in row]
+            rows.append({"level": name, "decoding": decoding, "metric": "correct_step_prefix",
+                         "k": 1, "value": float(np.mean(step_ok)) if step_ok else float("nan"),
+                         "problems": len(s)})
+        return rows
+
+    @staticmethod
+    def _save_samples(ctx: Context, greedy, sampled) -> None:
+        out = ctx.stage_dir("evaluate") / "samples.jsonl"
+        with out.open("w") as f:
+            for kind, sols in (("greedy", greedy), ("sampled", sampled)):
+                for lv, s in sols.items():
+                    for p, texts, verdicts in zip(s.problems, s.texts, s.verdicts, strict=True):
+                        for t, v in zip(texts, verdicts, strict=True):
+                            f.write(json.dumps({
+                                "kind": kind, "level": lv, "uid": getattr(p, "uid", None),
+                                "text": t, "correct": bool(v.outcome_correct),
+                                "step_labels": list(v.step_labels), "error": v.error}) + "\n")
+
+    # ------------------------------------------------------------------ report
+    def _report(self, ctx, levels, easy, rows, greedy, pass_n, temperature, show) -> None:
+        table = {}
+        for r in rows:
+            t = table.setdefault(r["level"], {"level": r["level"]})
+            if r["decoding"] == "greedy":
+                t["greedy"] = r["value"]
+                t["problems (greedy)"] = r["problems"]
+            elif r["metric"] in ("pass@1", f"pass@{pass_n}"):
+                t[r["metric"]] = r["value"]
+            elif r["metric"] == "correct_step_prefix":
+                t["correct steps (sampled)"] = r["value"]
+        cols = ["level", "problems (greedy)", "greedy", "pass@1", f"pass@{pass_n}",
+                "correct steps (sampled)"]
+        fig = ctx.report.figure_path("accuracy_by_level.png")
+        per_level = [table[str(lv)] for lv in levels]
+        bar_plot(fig, [f"L{lv}" for lv in levels],
+                 {"greedy": [t["greedy"] for t in per_level],
+                  "pass@1": [t["pass@1"] for t in per_level],
+                  f"pass@{pass_n}": [t[f"pass@{pass_n}"] for t in per_level]},
+                 title="SFT policy accuracy by level", ylabel="accuracy", ylim=(0, 1))
+        errors = collections.Counter(v.error for lv in levels if lv not in easy
+                                     for row in greedy[lv].verdicts for v in row if v.error)
+        md = [f"## Evaluation by level (greedy; {pass_n} samples at T={temperature:g})", "",
+              f"SFT levels (easy): {list(easy)}. pass@k uses the unbiased estimator of "
+              f"Chen et al. (2021) over {pass_n} samples per problem.", "",
+              markdown_table([table[k] for k in table], cols), "",
+              f"![accuracy by level]({ctx.report.rel(fig)})", ""]
+        if errors:
+            total = sum(errors.values())
+            md += ["First error of greedy failures on hard levels: " + ", ".join(
+                f"{k} {v / total:.0%}" for k, v in errors.most_common()), ""]
+        for lv in (levels[0], levels[-1]):
+            s = greedy[lv]
+            for p, texts, verdicts in list(zip(s.problems, s.texts, s.verdicts,
+                                               strict=True))[:show]:
+                v = verdicts[0]
+                md += [f"Level {lv} greedy sample ({'correct' if v.outcome_correct else 'wrong'}"
+                       f", step labels {list(v.step_labels)}):", "", "```",
+                       (p.prompt + texts[0]).rstrip(), "```", ""]
+        ctx.report.set_section(self.name, "\n".join(md))

@@ -67,7 +67,7 @@ def model(request, tok):
     return config, _params(config)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _full_logits_fn(config: ModelConfig):
     return jax.jit(functools.partial(logits, config))
 

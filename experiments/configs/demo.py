@@ -12,7 +12,7 @@ def get_config() -> ConfigDict:
     c = ConfigDict()
     c.name = "scalign demo: easy-to-hard on stepmath (CPU)"
     c.seed = 0
-    c.stages = ("data", "sft", "evaluate", "report")
+    c.stages = ("data", "sft", "evaluate", "reward_models", "rerank", "report")
     c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
     c.data = ConfigDict()
@@ -50,6 +50,41 @@ def get_config() -> ConfigDict:
     c.evaluate.max_new_tokens = 96
     c.evaluate.batch_size = 256
     c.evaluate.show_samples = 2       # decoded samples per level in the report
+
+    # Evaluators (ORM / PRM / OPRM) trained on the policy's samples of EASY training problems.
+    c.reward_models = ConfigDict()
+    c.reward_models.levels = (1, 2, 3)
+    c.reward_models.problems_per_level = 300
+    c.reward_models.samples_per_problem = 8
+    c.reward_models.temperature = 1.0
+    c.reward_models.max_new_tokens = 96
+    c.reward_models.batch_size = 512
+    c.reward_models.evaluators = ("orm", "prm", "oprm")
+    c.reward_models.after_first_error = "drop"  # PRM800K: labels end at the first wrong step
+    c.reward_models.max_ratio = 3.0             # ORM positives:negatives within 1:3..3:1
+    c.reward_models.keep_one_class = 2
+    c.reward_models.train = ConfigDict()
+    c.reward_models.train.steps = 150
+    c.reward_models.train.batch_size = 32
+    c.reward_models.train.seq_len = 128  # prompt + up to max_new_tokens
+    c.reward_models.train.log_every = 25
+    c.reward_models.train.checkpoint_every = 150
+    c.reward_models.train.optimizer = ConfigDict({"learning_rate": 2e-3, "warmup_steps": 15,
+                                                  "min_lr_ratio": 0.1, "weight_decay": 0.0})
+
+    # Re-ranking N samples per test problem with the easy-trained evaluators.
+    c.rerank = ConfigDict()
+    c.rerank.levels = (1, 2, 3, 4, 5)
+    c.rerank.problems_per_level = 40
+    c.rerank.max_n = 64
+    c.rerank.temperature = 1.0
+    c.rerank.max_new_tokens = 96
+    c.rerank.seeds = 1
+    c.rerank.num_subsets = 20
+    c.rerank.batch_size = 512
+    c.rerank.score_batch_size = 256
+    c.rerank.aggregations = ("min", "prod", "mean", "max", "last")
+    c.rerank.plot_aggregation = "prod"
 
     c.debug = ConfigDict({"stop_after_steps": None})
     return c

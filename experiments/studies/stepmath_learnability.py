@@ -44,6 +44,7 @@ from scalign.data import stepmath
 from scalign.data.pipeline import make_sft_iterator
 from scalign.data.tokenizer import Tokenizer
 from scalign.models import forward, init_cache, init_params, lm_logits, param_logical_axes, presets
+from scalign.models import logits as model_logits
 from scalign.objectives.sft import make_sft_loss
 from scalign.training.state import OptimizerConfig, make_optimizer
 from scalign.training.step import init_train_state, make_train_step
@@ -115,6 +116,37 @@ def generate_texts(config, params, tok: Tokenizer, prompts: list[str], *, max_ne
 
 
 # ----------------------------------------------------------------------------- metrics
+@functools.partial(jax.jit, static_argnames=("config",))
+def _argmax_next(config, params, tokens):
+    return jnp.argmax(model_logits(config, params, tokens), axis=-1)
+
+
+def teacher_forced(config, params, tok: Tokenizer, problems: list[stepmath.Problem]
+                   ) -> dict[str, float]:
+    """Next-token argmax accuracy on gold solutions, split into *result* tokens (the digit
+    after "=", and the answer) and every other response token (copies and layout)."""
+    rows = [[tok.bos_id, *tok.encode(p.prompt)] for p in problems]
+    resp = [tok.encode(p.solution) + [tok.eos_id] for p in problems]
+    T = max(len(a) + len(b) for a, b in zip(rows, resp, strict=True))
+    arr = np.full((len(rows), T), tok.pad_id, np.int32)
+    for i, (a, b) in enumerate(zip(rows, resp, strict=True)):
+        arr[i, :len(a) + len(b)] = a + b
+    pred = np.asarray(_argmax_next(config, params, jnp.asarray(arr)))
+    hits = {"result": [0, 0], "other": [0, 0]}
+    for i, (a, b) in enumerate(zip(rows, resp, strict=True)):
+        pieces = [tok.id_to_piece(t) for t in b]
+        for j, t in enumerate(b):
+            prev = [q for q in pieces[:j] if q != "\u2581"]
+            after_eq = bool(prev) and prev[-1] in ("=", "\u2581=")
+            after_answer = len(prev) >= 2 and prev[-2] == "\u2581Answer"
+            digit = pieces[j].lstrip("\u2581").isdigit()
+            kind = "result" if digit and (after_eq or after_answer) else "other"
+            pos = len(a) + j  # token t sits at `pos` and is predicted from position pos - 1
+            hits[kind][0] += int(pred[i, pos - 1] == t)
+            hits[kind][1] += 1
+    return {k: c / max(1, n) for k, (c, n) in hits.items()}
+
+
 def step_stats(problem: stepmath.Problem, verdict: stepmath.Verdict) -> dict[str, list[int]]:
     """Per operation type: [correct, attempted] steps up to and including the first error."""
     stats: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
@@ -149,6 +181,7 @@ def evaluate(config, params, tok, test: dict[int, list[stepmath.Problem]], *, n_
     rows: dict[int, dict[str, Any]] = {}
     examples: dict[int, list[dict[str, str]]] = {}
     for lv in levels:
+        tf = teacher_forced(config, params, tok, test[lv][:100])
         probs = [p for p in greedy_probs if p.level == lv]
         txts = [t for p, t in zip(greedy_probs, greedy_txt, strict=True) if p.level == lv]
         verdicts = [stepmath.verify(p, t) for p, t in zip(probs, txts, strict=True)]
@@ -174,6 +207,7 @@ def evaluate(config, params, tok, test: dict[int, list[stepmath.Problem]], *, n_
             "first_error_pos": {str(k): v for k, v in sorted(first_err_pos.items(),
                                                              key=lambda kv: str(kv[0]))},
             "majority_baseline": answers.most_common(1)[0][1] / len(test[lv]),
+            "tf_result_acc": tf["result"], "tf_other_acc": tf["other"],
             "n_greedy": len(probs),
         }
         examples[lv] = [{"prompt": p.question, "output": t, "error": str(v.error)}
@@ -219,13 +253,14 @@ def train(design: str, args) -> dict[str, Any]:
     corpus = [r["prompt"] + r["response"] for r in train_records[:: max(1, len(train_records)
                                                                         // 3000)]]
     tok = Tokenizer.train(corpus, None, vocab_size=args.vocab, user_defined_symbols=("\n\n",))
-    config = presets.get(args.model, vocab_size=tok.vocab_size, dtype=args.dtype)
+    overrides = json.loads(args.model_overrides) if args.model_overrides else {}
+    config = presets.get(args.model, vocab_size=tok.vocab_size, dtype=args.dtype, **overrides)
     seq_len = max(len(tok.encode(r["prompt"])) + len(tok.encode(r["response"])) + 2
                   for r in train_records)
     mesh = parallel.single_device_mesh()
     opt_cfg = OptimizerConfig(learning_rate=args.lr, warmup_steps=args.warmup,
                               total_steps=args.steps, min_lr_ratio=0.1,
-                              weight_decay=args.weight_decay)
+                              weight_decay=args.weight_decay, b2=args.b2)
     optimizer = make_optimizer(opt_cfg)
     state, st_sh = init_train_state(functools.partial(init_params, config),
                                     param_logical_axes(config), optimizer, mesh, seed=args.seed)
@@ -233,6 +268,7 @@ def train(design: str, args) -> dict[str, Any]:
     it = make_sft_iterator(train_records, tok, batch_size=args.batch, seq_len=seq_len,
                            seed=args.seed)
     log = []
+    probe = [p for lv in TRAIN_LEVELS for p in spl[lv].test[:32]]
     t0 = time.time()
     t_first = None
     for i in range(args.steps):
@@ -243,9 +279,12 @@ def train(design: str, args) -> dict[str, Any]:
             t_first = time.time() - t0
         if (i + 1) % max(1, args.steps // 10) == 0 or i == args.steps - 1:
             m = jax.device_get(metrics)
+            tf = teacher_forced(config, state.params, tok, probe)
             log.append({"step": i + 1, "loss": float(m["loss"]), "acc": float(m["accuracy"]),
+                        "tf_result": tf["result"], "tf_other": tf["other"],
                         "t": time.time() - t0})
             print(f"  step {i + 1:5d} loss {m['loss']:.4f} tok-acc {m['accuracy']:.4f} "
+                  f"easy teacher-forced result/other {tf['result']:.3f}/{tf['other']:.3f} "
                   f"t={time.time() - t0:.1f}s", flush=True)
     jax.block_until_ready(state.params)
     train_s = time.time() - t0
@@ -284,6 +323,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--design", nargs="+", default=[stepmath.DEFAULT_DESIGN])
     ap.add_argument("--model", default="tiny")
+    ap.add_argument("--model-overrides", default="", help='JSON, e.g. {"n_layers": 4}')
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--vocab", type=int, default=96)
     ap.add_argument("--steps", type=int, default=600)
@@ -291,6 +331,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--b2", type=float, default=0.999)
     ap.add_argument("--n-train", type=int, default=8000, help="train problems per easy level")
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--n-greedy", type=int, default=200)

@@ -86,3 +86,34 @@ def bar_plot(path: epath.Path, groups: Sequence[str], series: dict[str, Sequence
         fig.savefig(f, format="png")
     plt.close(fig)
     return path
+
+
+def panels_plot(path: epath.Path, panels: dict[str, dict[str, tuple[Sequence[float],
+                                                                 Sequence[float],
+                                                                 Sequence[float] | None]]],
+                *, title: str, xlabel: str, ylabel: str, logx: bool = True,
+                styles: dict[str, dict[str, Any]] | None = None) -> epath.Path:
+    """Side-by-side panels sharing a y axis; each panel maps series -> (xs, ys, yerr|None)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), dpi=110,
+                             sharey=True, squeeze=False)
+    for ax, (name, series) in zip(axes[0], panels.items(), strict=True):
+        for label, (xs, ys, err) in series.items():
+            style = dict((styles or {}).get(label, {}))
+            ax.errorbar(xs, ys, yerr=err, label=label, capsize=2, ms=3,
+                        marker=style.pop("marker", "o"), **style)
+        if logx:
+            ax.set_xscale("log", base=2)
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8,
+               bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    with epath.Path(path).open("wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return path

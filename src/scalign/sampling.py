@@ -68,7 +68,6 @@ stopped), heads over tensor; the model's `constrain` calls shard activations and
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -223,9 +222,16 @@ def _constrain_rows(x: Array) -> Array:
     return parallel.constrain(x, ("act_batch",) + (None,) * (x.ndim - 1))
 
 
-def _prefill(config: ModelConfig, params: Any, tokens: Array, key_start: Array, *,
-             n: int, max_new_tokens: int, cache_dtype: Any) -> tuple[Array, Any]:
+def _prefill(params: Any, tokens: Array, key_start: Array, *, config: ModelConfig,
+             mesh: jax.sharding.Mesh | None, rules: parallel.Rules, n: int,
+             max_new_tokens: int, cache_dtype: Any) -> tuple[Array, Any]:
     """Prompts [P, Tp] -> (last-position logits [P*n, V], cache with Tp + M slots, P*n rows)."""
+    with parallel.sharding_context(mesh, rules):
+        return _prefill_body(config, params, tokens, key_start, n, max_new_tokens, cache_dtype)
+
+
+def _prefill_body(config: ModelConfig, params: Any, tokens: Array, key_start: Array, n: int,
+                  max_new_tokens: int, cache_dtype: Any) -> tuple[Array, Any]:
     P, Tp = tokens.shape
     cache = init_cache(config, P, Tp, cache_dtype)  # [P, K, Tp, Dh] per layer
     hidden, cache = forward(config, params, tokens, cache=cache, cache_index=0,
@@ -242,12 +248,22 @@ def _prefill(config: ModelConfig, params: Any, tokens: Array, key_start: Array, 
     return logits, cache
 
 
-def _decode(config: ModelConfig, params: Any, cache: Any, logits: Array, key_start: Array,
-            done: Array, row_ids: Array, key: Array, temperature: Array, top_p: Array,
-            stop_table: Array | None, eos_ids: Array | None, *, prompt_len: int,
+def _decode(params: Any, cache: Any, logits: Array, key_start: Array, done: Array,
+            row_ids: Array, key: Array, temperature: Array, top_p: Array,
+            stop_table: Array | None, eos_ids: Array | None, *, config: ModelConfig,
+            mesh: jax.sharding.Mesh | None, rules: parallel.Rules, prompt_len: int,
             max_new_tokens: int, greedy: bool, top_k: int, use_top_p: bool, pad_id: int
             ) -> tuple[dict[str, Array], Any]:
     """The decode loop (see the module docstring). Returns (outputs, final cache)."""
+    with parallel.sharding_context(mesh, rules):
+        return _decode_body(config, params, cache, logits, key_start, done, row_ids, key,
+                            temperature, top_p, stop_table, eos_ids, prompt_len,
+                            max_new_tokens, greedy, top_k, use_top_p, pad_id)
+
+
+def _decode_body(config, params, cache, logits, key_start, done, row_ids, key, temperature,
+                 top_p, stop_table, eos_ids, prompt_len, max_new_tokens, greedy, top_k,
+                 use_top_p, pad_id):
     R, M = logits.shape[0], max_new_tokens
     row_keys = None if greedy else jax.vmap(jax.random.fold_in, (None, 0))(key, row_ids)
 
@@ -306,6 +322,15 @@ def _decode(config: ModelConfig, params: Any, cache: Any, logits: Array, key_sta
     outputs = {k: state[k] for k in ("tokens", "logprobs", "model_logprobs", "lengths",
                                      "reason")}
     return outputs, state["cache"]
+
+
+# One jit per program for the whole process: samplers of the same config, mesh and shapes share
+# compiled code. The cache (argument 1) is donated into the decode loop and returned by it.
+_PREFILL = jax.jit(_prefill, static_argnames=("config", "mesh", "rules", "n", "max_new_tokens",
+                                              "cache_dtype"))
+_DECODE = jax.jit(_decode, donate_argnums=(1,),
+                  static_argnames=("config", "mesh", "rules", "prompt_len", "max_new_tokens",
+                                   "greedy", "top_k", "use_top_p", "pad_id"))
 
 
 # ================================================================================= host API
@@ -386,12 +411,8 @@ class Sampler:
             backbone = parallel.put_tree(backbone, shardings)
         self.params = backbone
         self._stop_tables: dict[tuple[str, ...], Array] = {}
-        self._prefill = jax.jit(functools.partial(_prefill, config),
-                                static_argnames=("n", "max_new_tokens", "cache_dtype"))
-        self._decode = jax.jit(
-            functools.partial(_decode, config), donate_argnums=(1, 2),
-            static_argnames=("prompt_len", "max_new_tokens", "greedy", "top_k", "use_top_p",
-                             "pad_id"))
+        self._prefill = _PREFILL
+        self._decode = _DECODE
 
     # ------------------------------------------------------------------ helpers
     def prompt_bucket(self, length: int) -> int:
@@ -405,9 +426,12 @@ class Sampler:
                          f"{self.prompt_buckets[-1]}; add a larger bucket to prompt_buckets")
 
     def stop_table(self, stop_strings: Sequence[str]) -> Array:
-        """The [Q, V] token-level stop automaton for these stop strings, on device (cached; Q
-        padded to a power of two with unreachable states so similar stop sets share a compiled
-        program; ids the tokenizer lacks, if the model's vocabulary is larger, add no text)."""
+        """The [Q, V] token-level stop automaton for these stop strings, on device.
+
+        Cached per stop-string tuple. Q is padded to a power of two (at least 8) with unreachable
+        states, so similar stop sets share a compiled program; ids past the tokenizer's
+        vocabulary (a model vocabulary padded for sharding) add no text.
+        """
         key = tuple(stop_strings)
         if key not in self._stop_tables:
             if self.tokenizer is None:
@@ -417,7 +441,7 @@ class Sampler:
             if V > self.config.vocab_size:
                 raise ValueError(f"tokenizer has {V} ids but the model's vocab_size is "
                                  f"{self.config.vocab_size}")
-            full = np.zeros((_next_pow2(Q), self.config.vocab_size), np.int32)
+            full = np.zeros((max(8, _next_pow2(Q)), self.config.vocab_size), np.int32)
             full[:Q, :V] = table
             full[:Q, V:] = np.arange(Q, dtype=np.int32)[:, None]  # no text: state unchanged
             self._stop_tables[key] = self._put_replicated(jnp.asarray(full))
@@ -432,9 +456,6 @@ class Sampler:
         if self.mesh is None:
             return jnp.asarray(x)
         return jax.device_put(x, parallel.replicated(self.mesh))
-
-    def _context(self):
-        return parallel.sharding_context(self.mesh, self.rules)
 
     # ------------------------------------------------------------------ API
     def generate_ids(self, prompts: Sequence[Sequence[int]] | np.ndarray, n: int = 1, *,
@@ -502,17 +523,17 @@ class Sampler:
         stop_table = self.stop_table(stop_strings) if stop_strings else None
         eos = (self._put_replicated(jnp.asarray(self.eos_ids, jnp.int32))
                if stop_on_eos and self.eos_ids else None)
-        with self._context():
-            logits, cache = self._prefill(self.params, self._put_rows(tokens),
-                                          self._put_rows(key_start), n=n, max_new_tokens=M,
-                                          cache_dtype=self.cache_dtype)
-            out, _ = self._decode(
-                self.params, cache, logits, self._put_rows(np.repeat(key_start, n)),
-                self._put_rows(done), self._put_rows(np.arange(R, dtype=np.int32)),
-                self._put_replicated(key), self._put_replicated(jnp.float32(temperature)),
-                self._put_replicated(jnp.float32(top_p)), stop_table, eos, prompt_len=Tp,
-                max_new_tokens=M, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
-                pad_id=self.pad_id)
+        static = dict(config=self.config, mesh=self.mesh, rules=self.rules)
+        logits, cache = self._prefill(self.params, self._put_rows(tokens),
+                                      self._put_rows(key_start), n=n, max_new_tokens=M,
+                                      cache_dtype=self.cache_dtype, **static)
+        out, _ = self._decode(
+            self.params, cache, logits, self._put_rows(np.repeat(key_start, n)),
+            self._put_rows(done), self._put_rows(np.arange(R, dtype=np.int32)),
+            self._put_replicated(key), self._put_replicated(jnp.float32(temperature)),
+            self._put_replicated(jnp.float32(top_p)), stop_table, eos, prompt_len=Tp,
+            max_new_tokens=M, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
+            pad_id=self.pad_id, **static)
         out = jax.device_get(out)
 
         def shape(x):

@@ -27,6 +27,8 @@ class Domain(Protocol):
     def train_records(self, levels: Sequence[int]) -> list[dict[str, Any]]: ...
     def prompt(self, problem: Any) -> str: ...
     def verify(self, problem: Any, solution: str) -> Any: ...
+    def parse(self, solution: str) -> Any: ...
+    def answer_key(self, answer: str | None) -> Any: ...
 
 
 @dataclasses.dataclass
@@ -68,6 +70,19 @@ class StepMathDomain:
 
     def verify(self, problem: stepmath.Problem, solution: str) -> stepmath.Verdict:
         return stepmath.verify(problem, solution)
+
+    def parse(self, solution: str) -> stepmath.ParsedSolution:
+        """Steps, their end offsets and the answer section of a generated solution."""
+        return stepmath.split_solution(solution)
+
+    def answer_key(self, answer: str | None) -> int | None:
+        """Canonical form of an extracted answer for voting (an int), None if not an answer."""
+        if answer is None:
+            return None
+        text = answer.strip()
+        if not text or len(text) > 32 or not text.lstrip("-").isdigit():
+            return None
+        return int(text)
 
     # ---------------------------------------------------------------- persistence
     def save(self, directory: epath.PathLike) -> None:

@@ -57,15 +57,12 @@ import hashlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
 
-MODULUS = 10
 OPS = ("+", "-", "*")
-QUESTION_PREFIX = f"Mod {MODULUS}, left to right: "
+QUESTION_TEMPLATE = "Mod {modulus}, left to right: {expression}"
 STEP_DELIMITER = "\n\n"
 ANSWER_HEADER = "# Answer"
 PROMPT_TEMPLATE = "# Question\n\n{question}\n\n# Solution\n\n"
 
-_START_RANGE = (0, 9)
-_OPERAND_RANGE = {"+": (1, 9), "-": (1, 9), "*": (2, 9)}
 
 # Error categories of `Verdict.error` (the first error of a solution).
 ERR_MALFORMED = "malformed"        # a step that does not read "a op b = c"
@@ -113,8 +110,13 @@ class Design:
 
     name: str
     levels: Mapping[int, LevelSpec]
+    modulus: int = 10
+    spaced: bool = False
 
     def __post_init__(self):
+        if self.modulus < 3 or self.modulus > 10:
+            raise ValueError(f"Design {self.name!r}: modulus must be in 3..10 (single-digit "
+                             f"values), got {self.modulus}")
         owner: dict[tuple[int, int], int] = {}
         for level, spec in self.levels.items():
             for shape in spec.shapes():
@@ -130,9 +132,14 @@ class Design:
         return self.levels[level]
 
 
-def _design(name: str, table: Mapping[int, tuple[Sequence[int], Sequence[int]]]) -> Design:
-    return Design(name, {lv: LevelSpec(tuple(n), tuple(m)) for lv, (n, m) in table.items()})
+def _design(name: str, table: Mapping[int, tuple[Sequence[int], Sequence[int]]],
+            **kwargs: object) -> Design:
+    return Design(name, {lv: LevelSpec(tuple(n), tuple(m)) for lv, (n, m) in table.items()},
+                  **kwargs)  # type: ignore[arg-type]
 
+
+# Every level has 4 operations; level L has L-1 multiplications.
+_MULCOUNT = {1: ((4,), (0,)), 2: ((4,), (1,)), 3: ((4,), (2,)), 4: ((4,), (3,)), 5: ((4,), (4,))}
 
 DESIGNS: dict[str, Design] = {
     # The notes' design B: level L has L+1 operations of any kind (hard = longer chains).
@@ -142,9 +149,10 @@ DESIGNS: dict[str, Design] = {
     # Same chain lengths for easy and hard; hard levels have more multiplications.
     "mulmix": _design("mulmix", {1: ((3,), (0,)), 2: ((3,), (1,)), 3: ((4,), (1,)),
                                  4: ((4,), (2,)), 5: ((4,), (3,))}),
-    # Every level has 4 operations; level L has L-1 multiplications.
-    "mulcount": _design("mulcount", {1: ((4,), (0,)), 2: ((4,), (1,)), 3: ((4,), (2,)),
-                                     4: ((4,), (3,)), 5: ((4,), (4,))}),
+    "mulcount": _design("mulcount", _MULCOUNT),
+    # The same, modulo 7: every operation is a bijection, so answers are uniform at every level.
+    "mulcount7": _design("mulcount7", _MULCOUNT, modulus=7),
+    "mulcount7s": _design("mulcount7s", _MULCOUNT, modulus=7, spaced=True),
 }
 DEFAULT_DESIGN = "mulmix"
 
@@ -165,7 +173,7 @@ def levels(design: str | Design | None = None) -> tuple[int, ...]:
 
 
 # ------------------------------------------------------------------------------ problems
-def apply_op(a: int, op: str, b: int, modulus: int = MODULUS) -> int:
+def apply_op(a: int, op: str, b: int, modulus: int) -> int:
     """(a op b) mod modulus for op in + - * (Python's % is non-negative for a positive modulus)."""
     if op == "+":
         return (a + b) % modulus
@@ -176,9 +184,25 @@ def apply_op(a: int, op: str, b: int, modulus: int = MODULUS) -> int:
     raise ValueError(f"unknown operation {op!r}; expected one of {OPS}")
 
 
-def format_step(a: int, op: str, b: int, c: int) -> str:
-    """The canonical text of one step: "a op b = c"."""
-    return f"{a}{op}{b}={c}"
+def operand_range(op: str | None, modulus: int) -> tuple[int, int]:
+    """Inclusive range of the start value (op None) or of an operand: no trivial steps
+    (+0, -0, *0, *1)."""
+    if op is None:
+        return 0, modulus - 1
+    return (2 if op == "*" else 1), modulus - 1
+
+
+def format_expression(start: int, ops: Sequence[str], operands: Sequence[int], *,
+                      spaced: bool) -> str:
+    """"3+4*7-2" (or "3 + 4 * 7 - 2" when spaced)."""
+    sep = " " if spaced else ""
+    return sep.join([str(start)] + [f"{op}{sep}{b}" for op, b in
+                                     zip(ops, operands, strict=True)])
+
+
+def format_step(a: int, op: str, b: int, c: int, *, spaced: bool = False) -> str:
+    """The canonical text of one step: "a op b = c" ("3+4=7", or "3 + 4 = 7" when spaced)."""
+    return f"{a} {op} {b} = {c}" if spaced else f"{a}{op}{b}={c}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +213,8 @@ class Problem:
     start: int
     ops: tuple[str, ...]
     operands: tuple[int, ...]
+    modulus: int = 10
+    spaced: bool = False
 
     def __post_init__(self):
         if len(self.ops) != len(self.operands) or not self.ops:
@@ -203,23 +229,22 @@ class Problem:
         """Running values v_0 .. v_n."""
         out = [self.start]
         for op, b in zip(self.ops, self.operands, strict=True):
-            out.append(apply_op(out[-1], op, b))
+            out.append(apply_op(out[-1], op, b, self.modulus))
         return tuple(out)
 
     @property
     def expression(self) -> str:
-        """"3+4*7-2"."""
-        return "".join([str(self.start)] + [f"{op}{b}" for op, b in
-                                            zip(self.ops, self.operands, strict=True)])
+        """"3+4*7-2" (or "3 + 4 * 7 - 2")."""
+        return format_expression(self.start, self.ops, self.operands, spaced=self.spaced)
 
     @property
     def question(self) -> str:
-        return QUESTION_PREFIX + self.expression
+        return QUESTION_TEMPLATE.format(modulus=self.modulus, expression=self.expression)
 
     @property
     def steps(self) -> tuple[str, ...]:
         v = self.values
-        return tuple(format_step(v[k], op, b, v[k + 1])
+        return tuple(format_step(v[k], op, b, v[k + 1], spaced=self.spaced)
                      for k, (op, b) in enumerate(zip(self.ops, self.operands, strict=True)))
 
     @property
@@ -248,11 +273,11 @@ class Problem:
     @property
     def key(self) -> str:
         """Identity of the problem's content (level excluded: designs keep levels disjoint)."""
-        return self.expression
+        return self.question
 
     @property
     def uid(self) -> str:
-        """"stepmath-L{level}-{first 12 hex of sha256(expression)}"."""
+        """"stepmath-L{level}-{first 12 hex of sha256(question)}"."""
         digest = hashlib.sha256(self.key.encode("utf-8")).hexdigest()[:12]
         return f"stepmath-L{self.level}-{digest}"
 
@@ -277,22 +302,26 @@ def from_record(record: Mapping[str, object]) -> Problem:
     return parse_prompt(prompt, level=int(record["level"]))
 
 
-_EXPR_RE = re.compile(r"(\d)((?:[+\-*]\d)+)")
+_QUESTION_RE = re.compile(r"Mod (\d+), left to right: (\d)((?: ?[+\-*] ?\d)+)")
 
 
 def parse_prompt(prompt: str, *, level: int) -> Problem:
     """Inverse of `Problem.prompt` (ValueError if `prompt` is not one)."""
-    head = PROMPT_TEMPLATE.split("{question}")
-    if not (prompt.startswith(head[0]) and prompt.endswith(head[1])):
+    head, tail = PROMPT_TEMPLATE.split("{question}")
+    if not (prompt.startswith(head) and prompt.endswith(tail)):
         raise ValueError(f"not a stepmath prompt: {prompt[:60]!r}")
-    question = prompt[len(head[0]): len(prompt) - len(head[1])]
-    if not question.startswith(QUESTION_PREFIX):
-        raise ValueError(f"not a stepmath question: {question[:60]!r}")
-    m = _EXPR_RE.fullmatch(question[len(QUESTION_PREFIX):])
+    question = prompt[len(head): len(prompt) - len(tail)]
+    m = _QUESTION_RE.fullmatch(question)
     if m is None:
-        raise ValueError(f"not a stepmath expression: {question[len(QUESTION_PREFIX):]!r}")
-    rest = m.group(2)
-    return Problem(level, int(m.group(1)), tuple(rest[0::2]), tuple(int(t) for t in rest[1::2]))
+        raise ValueError(f"not a stepmath question: {question[:60]!r}")
+    rest = m.group(3)
+    spaced = rest.startswith(" ")
+    rest = rest.replace(" ", "")
+    p = Problem(level, int(m.group(2)), tuple(rest[0::2]), tuple(int(t) for t in rest[1::2]),
+                modulus=int(m.group(1)), spaced=spaced)
+    if p.question != question:
+        raise ValueError(f"not a canonical stepmath question: {question[:60]!r}")
+    return p
 
 
 # ------------------------------------------------------------------------------ randomness
@@ -341,25 +370,32 @@ class _HashRng:
         return sorted(pool[:k])
 
 
-def _draw(level: int, spec: LevelSpec, rng: _HashRng) -> Problem:
+def _draw(level: int, design: Design, rng: _HashRng) -> Problem:
+    spec, mod = design.spec(level), design.modulus
     n = int(rng.choice(spec.num_ops))
     m = int(rng.choice([m for m in spec.num_mul if m <= n]))
     mul_at = set(rng.sample_positions(n, m))
-    start = rng.uniform_int(*_START_RANGE)
+    start = rng.uniform_int(*operand_range(None, mod))
     ops, operands = [], []
     for k in range(n):
         op = "*" if k in mul_at else str(rng.choice(("+", "-")))
         ops.append(op)
-        operands.append(rng.uniform_int(*_OPERAND_RANGE[op]))
-    return Problem(level, start, tuple(ops), tuple(operands))
+        operands.append(rng.uniform_int(*operand_range(op, mod)))
+    return Problem(level, start, tuple(ops), tuple(operands), modulus=mod,
+                   spaced=design.spaced)
 
 
 def num_distinct(level: int, design: str | Design | None = None) -> int:
     """How many distinct problems a level has (a split cannot ask for more)."""
-    spec = get_design(design).spec(level)
-    n_start = _START_RANGE[1] - _START_RANGE[0] + 1
-    n_mul_operand = _OPERAND_RANGE["*"][1] - _OPERAND_RANGE["*"][0] + 1
-    n_add_operand = 2 * (_OPERAND_RANGE["+"][1] - _OPERAND_RANGE["+"][0] + 1)  # + or -
+    d = get_design(design)
+    spec = d.spec(level)
+
+    def count(op: str | None) -> int:
+        lo, hi = operand_range(op, d.modulus)
+        return hi - lo + 1
+
+    n_start, n_mul_operand = count(None), count("*")
+    n_add_operand = count("+") + count("-")
     total = 0
     for n, m in spec.shapes():
         total += _comb(n, m) * n_mul_operand ** m * n_add_operand ** (n - m)
@@ -375,13 +411,12 @@ def _comb(n: int, k: int) -> int:
 
 def _stream(level: int, seed: int, design: Design, purpose: str) -> Iterator[Problem]:
     """Distinct problems of one level, in a fixed order (prefix-stable)."""
-    spec = design.spec(level)
     limit = num_distinct(level, design)
     seen: set[str] = set()
     index = 0
     misses = 0
     while len(seen) < limit:
-        p = _draw(level, spec, _HashRng("stepmath", design.name, purpose, level, seed, index))
+        p = _draw(level, design, _HashRng("stepmath", design.name, purpose, level, seed, index))
         index += 1
         if p.key in seen:
             misses += 1
@@ -535,7 +570,7 @@ def check_step(problem: Problem, k: int, step: str) -> str | None:
         return ERR_OPERAND
     if parsed.op != problem.ops[k] or parsed.b != problem.operands[k]:
         return ERR_OPERATION
-    if parsed.c != apply_op(parsed.a, parsed.op, parsed.b):
+    if parsed.c != apply_op(parsed.a, parsed.op, parsed.b, problem.modulus):
         return ERR_ARITHMETIC
     return None
 

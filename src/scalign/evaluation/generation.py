@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from scalign.data.domain import Domain
 from scalign.utils import progress_bar
@@ -17,17 +18,28 @@ class Solutions:
     """N sampled solutions per problem, with their verdicts.
 
     texts[i][j]: solution j of problem i (completion text only); verdicts[i][j]: the domain
-    verifier's verdict; tokens/lengths/logprobs from the sampler (numpy, [P, N, M] / [P, N]).
+    verifier's verdict; tokens [P, N, M] and lengths [P, N]: the sampled ids (numpy);
+    prompt_ids[i]: problem i's prompt as the sampler saw it (bos included).
     """
 
     problems: list[Any]
     texts: list[list[str]]
     verdicts: list[list[Any]]
     stop_reasons: list[list[str]]
-    lengths: Any = None
+    tokens: np.ndarray | None = None
+    lengths: np.ndarray | None = None
+    prompt_ids: list[list[int]] | None = None
 
     def correct(self) -> list[list[bool]]:
         return [[bool(v.outcome_correct) for v in row] for row in self.verdicts]
+
+    def answers(self) -> list[list[str | None]]:
+        return [[v.answer for v in row] for row in self.verdicts]
+
+    def response_ids(self, i: int, j: int) -> np.ndarray:
+        if self.tokens is None or self.lengths is None:
+            raise ValueError("these solutions were sampled without keeping token ids")
+        return self.tokens[i, j, : int(self.lengths[i, j])]
 
 
 def sample_solutions(sampler: Any, domain: Domain, problems: Sequence[Any], *, n: int,
@@ -42,6 +54,8 @@ def sample_solutions(sampler: Any, domain: Domain, problems: Sequence[Any], *, n
     per_call = max(1, batch_rows // n)
     texts: list[list[str]] = []
     reasons: list[list[str]] = []
+    tokens: list[np.ndarray] = []
+    lengths: list[np.ndarray] = []
     bar = progress_bar(total=len(problems), desc=desc, enabled=progress, unit="problem")
     for c, start in enumerate(range(0, len(problems), per_call)):
         chunk = problems[start:start + per_call]
@@ -51,7 +65,15 @@ def sample_solutions(sampler: Any, domain: Domain, problems: Sequence[Any], *, n
                                key=None if key is None else jax.random.fold_in(key, c))
         texts.extend(out.texts)
         reasons.extend([[str(r) for r in row] for row in out.stop_reason])
+        tokens.append(out.tokens)
+        lengths.append(out.lengths)
         bar.update(len(chunk))
     bar.close()
     verdicts = [[domain.verify(p, t) for t in row] for p, row in zip(problems, texts, strict=True)]
-    return Solutions(list(problems), texts, verdicts, reasons)
+    prompt_ids = [sampler.tokenizer.encode(domain.prompt(p), add_bos=True) for p in problems]
+    width = max((t.shape[-1] for t in tokens), default=0)
+    tok = (np.concatenate([np.pad(t, ((0, 0), (0, 0), (0, width - t.shape[-1])))
+                           for t in tokens]) if tokens else np.zeros((0, n, 0), np.int32))
+    return Solutions(list(problems), texts, verdicts, reasons, tok,
+                     np.concatenate(lengths) if lengths else np.zeros((0, n), np.int32),
+                     prompt_ids)

@@ -2,6 +2,7 @@
 
 from scalign.models import presets
 from scalign.models.config import ModelConfig
+from scalign.models.convert import load_gguf, load_hf, save_hf
 from scalign.models.transformer import (
     forward,
     init_cache,
@@ -12,4 +13,4 @@ from scalign.models.transformer import (
 )
 
 __all__ = ["ModelConfig", "presets", "init_params", "logits", "forward", "lm_logits",
-           "init_cache", "param_logical_axes"]
+           "init_cache", "param_logical_axes", "load_hf", "save_hf", "load_gguf"]

@@ -8,4 +8,4 @@
 | report     | every section              | report.md                              |
 """
 
-from scalign.stages import data, evaluate, report, sft  # noqa: F401
+from scalign.stages import data, evaluate, report, rerank, reward_models, sft  # noqa: F401

@@ -1,0 +1,143 @@
+"""`python -m scalign.bench sample --workload NAME`: the sampler on a shared sampling workload.
+
+`sample_llama_small`: the spec's llama_small model (random init, seed `init_seed`), `batch`
+prompts of `prompt_len` random ids (`common.random_ids`), exactly `max_new_tokens` greedy tokens
+(no EOS stop), float32; `warmup_calls` untimed calls, then the median of `timed_calls`. One
+timed call is one `Sampler.generate_ids` (prefill, decode loop, transfer of every output array
+to the host). value = batch * max_new_tokens / median seconds.
+
+Extra keys (each after its own warm-up call, `bon_timed` timed calls, median):
+  bon_tok_s:    best-of-N layout: `bon_prompts` prompts x `bon_n` samples (default 8 x 16), one
+                prefill per prompt, temperature 1 sampling;
+  indep_tok_s:  the same number of rows as independent prompts (128 x 1), same sampling;
+  both count generated tokens (rows x max_new_tokens) per second.
+Also: prefill_s (one prefill call) and the per-call seconds.
+
+`--extra` options: `bon=0` skips the best-of-N comparison; `bon_timed=N`; `bon_prompts=P`,
+`bon_n=N`; `param_dtype=bfloat16` / `dtype=bfloat16` run a bf16 variant (not the spec's f32
+workload; the line's `notes` say so).
+
+`sample_gemma3_270m` needs the real Gemma-3-270M weights through `scalign.models.load_gguf`
+and the assembled GGUF (`gguf=PATH`, `$PEERS_GGUF`, or /tmp/peers/gguf/gemma-3-270m-q4_k_m.gguf);
+without them the run stops with an error that says what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from scalign.bench import common
+from scalign.models import init_params
+from scalign.sampling import Sampler
+
+_DEFAULT_GGUF = "/tmp/peers/gguf/gemma-3-270m-q4_k_m.gguf"
+
+
+def _timed(fn, warmup: int, timed: int) -> list[float]:
+    return common.time_calls(fn, warmup=warmup, timed=timed)
+
+
+def _gemma(extra: dict[str, Any]):
+    try:
+        from scalign.models import load_gguf
+    except ImportError as e:
+        raise SystemExit(
+            f"sample_gemma3_270m needs real Gemma-3-270M weights, loaded by "
+            f"scalign.models.load_gguf, which this checkout does not have yet ({e}); the "
+            f"workload is not run on a random init") from e
+    path = Path(extra.get("gguf") or os.environ.get("PEERS_GGUF") or _DEFAULT_GGUF)
+    if not path.exists():
+        raise SystemExit(f"sample_gemma3_270m: GGUF checkpoint not found at {path}; run "
+                         f"`bash ../shared/peers/setup.sh` (assembles it) or pass --extra "
+                         f"gguf=PATH")
+    config, params, tokenizer = load_gguf(path, dtype="float32")
+    return config, params, tokenizer, f"real Gemma-3-270M weights from {path.name}"
+
+
+def run(workload: str, spec_path: str | None = None, **extra: Any) -> dict:
+    """Run one sampling workload and print its JSON line (see the module docstring)."""
+    wl, model = common.load_workload(workload, spec_path)
+    if wl["kind"] != "sample":
+        raise SystemExit(f"workload {workload!r} is of kind {wl['kind']!r}, not 'sample'")
+    notes = []
+    overrides = {k: extra[k] for k in ("dtype", "param_dtype") if k in extra}
+    if model["architecture"] == "llama":
+        config = common.model_config_from_spec(model, **overrides)
+        params = init_params(config, jax.random.PRNGKey(model.get("init_seed", 0)))
+        tokenizer = None
+        notes.append(f"llama_small random init (seed {model.get('init_seed', 0)})")
+    elif model["architecture"] == "gemma3":
+        config, params, tokenizer, note = _gemma(extra)
+        if overrides:
+            config = config.replace(**overrides)
+        notes.append(note)
+    else:
+        raise SystemExit(f"unsupported architecture {model['architecture']!r}")
+    if overrides:
+        notes.append(f"NOT the spec's float32 workload: {overrides}")
+
+    B, T, M = wl["batch"], wl["prompt_len"], wl["max_new_tokens"]
+    high = wl.get("prompt_token_high", config.vocab_size)
+    prompts = common.random_ids(wl["prompt_seed"], wl["prompt_token_low"], high, (B, T))
+    if wl["decoding"] != "greedy":
+        raise SystemExit(f"workload {workload!r}: decoding {wl['decoding']!r} is not supported")
+    sampler = Sampler(config, params, tokenizer, max_new_tokens=M, min_prompt_bucket=T)
+
+    def call():
+        out = sampler.generate_ids(prompts, max_new_tokens=M, stop_on_eos=wl["stop_on_eos"],
+                                   decode_texts=False)
+        assert out.tokens.shape == (B, 1, M) and (out.lengths == M).all()
+        return out
+
+    t0 = time.perf_counter()
+    call()
+    first_call_s = time.perf_counter() - t0  # includes compilation
+    secs = _timed(call, max(0, wl["warmup_calls"] - 1), wl["timed_calls"])
+    value = B * M / common.median(secs)
+
+    # prefill alone (a lower bound on time to first token)
+    tp = sampler.prompt_bucket(T)
+    toks = np.asarray(prompts, np.int32)
+    ks = np.zeros((B,), np.int32)
+    static = dict(config=sampler.config, mesh=sampler.mesh, rules=sampler.rules, n=1,
+                  max_new_tokens=M, cache_dtype=sampler.cache_dtype)
+
+    def prefill():
+        jax.block_until_ready(sampler._prefill(sampler.params, toks, ks, **static))
+
+    prefill_s = common.median(_timed(prefill, 1, 3)) if tp == T else None
+
+    result_extra: dict[str, Any] = {
+        "seconds": [round(s, 4) for s in secs], "first_call_s": round(first_call_s, 2),
+        "prefill_s": round(prefill_s, 4) if prefill_s is not None else None,
+        "batch": B, "prompt_len": T, "max_new_tokens": M, "threads": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+    if str(extra.get("bon", "1")) != "0":
+        result_extra.update(_best_of_n(sampler, config, wl, extra))
+    return common.emit(workload, wl["metric"], round(value, 1), wl["unit"],
+                       notes="; ".join(notes), **result_extra)
+
+
+def _best_of_n(sampler: Sampler, config, wl: dict, extra: dict[str, Any]) -> dict[str, Any]:
+    """Tokens/s of P prompts x N samples (shared prefill) vs P*N independent prompts."""
+    P, N = int(extra.get("bon_prompts", 8)), int(extra.get("bon_n", 16))
+    timed = int(extra.get("bon_timed", 2))
+    T, M = wl["prompt_len"], wl["max_new_tokens"]
+    high = wl.get("prompt_token_high", config.vocab_size)
+    few = common.random_ids(1, wl["prompt_token_low"], high, (P, T))
+    many = common.random_ids(2, wl["prompt_token_low"], high, (P * N, T))
+    key = jax.random.key(0)
+    kw = dict(max_new_tokens=M, key=key, temperature=1.0, stop_on_eos=False, decode_texts=False)
+    bon = common.median(_timed(lambda: sampler.generate_ids(few, N, **kw), 1, timed))
+    ind = common.median(_timed(lambda: sampler.generate_ids(many, 1, **kw), 1, timed))
+    rows = P * N
+    return {"bon_layout": f"{P}x{N}", "bon_tok_s": round(rows * M / bon, 1),
+            "indep_layout": f"{rows}x1", "indep_tok_s": round(rows * M / ind, 1),
+            "bon_s": round(bon, 3), "indep_s": round(ind, 3)}

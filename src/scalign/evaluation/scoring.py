@@ -1,0 +1,79 @@
+"""Scoring token sequences with a scalar-head model (reward model / PRM) on the mesh.
+
+Sequences of any length are right-padded to a bucket (power of two >= 32) and grouped into
+fixed-size batches, so a whole evaluation compiles a handful of programs. Scores are
+sigmoid probabilities p = sigma(logit) at requested positions (Sun et al. 2024 read step
+scores as p_i = sigma(v_i)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from scalign import parallel
+from scalign.models.config import ModelConfig
+from scalign.models.heads import SCALAR_HEAD, scalar_head_logical_axes, scalar_values
+from scalign.models.transformer import param_logical_axes
+from scalign.training.step import make_eval_step
+from scalign.utils import progress_bar
+
+
+def scalar_param_shardings(model: ModelConfig, params: Any, mesh: Mesh) -> Any:
+    axes = dict(param_logical_axes(model))
+    if SCALAR_HEAD in params:
+        axes[SCALAR_HEAD] = scalar_head_logical_axes()
+    abstract = jax.eval_shape(lambda: params)
+    return parallel.tree_shardings(axes, abstract, mesh)
+
+
+class SequenceScorer:
+    """Per-token sigmoid scores of a scalar-head model for many ragged sequences."""
+
+    def __init__(self, model: ModelConfig, params: Any, mesh: Mesh, *, batch_size: int = 64,
+                 pad_id: int = 0, min_bucket: int = 32):
+        if SCALAR_HEAD not in params:
+            raise KeyError("params have no scalar head: not a reward model")
+        div = parallel.batch_divisor(mesh)
+        self.batch_size = -(-batch_size // div) * div
+        self.pad_id = pad_id
+        self.min_bucket = min_bucket
+        self.mesh = mesh
+        p_sh = scalar_param_shardings(model, params, mesh)
+        self.params = jax.device_put(params, p_sh)
+
+        def fn(p, tokens):
+            return jax.nn.sigmoid(scalar_values(model, p, tokens))
+
+        self._fn = make_eval_step(fn, mesh, in_shardings=(p_sh, parallel.batch_sharding(mesh)),
+                                  out_shardings=parallel.batch_sharding(mesh))
+
+    def bucket(self, length: int) -> int:
+        b = self.min_bucket
+        while b < length:
+            b *= 2
+        return b
+
+    def score(self, sequences: Sequence[np.ndarray], *, desc: str = "scoring",
+              progress: bool = True) -> list[np.ndarray]:
+        """Probabilities [len(seq)] for each sequence (order preserved)."""
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        out: list[np.ndarray | None] = [None] * len(sequences)
+        bar = progress_bar(total=len(sequences), desc=desc, enabled=progress, unit="seq")
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            T = self.bucket(max(len(sequences[i]) for i in idx))
+            batch = np.full((self.batch_size, T), self.pad_id, np.int32)
+            for r, i in enumerate(idx):
+                batch[r, :len(sequences[i])] = sequences[i]
+            probs = np.asarray(jax.device_get(self._fn(self.params, batch)))
+            for r, i in enumerate(idx):
+                out[i] = probs[r, :len(sequences[i])]
+            bar.update(len(idx))
+        bar.close()
+        return out  # type: ignore[return-value]
+

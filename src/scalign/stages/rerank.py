@@ -1,0 +1,289 @@
+"""Stage `rerank`: easy-trained evaluators re-rank N policy samples on easy and hard problems.
+
+Sun et al. (2024), Sec. 4 / Figures 4-5 / Table 1: for N in {1, 2, 4, ..., max_n} the accuracy
+of majority voting, best-of-N and weighted voting with each evaluator (ORM, PRM, OPRM) and each
+step-score aggregation (min, prod, mean, max, last), on the easy levels, the hard levels and
+all. For every seed, `max_n` solutions are sampled per test problem once; accuracy at N is the
+mean over `num_subsets` random N-subsets (`evaluation.rerank.rerank_accuracy`). Across seeds
+(independent sample sets) rows report mean and std of the per-seed means; with one seed, std is
+over subsets.
+
+Also the evaluators' ROC-AUCs on the sampled test solutions (`results.json["evaluators"]`):
+step AUC over steps up to and including the first wrong one (the PRM800K labelling), and
+outcome AUC of each aggregated solution score against final-answer correctness.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+import numpy as np
+
+from scalign.algorithms.reward_labels import score_positions
+from scalign.evaluation.generation import sample_solutions
+from scalign.evaluation.metrics import powers_of_two_upto
+from scalign.evaluation.rerank import AGGREGATIONS, aggregate, pad_steps, rerank_accuracy, roc_auc
+from scalign.evaluation.scoring import SequenceScorer
+from scalign.experiment import Context, Stage, register_stage
+from scalign.reporting import markdown_table, panels_plot
+from scalign.sampling import Sampler
+
+
+_COLORS = {"orm": "tab:blue", "prm": "tab:green", "oprm": "tab:purple"}
+
+
+@dataclasses.dataclass
+class LevelSamples:
+    """One seed's samples of one level, graded and scored."""
+
+    answers: list[list[object]]        # [P][K] canonical answer keys (None = missing)
+    correct: np.ndarray                # [P, K] bool
+    step_labels: list[list[list[int]]]  # [P][K][steps] verifier labels
+    step_scores: dict[str, list[list[list[float]]]]  # kind -> [P][K][reads] probabilities
+
+
+def _solution_scores(step_scores: list[list[list[float]]], agg: str) -> np.ndarray:
+    P = len(step_scores)
+    K = len(step_scores[0]) if P else 0
+    flat = [s for row in step_scores for s in row]
+    padded, mask = pad_steps(flat)
+    return np.asarray(aggregate(padded, agg, mask)).reshape(P, K)
+
+
+@register_stage
+class RerankStage(Stage):
+    name = "rerank"
+    requires = {"policy": ("sft",), "reward_models": ("reward_models",),
+                "tokenizer": ("data",), "domain": ("data",)}
+
+    def validate(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
+                 errors: list[str]) -> None:
+        cfg = config.get("rerank")
+        if cfg is None:
+            errors.append("config.rerank is missing")
+            return
+        for key in ("levels", "problems_per_level", "max_n", "temperature", "seeds",
+                    "num_subsets", "max_new_tokens"):
+            if key not in cfg:
+                errors.append(f"config.rerank.{key} is missing")
+        if cfg.get("max_n", 1) < 1:
+            errors.append(f"config.rerank.max_n={cfg.max_n} must be >= 1")
+        bad = [a for a in cfg.get("aggregations", AGGREGATIONS) if a not in AGGREGATIONS]
+        if bad:
+            errors.append(f"config.rerank.aggregations has unknown entries {bad}; "
+                          f"use {AGGREGATIONS}")
+
+    # ----------------------------------------------------------------- sampling
+    def _collect(self, ctx: Context, seed: int) -> dict[int, LevelSamples]:
+        cfg = ctx.config.rerank
+        model, params = ctx.need("policy")
+        tokenizer = ctx.need("tokenizer")
+        domain = ctx.need("domain")
+        rms = ctx.need("reward_models")
+        sampler = Sampler(model, params, tokenizer, mesh=ctx.mesh,
+                          max_new_tokens=int(cfg.max_new_tokens))
+        scorers = {k: SequenceScorer(m, p, ctx.mesh, pad_id=tokenizer.pad_id,
+                                     batch_size=int(cfg.get("score_batch_size", 128)))
+                   for k, (m, p) in rms.items()}
+        token_bytes = tokenizer.token_bytes()
+        out = {}
+        for lv in cfg.levels:
+            problems = list(domain.test_problems(lv))[:int(cfg.problems_per_level)]
+            sols = sample_solutions(sampler, domain, problems, n=int(cfg.max_n),
+                                    key=ctx.key(self.name, "samples", seed, lv),
+                                    temperature=float(cfg.temperature),
+                                    max_new_tokens=int(cfg.max_new_tokens),
+                                    batch_rows=int(cfg.get("batch_size", 512)),
+                                    desc=f"seed {seed} L{lv} x{int(cfg.max_n)}")
+            P, K = len(problems), int(cfg.max_n)
+            positions = [[score_positions(token_bytes, sols.prompt_ids[i], sols.response_ids(i, j),
+                                          sols.texts[i][j], domain.parse(sols.texts[i][j]))
+                          for j in range(K)] for i in range(P)]
+            seqs = [positions[i][j].tokens for i in range(P) for j in range(K)]
+            scores: dict[str, list[list[list[float]]]] = {}
+            for kind, scorer in scorers.items():
+                probs = scorer.score(seqs, desc=f"{kind} L{lv}")
+                table = []
+                for i in range(P):
+                    row = []
+                    for j in range(K):
+                        pos, pr = positions[i][j], probs[i * K + j]
+                        if kind == "orm":
+                            reads = [pos.final_position]
+                        else:
+                            reads = list(pos.step_positions) + (
+                                [pos.answer_position] if pos.answer_position is not None else [])
+                        row.append([float(pr[r]) for r in reads])
+                    table.append(row)
+                scores[kind] = table
+            out[lv] = LevelSamples(
+                answers=[[domain.answer_key(v.answer) for v in row] for row in sols.verdicts],
+                correct=np.asarray(sols.correct(), bool).reshape(P, K),
+                step_labels=[[list(v.step_labels) for v in row] for row in sols.verdicts],
+                step_scores=scores)
+        return out
+
+    # ----------------------------------------------------------------- numbers
+    def run(self, ctx: Context) -> None:
+        cfg = ctx.config.rerank
+        levels = tuple(cfg.levels)
+        easy = tuple(ctx.config.reward_models.levels)
+        splits = {"easy": tuple(lv for lv in levels if lv in easy),
+                  "hard": tuple(lv for lv in levels if lv not in easy), "all": levels}
+        splits = {k: v for k, v in splits.items() if v}
+        seeds = int(cfg.seeds)
+        samples = [self._collect(ctx, s) for s in range(seeds)]
+        kinds = list(ctx.need("reward_models"))
+        aggs = tuple(cfg.get("aggregations", AGGREGATIONS))
+        ns = [n for n in powers_of_two_upto(int(cfg.max_n))]
+        rows = []
+        rng = np.random.default_rng(int(ctx.config.seed))
+        for split, lvs in splits.items():
+            per_seed = []
+            for s in range(seeds):
+                lv_samples = [samples[s][lv] for lv in lvs]
+                answers = [a for ls in lv_samples for a in ls.answers]
+                correct = np.concatenate([ls.correct for ls in lv_samples])
+                sol_scores = {(k, a): np.concatenate([_solution_scores(ls.step_scores[k], a)
+                                                      for ls in lv_samples])
+                              for k in kinds for a in (("last",) if k == "orm" else aggs)}
+                per_seed.append((answers, correct, sol_scores))
+            for n in ns:
+                configs = [("none", "majority", "none", None), ("none", "oracle", "none", None)]
+                configs += [(k, m, a, (k, a)) for (k, a) in per_seed[0][2]
+                            for m in ("best_of_n", "weighted")]
+                for evaluator, method, agg, score_key in configs:
+                    means, stds = [], []
+                    for answers, correct, sol_scores in per_seed:
+                        m, sd = rerank_accuracy(
+                            answers, correct, None if score_key is None else sol_scores[score_key],
+                            n, method, num_subsets=int(cfg.num_subsets), rng=rng)
+                        means.append(m)
+                        stds.append(sd)
+                    rows.append({"split": split, "evaluator": evaluator, "method": method,
+                                 "aggregation": agg, "n": n, "mean": float(np.mean(means)),
+                                 "std": float(np.std(means)) if seeds > 1 else float(stds[0]),
+                                 "seeds": seeds,
+                                 "problems": int(per_seed[0][1].shape[0])})
+        ctx.results.set_rows(self.name, rows)
+        auc_rows = self._aucs(samples, splits, kinds, aggs)
+        ctx.results.set_rows("evaluators", auc_rows)
+        self._report(ctx, rows, auc_rows, splits, kinds, ns)
+
+    @staticmethod
+    def _aucs(samples, splits, kinds, aggs) -> list[dict]:
+        rows = []
+        for split, lvs in splits.items():
+            for kind in kinds:
+                labels, scores = [], []
+                outcome, sol_scores = [], {a: [] for a in aggs}
+                for per in samples:
+                    for lv in lvs:
+                        ls = per[lv]
+                        for i, row in enumerate(ls.step_scores[kind]):
+                            for j, reads in enumerate(row):
+                                outcome.append(bool(ls.correct[i, j]))
+                                for a in aggs:
+                                    sol_scores[a].append(aggregate(reads, a) if reads else 0.0)
+                                if kind == "orm":
+                                    continue
+                                steps = ls.step_labels[i][j]
+                                for k, y in enumerate(steps[:len(reads)]):
+                                    labels.append(bool(y))
+                                    scores.append(reads[k])
+                                    if not y:
+                                        break
+                if kind != "orm":
+                    rows.append({"evaluator": kind, "split": split, "kind": "step_auc",
+                                 "aggregation": "none", "value": roc_auc(labels, scores),
+                                 "count": len(labels)})
+                for a in (("last",) if kind == "orm" else aggs):
+                    rows.append({"evaluator": kind, "split": split, "kind": "outcome_auc",
+                                 "aggregation": a, "value": roc_auc(outcome, sol_scores[a]),
+                                 "count": len(outcome)})
+        return rows
+
+    def load(self, ctx: Context) -> None:
+        pass
+
+    # ----------------------------------------------------------------- report
+    def _report(self, ctx: Context, rows, auc_rows, splits, kinds, ns) -> None:
+        cfg = ctx.config.rerank
+        agg = cfg.get("plot_aggregation", "prod")
+        idx = {(r["split"], r["evaluator"], r["method"], r["aggregation"], r["n"]): r
+               for r in rows}
+
+        def series(split, evaluator, method, a):
+            pts = [idx[(split, evaluator, method, a, n)] for n in ns]
+            return ns, [p["mean"] for p in pts], [p["std"] for p in pts]
+
+        styles = {"majority": {"color": "black"},
+                  "pass@N (oracle)": {"color": "gray", "linestyle": "--", "marker": ""}}
+        panels = {}
+        for split in splits:
+            ps = {"majority": series(split, "none", "majority", "none"),
+                  "pass@N (oracle)": series(split, "none", "oracle", "none")}
+            for k in kinds:
+                a = "last" if k == "orm" else agg
+                color = _COLORS.get(k, None)
+                ps[f"{k.upper()} weighted"] = series(split, k, "weighted", a)
+                ps[f"{k.upper()} best-of-N"] = series(split, k, "best_of_n", a)
+                styles[f"{k.upper()} weighted"] = {"color": color}
+                styles[f"{k.upper()} best-of-N"] = {"color": color, "linestyle": ":",
+                                                    "marker": "s"}
+            panels[f"{split} levels {list(splits[split])}"] = ps
+        fig = ctx.report.figure_path("rerank_accuracy_vs_n.png")
+        panels_plot(fig, panels, title=f"Re-ranking with evaluators trained on easy levels "
+                    f"(PRM/OPRM aggregation: {agg})", xlabel="N (samples per problem)",
+                    ylabel="accuracy", styles=styles)
+
+        show_ns = [n for n in (16, 64) if n in ns] or [ns[-1]]
+        table = []
+        methods = [("Majority voting", "none", "majority", "none")]
+        for k in kinds:
+            a = "last" if k == "orm" else agg
+            methods += [(f"{k.upper()} best-of-N ({a})", k, "best_of_n", a),
+                        (f"{k.upper()} weighted ({a})", k, "weighted", a)]
+        methods.append(("pass@N (oracle)", "none", "oracle", "none"))
+        for label, ev, method, a in methods:
+            row = {"method": label}
+            for split in splits:
+                for n in show_ns:
+                    r = idx[(split, ev, method, a, n)]
+                    row[f"{split} N={n}"] = f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}"
+            table.append(row)
+        cols = ["method"] + [f"{s} N={n}" for s in splits for n in show_ns]
+
+        hard = "hard" if "hard" in splits else "all"
+        nmax = ns[-1]
+        agg_rows = []
+        for k in kinds:
+            if k == "orm":
+                continue
+            for method in ("best_of_n", "weighted"):
+                row = {"evaluator": k.upper(), "method": method}
+                for a in cfg.get("aggregations", AGGREGATIONS):
+                    r = idx.get((hard, k, method, a, nmax))
+                    if r:
+                        row[a] = f"{100 * r['mean']:.1f}"
+                agg_rows.append(row)
+        auc_table = [{"evaluator": r["evaluator"].upper(), "split": r["split"],
+                      "kind": r["kind"], "aggregation": r["aggregation"],
+                      "AUC": r["value"], "count": r["count"]}
+                     for r in auc_rows if r["kind"] == "step_auc"
+                     or r["aggregation"] in (agg, "last")]
+        md = [f"## Re-ranking (easy-to-hard): {int(cfg.problems_per_level)} test problems per "
+              f"level, up to N={nmax} samples (T={float(cfg.temperature):g}), "
+              f"{int(cfg.seeds)} seed(s), {int(cfg.num_subsets)} subsets per N", "",
+              "Accuracy (%) in the layout of Sun et al. (2024), Table 1 (mean ± std):", "",
+              markdown_table(table, cols), "",
+              f"![accuracy vs N]({ctx.report.rel(fig)})", "",
+              f"Aggregation comparison on {hard} levels at N={nmax} (accuracy %):", "",
+              markdown_table(agg_rows, ["evaluator", "method",
+                                        *cfg.get("aggregations", AGGREGATIONS)]), "",
+              "Evaluator ROC-AUC on the sampled test solutions (step AUC over steps up to the "
+              "first wrong one):", "",
+              markdown_table(auc_table, ["evaluator", "split", "kind", "aggregation", "AUC",
+                                         "count"]), ""]
+        ctx.report.set_section(self.name, "\n".join(md))

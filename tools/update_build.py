@@ -5,8 +5,9 @@
 
 One `py_library` per Python package under src/scalign (its .py files; deps = the scalign
 targets it imports plus pip requirements of its third-party imports) — except the top-level
-package, whose modules (parallel, sampling, experiment, ...) get one target each so the
-dependency graph stays acyclic (subpackages import them) — and one `py_test` per
+package, whose modules (parallel, sampling, experiment, ...) get one target each, and nested
+packages (models/convert), which join their parent's target, so the dependency graph stays
+acyclic — and one `py_test` per
 tests/**/test_*.py file, run through tools/pytest_main.py. Bazel itself cannot run on the dev
 machine (its rules download from the network); `tests/test_build_file.py` parses BUILD and
 fails when a file is missing from it or a listed file does not exist.
@@ -65,6 +66,8 @@ def scalign_packages() -> dict[str, list[Path]]:
         pkg = package_of(f)
         if pkg == "scalign" and f.name != "__init__.py":
             pkg = f"scalign.{f.stem}"
+        elif pkg.count(".") > 1:  # nested packages (models.convert) join their parent's target
+            pkg = ".".join(pkg.split(".")[:2])
         pkgs.setdefault(pkg, []).append(f)
     return pkgs
 

@@ -63,6 +63,7 @@ Sharding: with a `mesh`, params are placed by the logical-axis rule table
 (`parallel.tree_shardings(param_logical_axes(config), ...)`), rows are sharded over
 data x fsdp (the prompt batch is padded to a multiple of data * fsdp with rows that start
 stopped), heads over tensor; the model's `constrain` calls shard activations and the cache.
+On several hosts every process passes the same prompts and receives every row.
 """
 
 from __future__ import annotations
@@ -534,6 +535,9 @@ class Sampler:
             self._put_replicated(jnp.float32(top_p)), stop_table, eos, prompt_len=Tp,
             max_new_tokens=M, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
             pad_id=self.pad_id, **static)
+        if jax.process_count() > 1:  # rows live on every host: gather them everywhere
+            from jax.experimental import multihost_utils
+            out = multihost_utils.process_allgather(out, tiled=True)
         out = jax.device_get(out)
 
         def shape(x):

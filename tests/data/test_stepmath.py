@@ -14,8 +14,8 @@ from scalign.data import stepmath as S
 LEVELS = S.levels()
 
 
-def _problem(ops="+*-", operands=(4, 7, 2), start=3, level=2) -> S.Problem:
-    return S.Problem(level, start, tuple(ops), tuple(operands))
+def _problem(ops="+*-", operands=(4, 7, 2), start=3, level=2, spaced=False) -> S.Problem:
+    return S.Problem(level, start, tuple(ops), tuple(operands), modulus=10, spaced=spaced)
 
 
 def _gold_with(problem: S.Problem, steps: list[str], answer: str | None) -> str:
@@ -29,16 +29,28 @@ def _gold_with(problem: S.Problem, steps: list[str], answer: str | None) -> str:
 def test_layout_is_prm800k():
     p = _problem()
     assert p.values == (3, 7, 9, 7)
-    assert p.question == "Evaluate left to right, mod 10: 3 + 4 * 7 - 2"
-    assert p.prompt == ("# Question\n\nEvaluate left to right, mod 10: 3 + 4 * 7 - 2"
-                        "\n\n# Solution\n\n")
-    assert p.steps == ("3 + 4 = 7", "7 * 7 = 9", "9 - 2 = 7")
-    assert p.solution == "3 + 4 = 7\n\n7 * 7 = 9\n\n9 - 2 = 7\n\n# Answer\n\n7"
+    assert p.question == "Mod 10, left to right: 3+4*7-2"
+    assert p.prompt == "# Question\n\nMod 10, left to right: 3+4*7-2\n\n# Solution\n\n"
+    assert p.steps == ("3+4=7", "7*7=9", "9-2=7")
+    assert p.solution == "3+4=7\n\n7*7=9\n\n9-2=7\n\n# Answer\n\n7"
     assert p.answer == "7" and p.level == 2 and p.num_steps == 3 and p.num_mul == 1
+    spaced = _problem(spaced=True)
+    assert spaced.question == "Mod 10, left to right: 3 + 4 * 7 - 2"
+    assert spaced.steps == ("3 + 4 = 7", "7 * 7 = 9", "9 - 2 = 7")
+    assert S.verify(spaced, p.solution).answer_label == 1  # spacing is not graded
+
+
+def test_prime_modulus_and_parse_round_trip():
+    p = S.Problem(1, 5, ("*", "-", "+"), (3, 6, 4), modulus=7)
+    assert p.values == (5, 1, 2, 6) and p.question == "Mod 7, left to right: 5*3-6+4"
+    assert S.parse_prompt(p.prompt, level=1) == p
+    spaced = S.Problem(1, 5, ("*", "-", "+"), (3, 6, 4), modulus=7, spaced=True)
+    assert S.parse_prompt(spaced.prompt, level=1) == spaced
 
 
 def test_subtraction_wraps_modulo_10():
-    assert S.apply_op(2, "-", 7) == 5 and S.apply_op(9, "*", 9) == 1 and S.apply_op(8, "+", 5) == 3
+    assert S.apply_op(2, "-", 7, 10) == 5 and S.apply_op(9, "*", 9, 10) == 1
+    assert S.apply_op(8, "+", 5, 10) == 3 and S.apply_op(2, "-", 6, 7) == 3
 
 
 def test_record_round_trip_str_and_bytes():
@@ -54,14 +66,17 @@ def test_record_round_trip_str_and_bytes():
         S.parse_prompt("# Question\n\nWhat is 2 + 2?\n\n# Solution\n\n", level=1)
 
 
+@pytest.mark.parametrize("design", sorted(S.DESIGNS))
 @pytest.mark.parametrize("level", LEVELS)
-def test_levels_follow_their_spec(level):
-    spec = S.get_design(None).spec(level)
-    for p in S.generate(level, 200, seed=0):
+def test_levels_follow_their_spec(design, level):
+    d = S.get_design(design)
+    spec, m = d.spec(level), d.modulus
+    for p in S.generate(level, 100, seed=0, design=design):
         assert (p.num_steps, p.num_mul) in spec.shapes()
-        assert 0 <= p.start <= 9
+        assert p.modulus == m and p.spaced == d.spaced and 0 <= p.start < m
         for op, b in zip(p.ops, p.operands, strict=True):
-            assert (2 <= b <= 9) if op == "*" else (1 <= b <= 9)
+            assert (2 <= b < m) if op == "*" else (1 <= b < m)
+        assert S.verify(p, p.solution).answer_label == 1
 
 
 def test_generation_is_deterministic_and_prefix_stable():
@@ -91,7 +106,7 @@ def test_generation_is_identical_in_a_fresh_process():
 
 
 def test_num_distinct_is_exact_on_a_small_design():
-    design = S.Design("one_op", {1: S.LevelSpec((1,), (0, 1))})
+    design = S.Design("one_op", {1: S.LevelSpec((1,), (0, 1))}, modulus=10)
     # start 0..9 x (+/- with 1..9, or * with 2..9) = 10 * (18 + 8)
     assert S.num_distinct(1, design) == 260
     problems = S.generate(1, 260, seed=0, design=design)
@@ -132,7 +147,7 @@ def test_split_test_set_does_not_depend_on_train_size_or_other_levels():
 
 
 def test_splits_refuse_more_than_the_level_has():
-    design = S.Design("one_op", {1: S.LevelSpec((1,), (0,))})
+    design = S.Design("one_op", {1: S.LevelSpec((1,), (0,))}, modulus=10)
     with pytest.raises(ValueError, match="level 1 .* fewer than n_train \\+ n_test = 200"):
         S.splits([1], n_train=150, n_test=50, seed=0, design=design)
 
@@ -150,25 +165,26 @@ def test_gold_solutions_verify(level):
 
 def _inject(p: S.Problem, k: int, kind: str) -> list[str]:
     """Gold steps with step k corrupted; later steps continue consistently from the error."""
-    v = list(p.values)
+    m = p.modulus
+
+    def step(a: int, op: str, b: int, c: int) -> str:
+        return S.format_step(a, op, b, c, spaced=p.spaced)
+
     steps = list(p.steps[:k])
-    a, op, b = v[k], p.ops[k], p.operands[k]
+    a, op, b = p.values[k], p.ops[k], p.operands[k]
     if kind == "arithmetic":
-        c = (S.apply_op(a, op, b) + 3) % 10
-        steps.append(S.format_step(a, op, b, c))
+        c = (S.apply_op(a, op, b, m) + 1) % m
     elif kind == "operand":
-        a = (a + 1) % 10
-        c = S.apply_op(a, op, b)
-        steps.append(S.format_step(a, op, b, c))
+        a = (a + 1) % m
+        c = S.apply_op(a, op, b, m)
     else:  # operation: a different operand (stays in the operand's range)
-        b = b + 1 if b < 9 else b - 1
-        c = S.apply_op(a, op, b)
-        steps.append(S.format_step(a, op, b, c))
-    cur = c
+        b = b + 1 if b < m - 1 else b - 1
+        c = S.apply_op(a, op, b, m)
+    steps.append(step(a, op, b, c))
     for op2, b2 in zip(p.ops[k + 1:], p.operands[k + 1:], strict=True):
-        nxt = S.apply_op(cur, op2, b2)
-        steps.append(S.format_step(cur, op2, b2, nxt))
-        cur = nxt
+        nxt = S.apply_op(c, op2, b2, m)
+        steps.append(step(c, op2, b2, nxt))
+        c = nxt
     return steps
 
 
@@ -179,7 +195,7 @@ def test_injected_wrong_step_at_each_position(kind, err):
     for p in S.generate(4, 20, seed=2):
         for k in range(p.num_steps):
             steps = _inject(p, k, kind)
-            v = S.verify(p, _gold_with(p, steps, steps[-1].split("= ")[-1]))
+            v = S.verify(p, _gold_with(p, steps, steps[-1].split("=")[-1].strip()))
             assert v.step_labels == (1,) * k + (0,) * (p.num_steps - k), (p, k, steps)
             assert v.first_error == k and v.error == err
             assert v.answer_label == 0
@@ -194,7 +210,7 @@ def test_wrong_final_answer():
 
 def test_right_answer_after_a_wrong_step_counts_as_outcome_correct():
     p = _problem()
-    steps = ["3 + 4 = 7", "7 * 7 = 3", "9 - 2 = 7"]  # step 2 wrong, step 3 ignores it
+    steps = ["3+4=7", "7*7=3", "9-2=7"]  # step 2 wrong, step 3 ignores it
     v = S.verify(p, _gold_with(p, steps, "7"))
     assert v.step_labels == (1, 0, 0) and v.outcome_correct and v.answer_label == 0
     assert v.error == S.ERR_ARITHMETIC
@@ -214,7 +230,7 @@ def test_incomplete_and_extra_steps():
     v = S.verify(p, _gold_with(p, list(p.steps[:2]), "9"))
     assert v.step_labels == (1, 1) and v.error == S.ERR_INCOMPLETE and v.first_error == 2
     assert not v.outcome_correct and v.answer_label == 0
-    v = S.verify(p, _gold_with(p, [*p.steps, "7 + 1 = 8"], "8"))
+    v = S.verify(p, _gold_with(p, [*p.steps, "7+1=8"], "8"))
     assert v.step_labels == (1, 1, 1, 0) and v.error == S.ERR_EXTRA and v.first_error == 3
 
 
@@ -249,7 +265,7 @@ def test_garbage_never_raises(text):
 
 def test_garbage_step_is_malformed_and_zeroes_the_rest():
     p = _problem()
-    v = S.verify(p, _gold_with(p, ["3 + 4 = 7", "the answer is 9", "9 - 2 = 7"], "7"))
+    v = S.verify(p, _gold_with(p, ["3+4=7", "the answer is 9", "9-2=7"], "7"))
     assert v.step_labels == (1, 0, 0) and v.error == S.ERR_MALFORMED and v.first_error == 1
     assert S.verify(p, b"3 + 4 = 7\n\n\xff\xfe").step_labels == (1, 0)
 

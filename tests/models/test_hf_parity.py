@@ -351,7 +351,7 @@ LEGACY_CONFIGS = {
     "llama_legacy_rope": {
         "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 4, "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0, "max_position_embeddings": 4096,
+        "rope_theta": 500000.0, "max_position_embeddings": 131072,
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
     "gemma_legacy_gelu": {

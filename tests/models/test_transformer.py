@@ -62,8 +62,8 @@ def test_yarn_limits_and_ramp():
     dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64),
     dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=16.0,
          beta_slow=2.0, truncate=False),
-    dict(rope_type="yarn", factor=16.0, original_max_position_embeddings=64, mscale=0.707,
-         mscale_all_dim=0.707),
+    dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64, mscale=0.707,
+         mscale_all_dim=0.5),
 ])
 def test_rope_scaling_matches_transformers(params):
     torch = pytest.importorskip("torch")

@@ -278,6 +278,10 @@ def _config_from_meta(meta: _Meta, arch: str, tensors: dict[str, Any]) -> ModelC
     if v_len != head_dim:
         raise ValueError(f"{meta.source}: {a}.attention.value_length={v_len} differs from "
                          f"key_length={head_dim}")
+    rope_dims = meta.get(f"{a}.rope.dimension_count", head_dim)
+    if int(rope_dims) != head_dim:
+        raise ValueError(f"{meta.source}: {a}.rope.dimension_count={rope_dims} != head_dim "
+                         f"{head_dim} (partial rotary embeddings are not supported)")
     if "rope_freqs.weight" in tensors:
         raise ValueError(f"{meta.source}: tensor 'rope_freqs.weight' (llama.cpp's per-frequency "
                          f"RoPE factors, e.g. Llama 3.1) is not supported")

@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -638,16 +639,18 @@ def _resolve_names(names: Sequence[str], specs: list[TensorSpec], config: ModelC
     if len(emb) != 1:
         raise ValueError(f"{folder}: expected one '*embed_tokens.weight' tensor, found {emb}")
     body = emb[0][: -len("embed_tokens.weight")]  # e.g. "model." / "model.language_model."
-    outer = body[: -len("model.")] if body.endswith("model.") else ""
+    # the lm_head sits next to the decoder's "model." (e.g. "language_model.lm_head.weight")
+    outer = body[: -len("model.")] if body == "model." or body.endswith(".model.") else ""
+    present = set(names)
     mapping = {}
     for s in specs:
         if s.hf_name.startswith("model."):
             mapping[s.hf_name] = body + s.hf_name[len("model."):]
         else:  # lm_head.weight
             cands = [outer + s.hf_name, s.hf_name]
-            mapping[s.hf_name] = next((n for n in cands if n in names), cands[0])
+            mapping[s.hf_name] = next((n for n in cands if n in present), cands[0])
     wanted = set(mapping.values())
-    missing = sorted(n for n in wanted if n not in set(names))
+    missing = sorted(n for n in wanted if n not in present)
     if missing:
         raise ValueError(f"{folder}: missing tensor(s) {missing[:5]}"
                          + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
@@ -705,7 +708,11 @@ def load_hf(path: PathLike, *, dtype: Any = None, mesh: Mesh | None = None
     specs = hf_tensor_specs(config)
     abstract = abstract_params(config)
     _check_specs_cover(config, specs, abstract)
-    names, _skipped = _resolve_names(list(files), specs, config, folder)
+    names, skipped = _resolve_names(list(files), specs, config, folder)
+    if skipped:
+        logging.info("load_hf(%s): skipped %d tensor(s) outside the decoder: %s%s", folder,
+                     len(skipped), ", ".join(sorted(skipped)[:5]),
+                     " ..." if len(skipped) > 5 else "")
     shardings = (tree_shardings(param_logical_axes(config), abstract, mesh)
                  if mesh is not None else None)
 

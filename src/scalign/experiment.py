@@ -222,6 +222,17 @@ def check_batch(errors: list[str], key: str, batch: int, mesh_shape: dict[str, i
                       f"{jax.process_count()}")
 
 
+def require_block(config: ml_collections.ConfigDict, block: str, keys: tuple[str, ...],
+                  errors: list[str]) -> ml_collections.ConfigDict | None:
+    """`config.<block>` if present, appending an error for it or each missing key otherwise."""
+    cfg = config.get(block)
+    if cfg is None:
+        errors.append(f"config.{block} is missing")
+        return None
+    errors.extend(f"config.{block}.{k} is missing" for k in keys if k not in cfg)
+    return cfg
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None
              ) -> dict[str, int]:
     """Check the whole config before anything compiles; raise ConfigError listing all problems."""

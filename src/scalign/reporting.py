@@ -27,6 +27,15 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
     return "\n".join(lines) + "\n"
 
 
+def _save(fig: Any, path: epath.Path, **layout: Any) -> epath.Path:
+    """tight_layout, write PNG bytes through epath (local or gs://), close the figure."""
+    fig.tight_layout(**layout)
+    with epath.Path(path).open("wb") as f:
+        fig.savefig(f, format="png")
+    pyplot().close(fig)
+    return path
+
+
 def pyplot():
     import matplotlib
 
@@ -56,11 +65,7 @@ def line_plot(path: epath.Path, series: dict[str, tuple[Sequence[float], Sequenc
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    with epath.Path(path).open("wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def bar_plot(path: epath.Path, groups: Sequence[str], series: dict[str, Sequence[float]], *,
@@ -81,11 +86,7 @@ def bar_plot(path: epath.Path, groups: Sequence[str], series: dict[str, Sequence
         ax.set_ylim(*ylim)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with epath.Path(path).open("wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def panels_plot(path: epath.Path, panels: dict[str, dict[str, tuple[Sequence[float],
@@ -112,8 +113,4 @@ def panels_plot(path: epath.Path, panels: dict[str, dict[str, tuple[Sequence[flo
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8,
                bbox_to_anchor=(0.5, -0.02))
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    with epath.Path(path).open("wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    return path
+    return _save(fig, path, rect=(0, 0.1, 1, 1))

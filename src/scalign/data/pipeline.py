@@ -397,6 +397,12 @@ class _Featurize:
 # --------------------------------------------------------------------------- public builders
 
 
+def _check_on_too_long(on_too_long: str) -> None:
+    if on_too_long not in ("error", "drop", "truncate"):
+        raise ValueError(f"on_too_long must be 'error', 'drop' or 'truncate', "
+                         f"got {on_too_long!r}")
+
+
 def make_batch_dataset(
     source: Any,
     featurizer: Featurizer,
@@ -417,9 +423,7 @@ def make_batch_dataset(
     `batch_size` is the *global* batch size; each process yields batch_size / shard_count
     rows per batch (drop_remainder=True). `iter(dataset)` is a `BatchIterator`.
     """
-    if on_too_long not in ("error", "drop", "truncate"):
-        raise ValueError(f"on_too_long must be 'error', 'drop' or 'truncate', "
-                         f"got {on_too_long!r}")
+    _check_on_too_long(on_too_long)
     if num_epochs is not None and num_epochs <= 0:
         raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
     lengths = resolve_buckets(seq_len, buckets)
@@ -468,9 +472,7 @@ def make_eval_batch_dataset(
     """
     if WEIGHT_KEY in featurizer.fields:
         raise ValueError(f"featurizer field name {WEIGHT_KEY!r} is reserved for eval batches")
-    if on_too_long not in ("error", "drop", "truncate"):
-        raise ValueError(f"on_too_long must be 'error', 'drop' or 'truncate', "
-                         f"got {on_too_long!r}")
+    _check_on_too_long(on_too_long)
     lengths = resolve_buckets(seq_len, buckets)
     info = resolve_shard(batch_size, len(source), shard_index, shard_count, wrap=False)
     largest_shard = math.ceil(len(source) / info.shard_count)
@@ -492,54 +494,26 @@ def make_eval_batch_iterator(source: Any, featurizer: Featurizer,
     return iter(ds)
 
 
-def make_sft_iterator(
-    records: Any,
-    tokenizer: Tokenizer,
-    *,
-    batch_size: int,
-    seq_len: int | None = None,
-    buckets: Sequence[int] | None = None,
-    seed: int = 0,
-    num_epochs: int | None = None,
-    shuffle: bool = True,
-    on_too_long: OnTooLong = "error",
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    prompt_key: str = "prompt",
-    response_key: str = "response",
-    read_options: grain.ReadOptions | None = None,
-) -> BatchIterator:
+def make_sft_iterator(records: Any, tokenizer: Tokenizer, *, prompt_key: str = "prompt",
+                      response_key: str = "response", **kwargs: Any) -> BatchIterator:
     """Training batches {tokens int32[b, T], loss_mask float32[b, T]} from SFT records.
 
     `records` is any random-access sequence of {prompt, response} records (a list, a
-    `tfds.data_source`, ...); see the module docstring for the conventions.
+    `tfds.data_source`, ...); see the module docstring for the conventions. Keyword arguments
+    are those of `make_batch_dataset` (batch_size, seq_len | buckets, seed, num_epochs, ...).
     """
-    return make_batch_iterator(
-        records, SftFeaturizer(tokenizer, prompt_key, response_key), batch_size=batch_size,
-        seq_len=seq_len, buckets=buckets, seed=seed, num_epochs=num_epochs, shuffle=shuffle,
-        on_too_long=on_too_long, shard_index=shard_index, shard_count=shard_count,
-        read_options=read_options)
+    return make_batch_iterator(records, SftFeaturizer(tokenizer, prompt_key, response_key),
+                               **kwargs)
 
 
-def make_sft_eval_iterator(
-    records: Any,
-    tokenizer: Tokenizer,
-    *,
-    batch_size: int,
-    seq_len: int | None = None,
-    buckets: Sequence[int] | None = None,
-    on_too_long: OnTooLong = "error",
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    prompt_key: str = "prompt",
-    response_key: str = "response",
-    read_options: grain.ReadOptions | None = None,
-) -> BatchIterator:
-    """Eval batches {tokens, loss_mask, weight float32[b]}: one pass, last batch padded."""
-    return make_eval_batch_iterator(
-        records, SftFeaturizer(tokenizer, prompt_key, response_key), batch_size=batch_size,
-        seq_len=seq_len, buckets=buckets, on_too_long=on_too_long, shard_index=shard_index,
-        shard_count=shard_count, read_options=read_options)
+def make_sft_eval_iterator(records: Any, tokenizer: Tokenizer, *, prompt_key: str = "prompt",
+                           response_key: str = "response", **kwargs: Any) -> BatchIterator:
+    """Eval batches {tokens, loss_mask, weight float32[b]}: one pass, last batch padded.
+
+    Keyword arguments are those of `make_eval_batch_dataset`.
+    """
+    return make_eval_batch_iterator(records, SftFeaturizer(tokenizer, prompt_key, response_key),
+                                    **kwargs)
 
 
 def tfds_source(name: str, *, split: str, data_dir: str | None = None) -> Sequence[Any]:

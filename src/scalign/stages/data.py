@@ -12,7 +12,7 @@ import ml_collections
 
 from scalign.data.domain import StepMathDomain
 from scalign.data.tokenizer import Tokenizer
-from scalign.experiment import Context, Stage, register_stage
+from scalign.experiment import Context, Stage, register_stage, require_block
 from scalign.reporting import markdown_table
 
 DOMAINS = ("stepmath",)
@@ -24,15 +24,10 @@ class DataStage(Stage):
 
     def validate(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
                  errors: list[str]) -> None:
-        cfg = config.get("data")
-        if cfg is None:
-            errors.append("config.data is missing")
-            return
-        if cfg.get("domain") not in DOMAINS:
+        cfg = require_block(config, "data", ("levels", "n_train", "n_test",
+                                             "tokenizer_vocab_size"), errors)
+        if cfg is not None and cfg.get("domain") not in DOMAINS:
             errors.append(f"config.data.domain must be one of {DOMAINS}, got {cfg.get('domain')!r}")
-        for key in ("levels", "n_train", "n_test", "tokenizer_vocab_size"):
-            if key not in cfg:
-                errors.append(f"config.data.{key} is missing")
 
     def run(self, ctx: Context) -> None:
         cfg = ctx.config.data

@@ -18,7 +18,7 @@ import numpy as np
 
 from scalign.evaluation.generation import Solutions, sample_solutions
 from scalign.evaluation.metrics import mean_pass_at_k, powers_of_two_upto
-from scalign.experiment import Context, Stage, register_stage
+from scalign.experiment import Context, Stage, register_stage, require_block
 from scalign.reporting import bar_plot, markdown_table
 from scalign.sampling import Sampler
 
@@ -38,18 +38,16 @@ def _groups(levels: tuple[int, ...], easy: tuple[int, ...]) -> dict[str, tuple[i
 @register_stage
 class EvaluateStage(Stage):
     name = "evaluate"
-    requires = {"policy": ("sft",), "tokenizer": ("data",), "domain": ("data",)}
+    requires = {"policy": ("sft", "checkpoint"), "tokenizer": ("data", "checkpoint"),
+                "domain": ("data",)}
 
     def validate(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
                  errors: list[str]) -> None:
-        cfg = config.get("evaluate")
+        cfg = require_block(config, "evaluate", (
+            "levels", "greedy_problems", "pass_problems", "pass_n", "temperature",
+            "max_new_tokens", "batch_size"), errors)
         if cfg is None:
-            errors.append("config.evaluate is missing")
             return
-        for key in ("levels", "greedy_problems", "pass_problems", "pass_n", "temperature",
-                    "max_new_tokens", "batch_size"):
-            if key not in cfg:
-                errors.append(f"config.evaluate.{key} is missing")
         if "pass_n" in cfg and cfg.pass_n < 1:
             errors.append(f"config.evaluate.pass_n={cfg.pass_n} must be >= 1")
         if "temperature" in cfg and cfg.temperature <= 0:

@@ -25,10 +25,9 @@ from scalign.evaluation.generation import sample_solutions
 from scalign.evaluation.metrics import powers_of_two_upto
 from scalign.evaluation.rerank import AGGREGATIONS, aggregate, pad_steps, rerank_accuracy, roc_auc
 from scalign.evaluation.scoring import SequenceScorer
-from scalign.experiment import Context, Stage, register_stage
+from scalign.experiment import Context, Stage, register_stage, require_block
 from scalign.reporting import markdown_table, panels_plot
 from scalign.sampling import Sampler
-
 
 _COLORS = {"orm": "tab:blue", "prm": "tab:green", "oprm": "tab:purple"}
 
@@ -54,19 +53,16 @@ def _solution_scores(step_scores: list[list[list[float]]], agg: str) -> np.ndarr
 @register_stage
 class RerankStage(Stage):
     name = "rerank"
-    requires = {"policy": ("sft",), "reward_models": ("reward_models",),
-                "tokenizer": ("data",), "domain": ("data",)}
+    requires = {"policy": ("sft", "checkpoint"), "reward_models": ("reward_models",),
+                "tokenizer": ("data", "checkpoint"), "domain": ("data",)}
 
     def validate(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
                  errors: list[str]) -> None:
-        cfg = config.get("rerank")
+        cfg = require_block(config, "rerank", (
+            "levels", "problems_per_level", "max_n", "temperature", "seeds", "num_subsets",
+            "max_new_tokens"), errors)
         if cfg is None:
-            errors.append("config.rerank is missing")
             return
-        for key in ("levels", "problems_per_level", "max_n", "temperature", "seeds",
-                    "num_subsets", "max_new_tokens"):
-            if key not in cfg:
-                errors.append(f"config.rerank.{key} is missing")
         if cfg.get("max_n", 1) < 1:
             errors.append(f"config.rerank.max_n={cfg.max_n} must be >= 1")
         bad = [a for a in cfg.get("aggregations", AGGREGATIONS) if a not in AGGREGATIONS]

@@ -22,7 +22,7 @@ import ml_collections
 from scalign.algorithms.reward_labels import assert_levels, build_reward_records
 from scalign.data.pipeline import make_batch_iterator
 from scalign.evaluation.generation import sample_solutions
-from scalign.experiment import Context, Stage, register_stage
+from scalign.experiment import Context, Stage, register_stage, require_block
 from scalign.models.heads import SCALAR_HEAD, add_scalar_head, scalar_head_logical_axes
 from scalign.models.transformer import param_logical_axes
 from scalign.objectives.reward import RewardFeaturizer, make_reward_loss
@@ -42,18 +42,16 @@ def _reward_axes(model):
 @register_stage
 class RewardModelsStage(Stage):
     name = "reward_models"
-    requires = {"policy": ("sft",), "tokenizer": ("data",), "domain": ("data",)}
+    requires = {"policy": ("sft", "checkpoint"), "tokenizer": ("data", "checkpoint"),
+                "domain": ("data",)}
 
     def validate(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
                  errors: list[str]) -> None:
-        cfg = config.get("reward_models")
+        cfg = require_block(config, "reward_models", (
+            "levels", "problems_per_level", "samples_per_problem", "temperature", "evaluators",
+            "max_new_tokens", "train"), errors)
         if cfg is None:
-            errors.append("config.reward_models is missing")
             return
-        for key in ("levels", "problems_per_level", "samples_per_problem", "temperature",
-                    "evaluators", "max_new_tokens", "train"):
-            if key not in cfg:
-                errors.append(f"config.reward_models.{key} is missing")
         bad = [k for k in cfg.get("evaluators", ()) if k not in KINDS]
         if bad:
             errors.append(f"config.reward_models.evaluators has unknown kinds {bad}; use {KINDS}")

@@ -16,6 +16,8 @@ Artifacts: `reward_models` = {kind: (ModelConfig, params)}, saved under
 
 from __future__ import annotations
 
+import collections
+
 import jax
 import ml_collections
 
@@ -82,14 +84,16 @@ class RewardModelsStage(Stage):
             max_ratio=float(cfg.get("max_ratio", 3.0)),
             keep_one_class=int(cfg.get("keep_one_class", 2)), seed=int(ctx.config.seed))
         for kind in cfg.evaluators:
-            assert_levels(records[kind], levels)
+            assert_levels(records[kind], levels)  # the premise: no hard-level supervision
+        by_level = collections.Counter(int(r["level"]) for r in records["oprm"])
         out = {}
         histories = {}
         for kind in cfg.evaluators:
             out[kind] = self._train_one(ctx, kind, model, policy_params, records[kind], tokenizer)
             histories[kind] = read_metrics(ctx.workdir / "metrics.jsonl", f"rm_{kind}")
         ctx.artifacts["reward_models"] = out
-        self._report(ctx, levels, stats, histories, {k: len(v) for k, v in records.items()})
+        self._report(ctx, levels, stats, histories, {k: len(v) for k, v in records.items()},
+                     by_level)
 
     def _train_one(self, ctx: Context, kind: str, model, policy_params, records, tokenizer):
         cfg = ctx.config.reward_models
@@ -121,9 +125,11 @@ class RewardModelsStage(Stage):
         ctx.artifacts["reward_models"] = {
             kind: self._load_one(ctx, ctx.stage_dir(self.name) / kind) for kind in cfg.evaluators}
 
-    def _report(self, ctx: Context, levels, stats, histories, sizes) -> None:
+    def _report(self, ctx: Context, levels, stats, histories, sizes, by_level) -> None:
         cfg = ctx.config.reward_models
         rows = stats.as_rows() + [{"metric": f"{k}_records", "value": v} for k, v in sizes.items()]
+        rows += [{"metric": "oprm_records_of_level", "level": lv, "value": n}
+                 for lv, n in sorted(by_level.items())]
         for kind, hist in histories.items():
             last = next((h for h in reversed(hist) if "loss" in h), None)
             if last:

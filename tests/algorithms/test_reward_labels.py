@@ -42,7 +42,8 @@ def _solutions(tok, problems, texts_per_problem):
         for j in range(K):
             tokens[i, j, :len(ids[i][j])] = ids[i][j]
             lengths[i, j] = len(ids[i][j])
-    verdicts = [[stepmath.verify(p, t) for t in row] for p, row in zip(problems, texts_per_problem)]
+    verdicts = [[stepmath.verify(p, t) for t in row] for p, row in
+                zip(problems, texts_per_problem, strict=True)]
     sols = Solutions(list(problems), texts_per_problem, verdicts,
                      [["eos"] * K for _ in range(P)], tokens, lengths,
                      [tok.encode(p.prompt, add_bos=True) for p in problems])

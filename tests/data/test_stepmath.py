@@ -72,7 +72,7 @@ def test_levels_follow_their_spec(design, level):
     d = S.get_design(design)
     spec, m = d.spec(level), d.modulus
     for p in S.generate(level, 100, seed=0, design=design):
-        assert (p.num_steps, p.num_mul) in spec.shapes()
+        assert (p.num_steps, p.num_mul, p.ops.count("-")) in spec.shapes()
         assert p.modulus == m and p.spaced == d.spaced and 0 <= p.start < m
         for op, b in zip(p.ops, p.operands, strict=True):
             assert (2 <= b < m) if op == "*" else (1 <= b < m)
@@ -118,6 +118,9 @@ def test_num_distinct_is_exact_on_a_small_design():
 def test_design_rejects_levels_that_share_a_shape():
     with pytest.raises(ValueError, match="levels 1 and 2"):
         S.Design("bad", {1: S.LevelSpec((3,), (0, 1)), 2: S.LevelSpec((3,), (1, 2))})
+    S.Design("ok", {1: S.LevelSpec((3,), (0,), (0,)), 2: S.LevelSpec((3,), (0,), (1, 2, 3))})
+    with pytest.raises(ValueError, match="levels 1 and 2"):
+        S.Design("bad", {1: S.LevelSpec((3,), (0,), (0, 1)), 2: S.LevelSpec((3,), (0,), (1,))})
     with pytest.raises(ValueError, match="unknown stepmath design"):
         S.generate(1, 1, seed=0, design="nope")
     with pytest.raises(ValueError, match="no level 6"):

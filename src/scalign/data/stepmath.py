@@ -83,10 +83,14 @@ class LevelSpec:
     Attributes:
       num_ops: chain lengths n to draw from (uniformly).
       num_mul: numbers m of `*` operations to draw from (uniformly, among values <= n).
+      num_sub: None: every other operation is `+` or `-` with probability 1/2; else the
+        numbers s of `-` operations to draw from (uniformly, among values <= n - m), the rest
+        being `+`.
     """
 
     num_ops: tuple[int, ...]
     num_mul: tuple[int, ...]
+    num_sub: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if not self.num_ops or min(self.num_ops) < 1:
@@ -97,15 +101,31 @@ class LevelSpec:
         if min(self.num_mul) > max(self.num_ops):
             raise ValueError(f"LevelSpec: every num_mul {self.num_mul} exceeds every num_ops "
                              f"{self.num_ops}")
+        if self.num_sub is not None and (not self.num_sub or min(self.num_sub) < 0):
+            raise ValueError(f"LevelSpec.num_sub must be None or non-empty ints >= 0, got "
+                             f"{self.num_sub}")
+        for n in self.num_ops:
+            if not any(m <= n and self.sub_choices(n, m) for m in self.num_mul):
+                raise ValueError(f"LevelSpec: no (num_mul, num_sub) choice fits num_ops={n}")
 
-    def shapes(self) -> set[tuple[int, int]]:
-        """The (n, m) pairs this level can produce."""
-        return {(n, m) for n in self.num_ops for m in self.num_mul if m <= n}
+    def mul_choices(self, n: int) -> list[int]:
+        return [m for m in self.num_mul if m <= n and self.sub_choices(n, m)]
+
+    def sub_choices(self, n: int, m: int) -> list[int]:
+        """Allowed numbers of `-` among the n - m additive operations."""
+        allowed = range(n - m + 1) if self.num_sub is None else self.num_sub
+        return [s for s in allowed if s <= n - m]
+
+    def shapes(self) -> set[tuple[int, int, int]]:
+        """The (n, m, s) = (operations, multiplications, subtractions) triples of this level."""
+        return {(n, m, s) for n in self.num_ops for m in self.mul_choices(n)
+                for s in self.sub_choices(n, m)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Design:
-    """A named level table. Levels must not share an (n, m) shape, so no problem can belong to
+    """A named level table: `LevelSpec` per level, the modulus M (values are 0..M-1) and the
+    spacing of the text. Levels must not share an (n, m, s) shape, so no problem can belong to
     two levels (test problems of a hard level never appear in an easy level's train split)."""
 
     name: str
@@ -122,7 +142,8 @@ class Design:
             for shape in spec.shapes():
                 if shape in owner:
                     raise ValueError(f"Design {self.name!r}: levels {owner[shape]} and {level} "
-                                     f"both produce chains with (num_ops, num_mul)={shape}")
+                                     f"both produce chains with (num_ops, num_mul, num_sub)="
+                                     f"{shape}")
                 owner[shape] = level
 
     def spec(self, level: int) -> LevelSpec:
@@ -153,6 +174,18 @@ DESIGNS: dict[str, Design] = {
     # The same, modulo 7: every operation is a bijection, so answers are uniform at every level.
     "mulcount7": _design("mulcount7", _MULCOUNT, modulus=7),
     "mulcount7s": _design("mulcount7s", _MULCOUNT, modulus=7, spaced=True),
+    # Multiplication is rare in levels 1-3 (one step in level 3 only) and common in 4-5.
+    "mulrare7": _design("mulrare7", {1: ((3,), (0,)), 2: ((4,), (0,)), 3: ((4,), (1,)),
+                                     4: ((4,), (2,)), 5: ((4,), (3,))}, modulus=7),
+    # Hard = longer: level L has L+2 operations of any kind, modulo 7.
+    "length7": _design("length7", {lv: ((lv + 2,), tuple(range(lv + 3))) for lv in range(1, 6)},
+                       modulus=7),
+    # School order, 4 operations everywhere: 1 additions only, 2 additions and subtractions,
+    # 3 one multiplication, 4 two, 5 three.
+    "arith7": Design("arith7", {1: LevelSpec((4,), (0,), (0,)),
+                                2: LevelSpec((4,), (0,), (1, 2, 3, 4)),
+                                3: LevelSpec((4,), (1,)), 4: LevelSpec((4,), (2,)),
+                                5: LevelSpec((4,), (3,))}, modulus=7),
 }
 DEFAULT_DESIGN = "mulmix"
 
@@ -373,12 +406,22 @@ class _HashRng:
 def _draw(level: int, design: Design, rng: _HashRng) -> Problem:
     spec, mod = design.spec(level), design.modulus
     n = int(rng.choice(spec.num_ops))
-    m = int(rng.choice([m for m in spec.num_mul if m <= n]))
+    m = int(rng.choice(spec.mul_choices(n)))
     mul_at = set(rng.sample_positions(n, m))
+    sub_at: set[int] | None = None
+    if spec.num_sub is not None:
+        additive = [k for k in range(n) if k not in mul_at]
+        s = int(rng.choice(spec.sub_choices(n, m)))
+        sub_at = {additive[i] for i in rng.sample_positions(len(additive), s)}
     start = rng.uniform_int(*operand_range(None, mod))
     ops, operands = [], []
     for k in range(n):
-        op = "*" if k in mul_at else str(rng.choice(("+", "-")))
+        if k in mul_at:
+            op = "*"
+        elif sub_at is None:
+            op = str(rng.choice(("+", "-")))
+        else:
+            op = "-" if k in sub_at else "+"
         ops.append(op)
         operands.append(rng.uniform_int(*operand_range(op, mod)))
     return Problem(level, start, tuple(ops), tuple(operands), modulus=mod,
@@ -394,12 +437,11 @@ def num_distinct(level: int, design: str | Design | None = None) -> int:
         lo, hi = operand_range(op, d.modulus)
         return hi - lo + 1
 
-    n_start, n_mul_operand = count(None), count("*")
-    n_add_operand = count("+") + count("-")
     total = 0
-    for n, m in spec.shapes():
-        total += _comb(n, m) * n_mul_operand ** m * n_add_operand ** (n - m)
-    return n_start * total
+    for n, m, s in spec.shapes():  # positions of the *, then of the - among the rest
+        total += (_comb(n, m) * _comb(n - m, s) * count("*") ** m * count("-") ** s
+                  * count("+") ** (n - m - s))
+    return count(None) * total
 
 
 def _comb(n: int, k: int) -> int:

@@ -148,9 +148,11 @@ def teacher_forced(config, params, tok: Tokenizer, problems: list[stepmath.Probl
 
 
 def step_stats(problem: stepmath.Problem, verdict: stepmath.Verdict) -> dict[str, list[int]]:
-    """Per operation type: [correct, attempted] steps up to and including the first error."""
+    """Per operation type ("+", "-", and "*b" per multiplier b): [correct, attempted] steps up
+    to and including the first error."""
     stats: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
-    for k, op in enumerate(problem.ops):
+    for k, (op, b) in enumerate(zip(problem.ops, problem.operands, strict=True)):
+        op = f"*{b}" if op == "*" else op
         if verdict.first_error is not None and k > verdict.first_error:
             break
         if k >= len(verdict.step_labels):  # stopped before this step
@@ -192,6 +194,9 @@ def evaluate(config, params, tok, test: dict[int, list[stepmath.Problem]], *, n_
                 ops[op][1] += a
         correct_steps = sum(c for c, _ in ops.values())
         attempted = sum(a for _, a in ops.values())
+        mul = [v for k, v in ops.items() if k.startswith("*")]
+        if mul:
+            ops["*"] = [sum(c for c, _ in mul), sum(a for _, a in mul)]
         errors = collections.Counter(v.error for v in verdicts if not v.outcome_correct)
         first_err_pos = collections.Counter(v.first_error for v in verdicts
                                             if not v.outcome_correct)

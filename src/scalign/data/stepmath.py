@@ -59,6 +59,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 OPS = ("+", "-", "*")
 QUESTION_TEMPLATE = "Mod {modulus}, left to right: {expression}"
+# Right-to-left layout: the first operation to apply is written last, next to the start value.
+QUESTION_TEMPLATE_RTL = "Mod {modulus}, apply right to left: {operations} to {start}"
 STEP_DELIMITER = "\n\n"
 ANSWER_HEADER = "# Answer"
 PROMPT_TEMPLATE = "# Question\n\n{question}\n\n# Solution\n\n"
@@ -86,11 +88,14 @@ class LevelSpec:
       num_sub: None: every other operation is `+` or `-` with probability 1/2; else the
         numbers s of `-` operations to draw from (uniformly, among values <= n - m), the rest
         being `+`.
+      mul_operands: None: `*` operands uniform in 2..M-1; else the values to draw from
+        (uniformly over the tuple, so repeating a value weights it).
     """
 
     num_ops: tuple[int, ...]
     num_mul: tuple[int, ...]
     num_sub: tuple[int, ...] | None = None
+    mul_operands: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if not self.num_ops or min(self.num_ops) < 1:
@@ -132,6 +137,7 @@ class Design:
     levels: Mapping[int, LevelSpec]
     modulus: int = 10
     spaced: bool = False
+    reverse: bool = False
 
     def __post_init__(self):
         if self.modulus < 3 or self.modulus > 10:
@@ -179,6 +185,26 @@ DESIGNS: dict[str, Design] = {
                                      4: ((4,), (2,)), 5: ((4,), (3,))}, modulus=7),
     # Hard = longer: level L has L+2 operations of any kind, modulo 7.
     "length7": _design("length7", {lv: ((lv + 2,), tuple(range(lv + 3))) for lv in range(1, 6)},
+                       modulus=7),
+    # The same with the right-to-left layout: the k-th operation to apply sits at the same
+    # distance from the solution whatever the chain length.
+    "length7r": _design("length7r", {lv: ((lv + 2,), tuple(range(lv + 3))) for lv in range(1, 6)},
+                        modulus=7, reverse=True),
+    # Multiplication rare in levels 1-3, modulo 10 (80 multiplication facts), right to left.
+    "mulrare10r": _design("mulrare10r", {1: ((3,), (0,)), 2: ((4,), (0,)), 3: ((4,), (1,)),
+                                         4: ((4,), (2,)), 5: ((4,), (3,))}, reverse=True),
+    # arith7 with graded multipliers: level 3 multiplies mostly by 2 or 3 (x4..x6 rare),
+    # levels 4-5 by anything in 2..6 -- hard problems use facts that easy ones rarely show.
+    "bigmul7": Design("bigmul7", {1: LevelSpec((4,), (0,), (0,)),
+                                  2: LevelSpec((4,), (0,), (1, 2, 3, 4)),
+                                  3: LevelSpec((4,), (1,), None, (2,) * 8 + (3,) * 8 + (4, 5, 6)),
+                                  4: LevelSpec((4,), (2,)), 5: LevelSpec((4,), (3,))},
+                      modulus=7),
+    "bigmul7x": Design("bigmul7x", {1: LevelSpec((4,), (0,), (0,)),
+                                    2: LevelSpec((4,), (0,), (1, 2, 3, 4)),
+                                    3: LevelSpec((4,), (1,), None,
+                                                 (2,) * 24 + (3,) * 24 + (4, 5, 6)),
+                                    4: LevelSpec((4,), (2,)), 5: LevelSpec((4,), (3,))},
                        modulus=7),
     # School order, 4 operations everywhere: 1 additions only, 2 additions and subtractions,
     # 3 one multiplication, 4 two, 5 three.
@@ -248,6 +274,7 @@ class Problem:
     operands: tuple[int, ...]
     modulus: int = 10
     spaced: bool = False
+    reverse: bool = False
 
     def __post_init__(self):
         if len(self.ops) != len(self.operands) or not self.ops:
@@ -272,6 +299,12 @@ class Problem:
 
     @property
     def question(self) -> str:
+        if self.reverse:
+            sep = " " if self.spaced else ""
+            operations = sep.join(f"{op}{sep}{b}" for op, b in
+                                  zip(self.ops[::-1], self.operands[::-1], strict=True))
+            return QUESTION_TEMPLATE_RTL.format(modulus=self.modulus, operations=operations,
+                                                start=self.start)
         return QUESTION_TEMPLATE.format(modulus=self.modulus, expression=self.expression)
 
     @property
@@ -336,6 +369,7 @@ def from_record(record: Mapping[str, object]) -> Problem:
 
 
 _QUESTION_RE = re.compile(r"Mod (\d+), left to right: (\d)((?: ?[+\-*] ?\d)+)")
+_QUESTION_RTL_RE = re.compile(r"Mod (\d+), apply right to left: ((?:[+\-*] ?\d ?)+) to (\d)")
 
 
 def parse_prompt(prompt: str, *, level: int) -> Problem:
@@ -345,13 +379,21 @@ def parse_prompt(prompt: str, *, level: int) -> Problem:
         raise ValueError(f"not a stepmath prompt: {prompt[:60]!r}")
     question = prompt[len(head): len(prompt) - len(tail)]
     m = _QUESTION_RE.fullmatch(question)
-    if m is None:
-        raise ValueError(f"not a stepmath question: {question[:60]!r}")
-    rest = m.group(3)
-    spaced = rest.startswith(" ")
+    if m is not None:
+        modulus, start, rest, reverse = m.group(1), m.group(2), m.group(3), False
+        spaced = rest.startswith(" ")
+    else:
+        m = _QUESTION_RTL_RE.fullmatch(question)
+        if m is None:
+            raise ValueError(f"not a stepmath question: {question[:60]!r}")
+        modulus, rest, start, reverse = m.group(1), m.group(2), m.group(3), True
+        spaced = " " in rest.strip()
     rest = rest.replace(" ", "")
-    p = Problem(level, int(m.group(2)), tuple(rest[0::2]), tuple(int(t) for t in rest[1::2]),
-                modulus=int(m.group(1)), spaced=spaced)
+    ops, operands = tuple(rest[0::2]), tuple(int(t) for t in rest[1::2])
+    if reverse:
+        ops, operands = ops[::-1], operands[::-1]
+    p = Problem(level, int(start), ops, operands, modulus=int(modulus), spaced=spaced,
+                reverse=reverse)
     if p.question != question:
         raise ValueError(f"not a canonical stepmath question: {question[:60]!r}")
     return p
@@ -423,9 +465,12 @@ def _draw(level: int, design: Design, rng: _HashRng) -> Problem:
         else:
             op = "-" if k in sub_at else "+"
         ops.append(op)
-        operands.append(rng.uniform_int(*operand_range(op, mod)))
+        if op == "*" and spec.mul_operands is not None:
+            operands.append(int(rng.choice(spec.mul_operands)))
+        else:
+            operands.append(rng.uniform_int(*operand_range(op, mod)))
     return Problem(level, start, tuple(ops), tuple(operands), modulus=mod,
-                   spaced=design.spaced)
+                   spaced=design.spaced, reverse=design.reverse)
 
 
 def num_distinct(level: int, design: str | Design | None = None) -> int:
@@ -434,6 +479,8 @@ def num_distinct(level: int, design: str | Design | None = None) -> int:
     spec = d.spec(level)
 
     def count(op: str | None) -> int:
+        if op == "*" and spec.mul_operands is not None:
+            return len(set(spec.mul_operands))
         lo, hi = operand_range(op, d.modulus)
         return hi - lo + 1
 

@@ -39,6 +39,12 @@ FLAGS = flags.FLAGS
 def _setup_jax() -> None:
     import jax
 
+    # Persistent XLA cache: reruns (resume, the demo twice, a config tweak) skip most compiles.
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "jax")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
     if FLAGS.cpu_devices:
         jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
     if FLAGS.coordinator or FLAGS.num_processes:

@@ -23,16 +23,29 @@ solutions the SFT policy samples for easy *training* problems:
 
 `assert_levels` guards the experiment's premise: it raises if any example comes from a level
 outside the supervised ones.
+
+**Human labels instead of the verifier** (`prm800k_solutions`): on real MATH there is no step
+verifier, and Sun et al. (2024) train their PRMs on PRM800K (Lightman et al. 2023), whose
+step labels come from human raters. `prm800k_solutions` turns PRM800K's step-labelled
+solutions of easy problems into the same `LabelledSolutions` shape the policy samples have
+(texts in the PRM800K layout, token ids, verdicts carrying the human step labels and the
+graded outcome), so `build_reward_records` places the labels exactly as it does for sampled
+solutions.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from scalign.data.domain import format_solution
+from scalign.data.math import MathProblem, StepLabelledSolution, problem_key
+from scalign.data.stepmath import STEP_DELIMITER, split_solution
 from scalign.objectives.reward import oprm_records, token_positions_of_chars
 
 
@@ -89,6 +102,7 @@ class LabelStats:
     prm_labels_neg: int = 0
     orm_pos: int = 0
     orm_neg: int = 0
+    orm_no_answer: int = 0
 
     def as_rows(self) -> list[dict[str, Any]]:
         return [{"metric": k, "value": v} for k, v in dataclasses.asdict(self).items()]
@@ -153,11 +167,17 @@ def balance_indices(outcomes: Sequence[bool], *, max_ratio: float, keep_one_clas
 
 def build_reward_records(solutions: Any, domain: Any, token_bytes: Sequence[bytes],
                          prompt_ids: Sequence[Sequence[int]], *, after_first_error: str = "drop",
-                         max_ratio: float = 3.0, keep_one_class: int = 2, seed: int = 0
+                         max_ratio: float = 3.0, keep_one_class: int = 2, seed: int = 0,
+                         orm_needs_answer: bool = False
                          ) -> tuple[dict[str, list[dict[str, Any]]], LabelStats]:
     """PRM, ORM and OPRM record lists from sampled solutions (`evaluation.generation.Solutions`
-    with tokens) of easy training problems. `prompt_ids[i]` are problem i's prompt ids as the
-    sampler saw them (bos included).
+    with tokens, or `LabelledSolutions`) of easy training problems. `prompt_ids[i]` are problem
+    i's prompt ids as the sampler saw them (bos included).
+
+    With `orm_needs_answer=True` a solution without an answer (`verdict.answer is None`, e.g. a
+    PRM800K path that stops at its first wrong step) gives no ORM example: its outcome is
+    unknown rather than wrong. Such solutions are counted in `stats.orm_no_answer` and left
+    out of the ORM balancing; they still give PRM examples.
     """
     rng = np.random.default_rng(seed)
     stats = LabelStats(problems=len(solutions.problems))
@@ -175,15 +195,18 @@ def build_reward_records(solutions: Any, domain: Any, token_bytes: Sequence[byte
             items.append(j)
         level = int(problem.level)
         uid = str(getattr(problem, "uid", i))
-        outcomes = [bool(solutions.verdicts[i][j].outcome_correct) for j in items]
+        orm_items = [j for j in items if not orm_needs_answer
+                     or solutions.verdicts[i][j].answer is not None]
+        stats.orm_no_answer += len(items) - len(orm_items)
+        outcomes = [bool(solutions.verdicts[i][j].outcome_correct) for j in orm_items]
         keep, reason = balance_indices(outcomes, max_ratio=max_ratio,
                                        keep_one_class=keep_one_class, rng=rng)
-        dropped = len(items) - len(keep)
+        dropped = len(orm_items) - len(keep)
         if reason == "one_class":
             stats.orm_dropped_one_class += dropped
         elif reason == "balance":
             stats.orm_dropped_balance += dropped
-        keep_set = {items[k] for k in keep}
+        keep_set = {orm_items[k] for k in keep}
         for j in items:
             verdict = solutions.verdicts[i][j]
             pos = score_positions(token_bytes, prompt_ids[i], solutions.response_ids(i, j),
@@ -213,3 +236,135 @@ def assert_levels(records: Sequence[dict[str, Any]], allowed: Sequence[int]) -> 
     if bad:
         raise AssertionError(f"reward-model training data contains levels {bad}; only "
                              f"{sorted(allowed_set)} are supervised")
+
+
+# ------------------------------------------------------------------------- PRM800K
+@dataclasses.dataclass
+class LabelledSolutions:
+    """Given (not sampled) solutions in the shape `build_reward_records` reads.
+
+    problems[i]: the problem (`level`, `uid`); texts[i][j]: solution j's text, equal to the
+    decoded bytes of its token ids (`Tokenizer.token_bytes`), so character offsets map onto
+    tokens; verdicts[i][j]: its labels (`step_labels`, `answer_label`, `outcome_correct`,
+    `answer`); prompt_ids[i]: the prompt's ids (bos included); ids[i][j]: the response's ids.
+    """
+
+    problems: list[Any]
+    texts: list[list[str]]
+    verdicts: list[list[Any]]
+    prompt_ids: list[list[int]]
+    ids: list[list[list[int]]]
+
+    def response_ids(self, i: int, j: int) -> np.ndarray:
+        return np.asarray(self.ids[i][j], np.int32)
+
+
+_BLANK_LINE_RE = re.compile(r"\n[ \t]*\n\s*")
+
+
+def prm800k_text(steps: Sequence[str]) -> tuple[str, bool] | None:
+    """PRM800K steps in the layout the policy writes: (text, has_answer), or None.
+
+    Steps are stripped and joined by "\\n\\n" (a blank line inside a step becomes one
+    newline, so the delimiter only separates steps). PRM800K's final step "# Answer\\n\\nX"
+    becomes the answer section. None when a step is empty or a step other than the last holds
+    an answer header (the labels could not be aligned with the text).
+    """
+    out: list[str] = []
+    for k, step in enumerate(steps):
+        parsed = split_solution(step)
+        if parsed.answer is not None:
+            if k != len(steps) - 1 or parsed.steps or not parsed.answer:
+                return None
+            return format_solution(out, parsed.answer), True
+        text = _BLANK_LINE_RE.sub("\n", step.strip())
+        if not text:
+            return None
+        out.append(text)
+    return STEP_DELIMITER.join(out), False
+
+
+def encode_continuation(tokenizer: Any, prompt: str, text: str) -> tuple[list[int], list[int]]:
+    """(prompt ids with bos, response ids): `Tokenizer.encode_continuation`."""
+    return tokenizer.encode_continuation(prompt, text, add_bos=True)
+
+
+def prm800k_solutions(solutions: Sequence[StepLabelledSolution], domain: Any, tokenizer: Any, *,
+                      levels: Sequence[int], max_tokens: int | None = None
+                      ) -> tuple[LabelledSolutions, collections.Counter[str]]:
+    """PRM800K step-labelled solutions of the supervised `levels` as `LabelledSolutions`.
+
+    For each solution (grouped by problem text, in first-seen order):
+      - its level must be known and in `levels`; a problem of the domain's test split is never
+        used (drops: "level_unknown", "level_not_supervised", "test_problem");
+      - text = `prm800k_text(steps)` after `domain.prompt` (drop: "unaligned_steps");
+      - ids = `encode_continuation`; longer than `max_tokens` in all: drop "too_long";
+      - verdict = `domain.verify` of the text against the reference answer (PRM800K's
+        `ground_truth_answer`, else the MATH answer of the same problem, `domain.reference`;
+        drop "no_reference_answer"), with the human labels put in: `step_labels` = the labels
+        of the non-answer steps, `answer_label` = the label of the "# Answer" step (0 without
+        one), `outcome_correct` = `is_equiv(answer, reference)` from `domain.verify`; a
+        path without its "# Answer" step (it stopped at a wrong step) gets `answer=None`, so
+        `build_reward_records(orm_needs_answer=True)` gives it no ORM example;
+      - the parsed text must have one step per label (drop: "unaligned_steps").
+
+    Returns (solutions, drop counts by reason). `domain` needs `prompt`, `verify`, `parse`,
+    `split_of` and `reference` (`data.domain.MathDomain`); `tokenizer` needs `encode` and
+    `token_bytes`.
+    """
+    allowed = {int(lv) for lv in levels}
+    token_bytes = tokenizer.token_bytes()
+    drops: collections.Counter[str] = collections.Counter()
+    groups: dict[str, int] = {}
+    out = LabelledSolutions([], [], [], [], [])
+    for sol in solutions:
+        if sol.level is None:
+            drops["level_unknown"] += 1
+            continue
+        if int(sol.level) not in allowed:
+            drops["level_not_supervised"] += 1
+            continue
+        if domain.split_of(sol.problem) == "test":
+            drops["test_problem"] += 1
+            continue
+        ref = domain.reference(sol.problem)
+        answer = sol.answer if sol.answer else (ref.answer if ref is not None else None)
+        if answer is None:
+            drops["no_reference_answer"] += 1
+            continue
+        laid_out = prm800k_text(sol.steps)
+        if laid_out is None:
+            drops["unaligned_steps"] += 1
+            continue
+        text, has_answer = laid_out
+        problem = MathProblem(uid=ref.uid if ref is not None else sol.uid, problem=sol.problem,
+                              solution=ref.solution if ref is not None else "", answer=answer,
+                              level=int(sol.level),
+                              subject=ref.subject if ref is not None else "")
+        prompt_ids, ids = encode_continuation(tokenizer, domain.prompt(problem), text)
+        if max_tokens is not None and len(prompt_ids) + len(ids) > max_tokens:
+            drops["too_long"] += 1
+            continue
+        decoded = b"".join(token_bytes[t] for t in ids).decode("utf-8", errors="replace")
+        labels = [int(y) for y in sol.labels]
+        step_labels = labels[:-1] if has_answer else labels
+        if len(domain.parse(decoded).steps) != len(step_labels):
+            drops["unaligned_steps"] += 1
+            continue
+        verdict = domain.verify(problem, text)
+        if not has_answer:  # the path stops before its answer: the outcome is unknown
+            verdict = dataclasses.replace(verdict, answer=None, outcome_correct=False)
+        verdict = dataclasses.replace(verdict, step_labels=tuple(step_labels),
+                                      answer_label=labels[-1] if has_answer else 0)
+        key = problem_key(sol.problem)
+        if key not in groups:
+            groups[key] = len(out.problems)
+            out.problems.append(problem)
+            out.prompt_ids.append(prompt_ids)
+            for part in (out.texts, out.verdicts, out.ids):
+                part.append([])
+        i = groups[key]
+        out.texts[i].append(decoded)
+        out.verdicts[i].append(verdict)
+        out.ids[i].append(ids)
+    return out, drops

@@ -3,19 +3,23 @@
 The experiment stages talk to a `Domain`, not to a data set: SFT asks for demonstration records
 of some levels, evaluation asks for test problems per level and grades generated solutions,
 reward labelling asks for per-step labels. `StepMathDomain` is the synthetic graded domain
-(`scalign.data.stepmath`); a MATH / PRM800K domain plugs in behind the same methods.
+(`scalign.data.stepmath`); `MathDomain` is Hendrycks MATH (with MATH500 as the test split) in the
+PRM800K text layout, graded by final answer (`scalign.data.grading`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from etils import epath
 
-from scalign.data import stepmath
+from scalign.data import grading, stepmath
+from scalign.data.math import MathProblem, problem_key, read_math
+from scalign.data.records import OnError, PathLike, ReadStats
 
 
 class Domain(Protocol):
@@ -114,3 +118,350 @@ class StepMathDomain:
         splits = {lv: stepmath.LevelSplit(lv, tuple(parts["train"][lv]), tuple(parts["test"][lv]))
                   for lv in meta["levels"]}
         return cls(splits, meta["design"], meta["seed"], meta["name"])
+
+
+# --------------------------------------------------------------------------------- MATH
+_MATH_DELIM_RE = re.compile(r"\\\$|\$\$|\$|\\\[|\\\]|\\\(|\\\)|\\begin\{[^}]*\}|\\end\{[^}]*\}")
+_PARAGRAPH_BREAK_RE = re.compile(r"\n[ \t]*\n\s*")
+# End of a sentence: . ! or ? (possibly closed by $, a bracket or a quote, or after whitespace
+# by $$, \] or \)), then whitespace, then an uppercase letter.
+_SENTENCE_END_RE = re.compile(
+    r"[.!?](?:\s*(?:\$\$|\\\]|\\\))|\$|[)\"'])*([ \t\n]+)(?=[A-Z])")
+
+
+def math_spans(text: str) -> list[tuple[int, int]]:
+    """[start, end) character spans of `text` inside LaTeX math.
+
+    Math is `$...$`, `$$...$$`, `\\[...\\]`, `\\(...\\)` and `\\begin{env}...\\end{env}` (nested
+    environments count once, `\\$` is a dollar sign). An unclosed delimiter makes the rest of
+    the text math, so a broken formula is never cut.
+    """
+    spans: list[tuple[int, int]] = []
+    stack: list[str] = []
+    start = 0
+    for m in _MATH_DELIM_RE.finditer(text):
+        tok = m.group(0)
+        if tok == "\\$":
+            continue
+        opens = tok in ("$", "$$", "\\[", "\\(") or tok.startswith("\\begin")
+        if not stack:
+            if opens:
+                stack.append(tok)
+                start = m.start()
+            continue
+        top = stack[-1]
+        if tok.startswith("\\begin"):
+            stack.append(tok)
+        elif tok.startswith("\\end"):
+            if top.startswith("\\begin"):
+                stack.pop()
+        elif tok == top and tok in ("$", "$$"):
+            stack.pop()
+        elif (top, tok) in (("\\[", "\\]"), ("\\(", "\\)")):
+            stack.pop()
+        if not stack:
+            spans.append((start, m.end()))
+    if stack:
+        spans.append((start, len(text)))
+    return spans
+
+
+def _in_spans(pos: int, spans: Sequence[tuple[int, int]]) -> bool:
+    return any(a <= pos < b for a, b in spans)
+
+
+def unbox(text: str) -> str:
+    """`text` with every `\\boxed{X}` / `\\fbox{X}` / `\\boxed X` replaced by X (nested too).
+
+    A truncated box (unbalanced braces) and everything after it are kept as they are.
+    """
+    out: list[str] = []
+    pos = 0
+    while (m := grading._BOX_RE.search(text, pos)) is not None:
+        content, stop = grading._box_span(text, m.start(), m.end())
+        if content is None:
+            break
+        out += [text[pos:m.start()], unbox(content)]
+        pos = stop
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def solution_steps(solution: str) -> list[str]:
+    """A MATH reference solution cut into PRM800K-style steps (one sentence or formula each).
+
+    MATH solutions are free-form paragraphs; PRM800K solutions (Lightman et al. 2023), the
+    layout Sun et al. (2024) fine-tune on, are short steps separated by blank lines. The cut:
+
+      1. boxes are unwrapped (`unbox`): the answer moves to the answer section, the sentence
+         keeps its content;
+      2. paragraphs: split at blank lines outside math (`math_spans`);
+      3. sentences: split a paragraph after ".", "!" or "?" (optionally closed by `$`, a
+         bracket, a quote, or `$$` / `\\]` / `\\)` after whitespace) followed by whitespace
+         outside math and an uppercase letter (so "i.e. x" and decimals stay whole; "Mr.
+         Smith" would be cut);
+      4. each step is stripped and any blank line left inside it (in display math) becomes one
+         newline, so "\\n\\n" only ever separates steps. Empty steps are dropped.
+    """
+    text = unbox(solution).strip()
+    spans = math_spans(text)
+    paragraphs, start = [], 0
+    for m in _PARAGRAPH_BREAK_RE.finditer(text):
+        if not _in_spans(m.start(), spans):
+            paragraphs.append(text[start:m.start()])
+            start = m.end()
+    paragraphs.append(text[start:])
+    steps: list[str] = []
+    for par in paragraphs:
+        par_spans = math_spans(par)
+        start = 0
+        for m in _SENTENCE_END_RE.finditer(par):
+            if not _in_spans(m.start(1), par_spans):
+                steps.append(par[start:m.start(1)])
+                start = m.end(1)
+        steps.append(par[start:])
+    steps = [_PARAGRAPH_BREAK_RE.sub("\n", s.strip()) for s in steps]
+    return [s for s in steps if s]
+
+
+def format_solution(steps: Sequence[str], answer: str) -> str:
+    """PRM800K layout: steps joined by "\\n\\n", then "\\n\\n# Answer\\n\\n{answer}"."""
+    answer = _PARAGRAPH_BREAK_RE.sub(" ", answer.strip())
+    tail = stepmath.ANSWER_HEADER + stepmath.STEP_DELIMITER + answer
+    return stepmath.STEP_DELIMITER.join([*steps, tail])
+
+
+@dataclasses.dataclass(frozen=True)
+class MathVerdict:
+    """What `MathDomain.verify` says about one solution (the fields of `stepmath.Verdict`).
+
+    Real MATH has no step verifier, so step labels are never invented here:
+
+      step_labels: always () (step labels come from humans: PRM800K, see
+        `algorithms.reward_labels.prm800k_solutions`).
+      outcome_correct: `grading.is_equiv(gold, answer, symbolic=True)` within the domain's
+        time limit.
+      answer: the extracted answer (`answer_of`), or None.
+      answer_label: int(outcome_correct) (the only label an answer segment can get).
+      first_error: None when correct, else 0 (= len(step_labels): no known wrong step).
+      error: None, "wrong_answer" or "no_answer".
+      num_expected_steps: 0 (unknown: a MATH problem has no fixed number of steps).
+    """
+
+    step_labels: tuple[int, ...]
+    outcome_correct: bool
+    answer: str | None
+    answer_label: int
+    first_error: int | None
+    error: str | None
+    num_expected_steps: int
+
+
+def answer_of(text: str, parsed: stepmath.ParsedSolution | None = None) -> str | None:
+    """The final answer of a solution: its "# Answer" section (a `\\boxed{}` in it unwrapped),
+    else the last `\\boxed{}` anywhere in the text (`grading.extract_answer`), else None."""
+    parsed = parsed if parsed is not None else stepmath.split_solution(text)
+    if parsed.answer:
+        return grading.extract_answer(parsed.answer) or parsed.answer
+    return grading.extract_answer(text)
+
+
+def _per_level_cap(cap: int | Mapping[int, int] | None, level: int) -> int | None:
+    if cap is None or isinstance(cap, int):
+        return cap
+    return cap.get(level)
+
+
+def _by_level(problems: Sequence[MathProblem], levels: Sequence[int],
+              cap: int | Mapping[int, int] | None) -> dict[int, tuple[MathProblem, ...]]:
+    """The problems of each level in file order, the first `cap` (per level) of them."""
+    out: dict[int, tuple[MathProblem, ...]] = {}
+    for lv in levels:
+        items = [p for p in problems if p.level == lv]
+        n = _per_level_cap(cap, lv)
+        out[int(lv)] = tuple(items if n is None else items[:n])
+    return out
+
+
+def _stats_dict(stats: ReadStats) -> dict[str, Any]:
+    return {"read": stats.read, "skipped": stats.skipped, "reasons": dict(stats.reasons)}
+
+
+@dataclasses.dataclass
+class MathDomain:
+    """Hendrycks MATH per level, prompted and answered in the PRM800K layout.
+
+    prompt      "# Question\\n\\n{problem}\\n\\n# Solution\\n\\n" (Lightman et al. 2023; the
+                layout Sun et al. 2024 use).
+    SFT demo    `format_solution(solution_steps(MATH solution), answer)`.
+    verify      final-answer grading (`MathVerdict`); no step labels.
+    parse       `stepmath.split_solution` (steps at "\\n\\n", then the "# Answer" section).
+    answer_key  `grading.normalize_answer`, so answers that normalise alike vote together
+                ("\\dfrac12" and "1/2"; not "0.5" and "1/2", which only `is_equiv` matches).
+
+    Train problems whose text also appears in the test split are dropped (counted in
+    `info["train"]["dropped_test_overlap"]`). Use PRM800K's `math_splits/train.jsonl` (the
+    12,000 MATH problems outside MATH500) as the train files and `math_splits/test.jsonl`
+    (MATH500) as the test file, or the MATH train/test trees.
+    """
+
+    train: dict[int, tuple[MathProblem, ...]]
+    test: dict[int, tuple[MathProblem, ...]]
+    timeout_s: float = 2.0
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    name: str = "math"
+
+    @classmethod
+    def build(cls, train_paths: PathLike | Sequence[PathLike],
+              test_paths: PathLike | Sequence[PathLike], levels: Sequence[int], *,
+              n_train: int | Mapping[int, int] | None = None,
+              n_test: int | Mapping[int, int] | None = None, on_error: OnError = "raise",
+              timeout_s: float = 2.0) -> MathDomain:
+        """Read MATH train/test files (`data.math.read_math`) and keep `levels`.
+
+        `n_train` / `n_test` cap the problems per level (an int, {level: n}, or None = all),
+        taking them in file order. `on_error` is `read_math`'s bad-record policy.
+        """
+        test_items, test_stats = read_math(test_paths, on_error=on_error)
+        train_items, train_stats = read_math(train_paths, on_error=on_error)
+        test_keys = {problem_key(p.problem) for p in test_items}
+        kept = [p for p in train_items if problem_key(p.problem) not in test_keys]
+        info = {
+            "train_paths": [str(p) for p in _as_list(train_paths)],
+            "test_paths": [str(p) for p in _as_list(test_paths)],
+            "train": {**_stats_dict(train_stats),
+                      "dropped_test_overlap": len(train_items) - len(kept)},
+            "test": _stats_dict(test_stats),
+        }
+        return cls(_by_level(kept, levels, n_train), _by_level(test_items, levels, n_test),
+                   float(timeout_s), info)
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        return tuple(sorted(self.train))
+
+    def _split(self, part: dict[int, tuple[MathProblem, ...]], level: int
+               ) -> tuple[MathProblem, ...]:
+        if level not in part:
+            raise KeyError(f"domain {self.name!r} has no level {level}; levels: {self.levels}")
+        return part[level]
+
+    def train_problems(self, level: int) -> Sequence[MathProblem]:
+        return self._split(self.train, level)
+
+    def test_problems(self, level: int) -> Sequence[MathProblem]:
+        return self._split(self.test, level)
+
+    def demonstration(self, problem: MathProblem) -> str:
+        """The SFT target of a problem: its MATH solution in the PRM800K layout."""
+        return format_solution(solution_steps(problem.solution), problem.answer)
+
+    def train_records(self, levels: Sequence[int]) -> list[dict[str, Any]]:
+        """SFT records {"prompt", "response", "level", "answer", "uid"} of `levels`."""
+        return [{"prompt": self.prompt(p), "response": self.demonstration(p), "level": p.level,
+                 "answer": p.answer, "uid": p.uid}
+                for lv in levels for p in self.train_problems(lv)]
+
+    def prompt(self, problem: MathProblem) -> str:
+        return stepmath.PROMPT_TEMPLATE.format(question=problem.problem)
+
+    def verify(self, problem: MathProblem, solution: str | bytes) -> MathVerdict:
+        """Grade the final answer of a generated solution (never raises on str/bytes input).
+
+        A text that repeats the prompt first is accepted (the prompt is stripped).
+        """
+        if isinstance(solution, bytes):
+            solution = solution.decode("utf-8", errors="replace")
+        text = str(solution)
+        prompt = self.prompt(problem)
+        if text.startswith(prompt):
+            text = text[len(prompt):]
+        answer = answer_of(text)
+        correct = grading.is_equiv(problem.answer, answer, symbolic=True,
+                                   timeout_s=self.timeout_s)
+        error = None if correct else ("no_answer" if answer is None else "wrong_answer")
+        return MathVerdict((), bool(correct), answer, int(correct), None if correct else 0,
+                           error, 0)
+
+    def parse(self, solution: str) -> stepmath.ParsedSolution:
+        """Steps, their end offsets and the answer section (`stepmath.split_solution`)."""
+        return stepmath.split_solution(solution)
+
+    def answer_key(self, answer: str | None) -> str | None:
+        """Canonical answer for voting: `grading.normalize_answer`, None if empty or missing."""
+        if answer is None:
+            return None
+        key = grading.normalize_answer(answer)
+        return key or None
+
+    def split_of(self, problem_text: str) -> str | None:
+        """"test" / "train" if a problem with this text is in that split (test first), else
+        None (texts match by `data.math.problem_key`)."""
+        found = self._index().get(problem_key(problem_text))
+        return None if found is None else found[0]
+
+    def reference(self, problem_text: str) -> MathProblem | None:
+        """The train problem with this text, or None."""
+        found = self._index().get(problem_key(problem_text))
+        return found[1] if found is not None and found[0] == "train" else None
+
+    def level_index(self) -> dict[str, int]:
+        """problem text key -> level of every train problem (for `data.math.read_prm800k`)."""
+        return {k: p.level for k, (part, p) in self._index().items() if part == "train"}
+
+    def _index(self) -> dict[str, tuple[str, MathProblem]]:
+        """problem key -> (split, first problem with that text); built once, test first."""
+        cached = self.__dict__.get("_index_cache")
+        if cached is None:
+            cached = {}
+            for part, table in (("test", self.test), ("train", self.train)):
+                for lv in self.levels:
+                    for p in table[lv]:
+                        cached.setdefault(problem_key(p.problem), (part, p))
+            self.__dict__["_index_cache"] = cached
+        return cached
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, directory: epath.PathLike) -> None:
+        directory = epath.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"name": self.name, "levels": list(self.levels), "timeout_s": self.timeout_s,
+                "info": self.info}
+        (directory / "domain.json").write_text(json.dumps(meta))
+        for part in ("train", "test"):
+            with (directory / f"{part}.jsonl").open("w") as f:
+                for lv in self.levels:
+                    for p in getattr(self, part)[lv]:
+                        f.write(json.dumps(dataclasses.asdict(p)) + "\n")
+
+    @classmethod
+    def load(cls, directory: epath.PathLike) -> MathDomain:
+        directory = epath.Path(directory)
+        meta = json.loads((directory / "domain.json").read_text())
+        parts: dict[str, dict[int, list[MathProblem]]] = {}
+        for part in ("train", "test"):
+            by_level: dict[int, list[MathProblem]] = {int(lv): [] for lv in meta["levels"]}
+            path = directory / f"{part}.jsonl"
+            for i, line in enumerate(path.read_text().splitlines()):
+                try:
+                    p = MathProblem(**json.loads(line))
+                    by_level[p.level].append(p)
+                except (ValueError, TypeError, KeyError) as e:
+                    raise ValueError(f"{path}:{i + 1}: {e}") from e
+            parts[part] = by_level
+        return cls({lv: tuple(ps) for lv, ps in parts["train"].items()},
+                   {lv: tuple(ps) for lv, ps in parts["test"].items()},
+                   float(meta["timeout_s"]), meta.get("info", {}), meta["name"])
+
+
+def _as_list(paths: PathLike | Sequence[PathLike]) -> list[PathLike]:
+    if isinstance(paths, (str, epath.Path)) or not isinstance(paths, Sequence):
+        return [paths]
+    return list(paths)
+
+
+def load_domain(directory: epath.PathLike) -> StepMathDomain | MathDomain:
+    """The domain saved in `directory` (by `StepMathDomain.save` or `MathDomain.save`)."""
+    name = json.loads((epath.Path(directory) / "domain.json").read_text())["name"]
+    return MathDomain.load(directory) if name == MathDomain.name else StepMathDomain.load(
+        directory)

@@ -104,8 +104,10 @@ class SftFeaturizer:
     tokens    = [bos] + enc(prompt) + enc(response) + [eos]
     loss_mask = [0]   + [0]*|prompt| + [1]*|response| + [1]
 
-    Prompt and response are encoded separately (so the mask boundary is exact); the text
-    fields may be str or UTF-8 bytes (TFDS text features).
+    The response is encoded as the continuation of the prompt (`Tokenizer.encode_continuation`:
+    exactly the ids a sampler emits after that prompt, also for tokenizers with a dummy
+    prefix), so the mask boundary is exact; the text fields may be str or UTF-8 bytes (TFDS
+    text features).
     """
 
     tokenizer: Tokenizer
@@ -118,11 +120,11 @@ class SftFeaturizer:
                 "loss_mask": Field(np.float32, 0.0)}
 
     def __call__(self, record: Any) -> dict[str, np.ndarray]:
-        prompt = self.tokenizer.encode(_get(record, self.prompt_key))
-        response = self.tokenizer.encode(_get(record, self.response_key))
-        tokens = [self.tokenizer.bos_id, *prompt, *response, self.tokenizer.eos_id]
+        prompt, response = self.tokenizer.encode_continuation(
+            _get(record, self.prompt_key), _get(record, self.response_key), add_bos=True)
+        tokens = [*prompt, *response, self.tokenizer.eos_id]
         mask = np.zeros(len(tokens), np.float32)
-        mask[1 + len(prompt):] = 1.0
+        mask[len(prompt):] = 1.0
         return {"tokens": np.asarray(tokens, np.int32), "loss_mask": mask}
 
 

@@ -290,6 +290,21 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
+    def encode_continuation(self, prompt: str, text: str, *, add_bos: bool = True
+                            ) -> tuple[list[int], list[int]]:
+        """(prompt ids, continuation ids) of prompt + text, as a sampler would produce them.
+
+        The pair is encoded jointly and cut where the prompt's own ids end, so a tokenizer that
+        prepends a space to every encoded text (SentencePiece's `add_dummy_prefix`, e.g.
+        Llama's) does not put one before the continuation; if the joint ids do not start with
+        the prompt's ids (a piece spans the boundary), the continuation is encoded on its own.
+        """
+        prompt_ids = self.encode(prompt, add_bos=add_bos)
+        joint = self.encode(_as_text(prompt, None) + _as_text(text, None), add_bos=add_bos)
+        if joint[:len(prompt_ids)] == prompt_ids:
+            return prompt_ids, joint[len(prompt_ids):]
+        return prompt_ids, self.encode(text)
+
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of `ids`. Control ids (pad, bos, eos) are skipped wherever they occur.
 

@@ -12,7 +12,7 @@ import ml_collections
 from scalign import parallel
 from scalign.experiment import Context, check_batch
 from scalign.models import presets
-from scalign.models.config import ModelConfig
+from scalign.models.config import REMAT_POLICIES, ModelConfig
 from scalign.models.transformer import init_params, param_logical_axes
 from scalign.training.checkpoint import Checkpointer
 from scalign.training.loop import LoopResult, train_loop
@@ -33,9 +33,20 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int | None = None) 
         raise ValueError(f"config.model: {e}") from e
 
 
+def training_model(model: ModelConfig, cfg: ml_collections.ConfigDict) -> ModelConfig:
+    """`model` with the training block's optional `remat` policy ("none" | "full" | "dots").
+
+    Rematerialisation only changes what the backward pass stores, so the trained params are
+    the same; a 7B model needs "full" to fit its activations (Chen et al. 2016).
+    """
+    remat = cfg.get("remat")
+    return model if remat is None or remat == model.remat else model.replace(remat=str(remat))
+
+
 def validate_training(config: ml_collections.ConfigDict, key: str, mesh_shape: dict[str, int],
                       errors: list[str]) -> None:
-    """Common checks of a training block `config.<key>` (steps, batch, lengths, optimizer)."""
+    """Common checks of a training block `config.<key>` (steps, batch, lengths, optimizer,
+    optional `remat`)."""
     if key not in config:
         errors.append(f"config.{key} is missing")
         return
@@ -51,6 +62,8 @@ def validate_training(config: ml_collections.ConfigDict, key: str, mesh_shape: d
         errors.append(f"config.{key}.seq_len={cfg.seq_len} must be >= 2")
     check_batch(errors, f"{key}.batch_size", cfg.batch_size, mesh_shape,
                 accum=int(cfg.get("grad_accum_steps", 1)))
+    if cfg.get("remat") is not None and cfg.remat not in REMAT_POLICIES:
+        errors.append(f"config.{key}.remat must be one of {REMAT_POLICIES}, got {cfg.remat!r}")
     try:
         OptimizerConfig.from_config({**cfg.optimizer.to_dict(), "total_steps": cfg.steps})
     except (ValueError, TypeError) as e:

@@ -100,11 +100,13 @@ class EvaluateStage(Stage):
             for k in powers_of_two_upto(pass_n):
                 rows.append({"level": name, "decoding": decoding, "metric": f"pass@{k}",
                              "k": k, "value": mean_pass_at_k(s, k), "problems": len(s)})
-            step_ok = [float(sum(v.step_labels) / max(v.num_expected_steps, 1))
-                       for lv in lvs for row in sampled[lv].verdicts for v in row]
-            rows.append({"level": name, "decoding": decoding, "metric": "correct_step_prefix",
-                         "k": 1, "value": float(np.mean(step_ok)) if step_ok else float("nan"),
-                         "problems": len(s)})
+            step_ok = [float(sum(v.step_labels) / v.num_expected_steps)
+                       for lv in lvs for row in sampled[lv].verdicts for v in row
+                       if getattr(v, "num_expected_steps", 0)]  # domains with a step verifier
+            if step_ok:
+                rows.append({"level": name, "decoding": decoding,
+                             "metric": "correct_step_prefix", "k": 1,
+                             "value": float(np.mean(step_ok)), "problems": len(s)})
         return rows
 
     @staticmethod
@@ -132,6 +134,7 @@ class EvaluateStage(Stage):
                 t[r["metric"]] = r["value"]
             elif r["metric"] == "correct_step_prefix":
                 t["correct steps (sampled)"] = r["value"]
+        domain = ctx.need("domain")
         cols = ["level", "problems (greedy)", "greedy", "pass@1", f"pass@{pass_n}",
                 "correct steps (sampled)"]
         fig = ctx.report.figure_path("accuracy_by_level.png")
@@ -159,5 +162,5 @@ class EvaluateStage(Stage):
                 v = verdicts[0]
                 md += [f"Level {lv} greedy sample ({'correct' if v.outcome_correct else 'wrong'}"
                        f", step labels {list(v.step_labels)}):", "", "```",
-                       (p.prompt + texts[0]).rstrip(), "```", ""]
+                       (domain.prompt(p) + texts[0]).rstrip(), "```", ""]
         ctx.report.set_section(self.name, "\n".join(md))

@@ -173,14 +173,14 @@ class RerankStage(Stage):
         for split, lvs in splits.items():
             for kind in kinds:
                 labels, scores = [], []
-                outcome, sol_scores = [], {a: [] for a in aggs}
+                outcome, sol_scores = [], {a: [] for a in (*aggs, "last")}
                 for per in samples:
                     for lv in lvs:
                         ls = per[lv]
                         for i, row in enumerate(ls.step_scores[kind]):
                             for j, reads in enumerate(row):
                                 outcome.append(bool(ls.correct[i, j]))
-                                for a in aggs:
+                                for a in sol_scores:
                                     sol_scores[a].append(aggregate(reads, a) if reads else 0.0)
                                 if kind == "orm":
                                     continue

@@ -9,7 +9,27 @@ fresh scalar head, fitted with the shared train step on its own data:
     ORM  outcome label at the final answer token          loss: token BCE
     OPRM the union of both                                loss: token BCE
 
-No label from a level outside the supervised ones reaches training (`assert_levels`).
+`config.reward_models.label_source` says where the labels come from:
+
+  "verifier" (default)  policy samples of easy train problems labelled by the domain's
+                        verifier (keys `problems_per_level`, `samples_per_problem`,
+                        `temperature`, `max_new_tokens`).
+  "prm800k"             PRM800K's human step labels (Lightman et al. 2023), as Sun et al. (2024)
+                        train their PRMs on real MATH: `config.reward_models.prm800k` (a JSONL
+                        path or a list, local or gs://) is read with `data.math.read_prm800k`,
+                        problem levels are looked up among the MATH train problems of the
+                        `math` domain by problem text, and only `levels` are kept
+                        (`reward_labels.prm800k_solutions`). PRM: the human step labels at the
+                        step ends (+ the "# Answer" step's label at the last answer token); ORM:
+                        is_equiv(final answer, ground truth) at the last answer token, for the
+                        solutions that reach an answer; OPRM: the union. Solutions longer than
+                        `train.seq_len` tokens are dropped and counted. `prm800k_on_error`
+                        ("raise" | "skip") is the reader's bad-record policy.
+
+No label from a level outside the supervised ones reaches training (`assert_levels`). The
+optional `train.remat` sets the backbone's rematerialisation for training; the optional
+`train.epochs` trains each evaluator for ceil(epochs * its records / batch_size) steps
+(`steps` is then not needed).
 Artifacts: `reward_models` = {kind: (ModelConfig, params)}, saved under
 `stages/reward_models/<kind>/`.
 """
@@ -17,12 +37,20 @@ Artifacts: `reward_models` = {kind: (ModelConfig, params)}, saved under
 from __future__ import annotations
 
 import collections
+import math
 
 import jax
 import ml_collections
 
-from scalign.algorithms.reward_labels import assert_levels, build_reward_records
+from scalign.algorithms.reward_labels import (
+    LabelStats,
+    assert_levels,
+    build_reward_records,
+    prm800k_solutions,
+)
+from scalign.data.math import read_prm800k
 from scalign.data.pipeline import make_batch_iterator
+from scalign.data.records import ON_ERROR_VALUES
 from scalign.evaluation.generation import sample_solutions
 from scalign.experiment import Context, Stage, register_stage, require_block
 from scalign.models.heads import SCALAR_HEAD, add_scalar_head, scalar_head_logical_axes
@@ -30,11 +58,32 @@ from scalign.models.transformer import param_logical_axes
 from scalign.objectives.reward import RewardFeaturizer, make_reward_loss
 from scalign.reporting import line_plot, markdown_table
 from scalign.sampling import Sampler
-from scalign.stages.common import run_training, validate_training
+from scalign.stages.common import run_training, training_model, validate_training
+from scalign.stages.data import check_paths_exist, math_paths
 from scalign.training.checkpoint import load_model, save_model
 from scalign.training.metrics import read_metrics
 
 KINDS = ("orm", "prm", "oprm")
+LABEL_SOURCES = ("verifier", "prm800k")
+SAMPLING_KEYS = ("problems_per_level", "samples_per_problem", "temperature", "max_new_tokens")
+
+
+def epoch_steps(epochs: float, num_records: int, batch_size: int) -> int:
+    """Steps for `epochs` passes over `num_records`: ceil(epochs * num_records / batch_size)."""
+    return max(1, math.ceil(epochs * num_records / batch_size))
+
+
+def train_block(cfg: ml_collections.ConfigDict, num_records: int) -> ml_collections.ConfigDict:
+    """`config.reward_models.train` with `steps` from `epochs` when that is set.
+
+    Sun et al. (2024) train each evaluator for 2 epochs; ORM, PRM and OPRM data differ in size
+    (OPRM = PRM + ORM), so a fixed step count would give them different numbers of epochs.
+    """
+    if cfg.get("epochs") is None:
+        return cfg
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    out.steps = epoch_steps(float(cfg.epochs), num_records, int(cfg.batch_size))
+    return out
 
 
 def _reward_axes(model):
@@ -49,16 +98,46 @@ class RewardModelsStage(Stage):
 
     def validate(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
                  errors: list[str]) -> None:
-        cfg = require_block(config, "reward_models", (
-            "levels", "problems_per_level", "samples_per_problem", "temperature", "evaluators",
-            "max_new_tokens", "train"), errors)
+        cfg = require_block(config, "reward_models", ("levels", "evaluators", "train"), errors)
         if cfg is None:
             return
+        source = cfg.get("label_source", "verifier")
+        if source not in LABEL_SOURCES:
+            errors.append(f"config.reward_models.label_source must be one of {LABEL_SOURCES}, "
+                          f"got {source!r}")
+        elif source == "verifier":
+            errors.extend(f"config.reward_models.{k} is missing" for k in SAMPLING_KEYS
+                          if k not in cfg)
+        else:
+            if not math_paths(cfg, "prm800k"):
+                errors.append("config.reward_models.prm800k is missing (PRM800K label JSONL "
+                              "path(s), local or gs://) for label_source='prm800k'")
+            data = config.get("data", {})
+            if data.get("domain") != "math":
+                errors.append(f"config.reward_models.label_source='prm800k' needs "
+                              f"config.data.domain='math' (levels and answers come from MATH), "
+                              f"got {data.get('domain')!r}")
+            missing = sorted(set(cfg.get("levels", ())) - set(data.get("levels", ())))
+            if missing:
+                errors.append(f"config.reward_models.levels {missing} are not in "
+                              f"config.data.levels; PRM800K levels are looked up among those "
+                              f"MATH train problems")
+            if cfg.get("prm800k_on_error", "raise") not in ON_ERROR_VALUES:
+                errors.append(f"config.reward_models.prm800k_on_error must be one of "
+                              f"{ON_ERROR_VALUES}, got {cfg.get('prm800k_on_error')!r}")
         bad = [k for k in cfg.get("evaluators", ()) if k not in KINDS]
         if bad:
             errors.append(f"config.reward_models.evaluators has unknown kinds {bad}; use {KINDS}")
         if "train" in cfg:
-            sub = ml_collections.ConfigDict({"reward_models_train": cfg.train})
+            train = ml_collections.ConfigDict(cfg.train.to_dict())
+            epochs = train.get("epochs")
+            if epochs is not None:
+                if not epochs > 0:
+                    errors.append(f"config.reward_models.train.epochs={epochs} must be > 0 "
+                                  f"(or None to train for `steps`)")
+                if "steps" not in train:
+                    train.steps = 1  # the steps come from the data size; check the rest
+            sub = ml_collections.ConfigDict({"reward_models_train": train})
             validate_training(sub, "reward_models_train", mesh_shape, errors)
         if cfg.get("after_first_error", "drop") not in ("drop", "keep"):
             errors.append("config.reward_models.after_first_error must be 'drop' or 'keep'")
@@ -66,10 +145,32 @@ class RewardModelsStage(Stage):
     def run(self, ctx: Context) -> None:
         cfg = ctx.config.reward_models
         model, policy_params = ctx.need("policy")
+        levels = tuple(cfg.levels)
+        if cfg.get("label_source", "verifier") == "prm800k":
+            records, stats, extra_rows = self._prm800k_records(ctx)
+        else:
+            records, stats = self._verifier_records(ctx)
+            extra_rows = []
+        for kind in cfg.evaluators:
+            assert_levels(records[kind], levels)  # the premise: no hard-level supervision
+        by_level = collections.Counter(int(r["level"]) for r in records["oprm"])
+        out = {}
+        histories = {}
+        for kind in cfg.evaluators:
+            out[kind] = self._train_one(ctx, kind, model, policy_params, records[kind],
+                                        ctx.need("tokenizer"))
+            histories[kind] = read_metrics(ctx.workdir / "metrics.jsonl", f"rm_{kind}")
+        ctx.artifacts["reward_models"] = out
+        self._report(ctx, levels, stats, histories, {k: len(v) for k, v in records.items()},
+                     by_level, extra_rows)
+
+    def _verifier_records(self, ctx: Context) -> tuple[dict, LabelStats]:
+        """Label policy samples of easy train problems with the domain's verifier."""
+        cfg = ctx.config.reward_models
+        model, policy_params = ctx.need("policy")
         tokenizer = ctx.need("tokenizer")
         domain = ctx.need("domain")
-        levels = tuple(cfg.levels)
-        problems = [p for lv in levels
+        problems = [p for lv in cfg.levels
                     for p in list(domain.train_problems(lv))[:int(cfg.problems_per_level)]]
         sampler = Sampler(model, policy_params, tokenizer, mesh=ctx.mesh,
                           max_new_tokens=int(cfg.max_new_tokens))
@@ -78,22 +179,34 @@ class RewardModelsStage(Stage):
             key=ctx.key(self.name, "labels"), temperature=float(cfg.temperature),
             max_new_tokens=int(cfg.max_new_tokens), batch_rows=int(cfg.get("batch_size", 256)),
             desc="label samples")
-        records, stats = build_reward_records(
+        return build_reward_records(
             solutions, domain, tokenizer.token_bytes(), solutions.prompt_ids,
             after_first_error=cfg.get("after_first_error", "drop"),
             max_ratio=float(cfg.get("max_ratio", 3.0)),
             keep_one_class=int(cfg.get("keep_one_class", 2)), seed=int(ctx.config.seed))
-        for kind in cfg.evaluators:
-            assert_levels(records[kind], levels)  # the premise: no hard-level supervision
-        by_level = collections.Counter(int(r["level"]) for r in records["oprm"])
-        out = {}
-        histories = {}
-        for kind in cfg.evaluators:
-            out[kind] = self._train_one(ctx, kind, model, policy_params, records[kind], tokenizer)
-            histories[kind] = read_metrics(ctx.workdir / "metrics.jsonl", f"rm_{kind}")
-        ctx.artifacts["reward_models"] = out
-        self._report(ctx, levels, stats, histories, {k: len(v) for k, v in records.items()},
-                     by_level)
+
+    def _prm800k_records(self, ctx: Context) -> tuple[dict, LabelStats, list[dict]]:
+        """PRM800K human labels of easy train problems (see the module docstring)."""
+        cfg = ctx.config.reward_models
+        domain = ctx.need("domain")
+        tokenizer = ctx.need("tokenizer")
+        paths = math_paths(cfg, "prm800k")
+        check_paths_exist(paths, "config.reward_models.prm800k")
+        read, read_stats = read_prm800k(paths, levels=domain.level_index(),
+                                        on_error=cfg.get("prm800k_on_error", "raise"))
+        labelled, drops = prm800k_solutions(read, domain, tokenizer, levels=tuple(cfg.levels),
+                                            max_tokens=int(cfg.train.seq_len))
+        records, stats = build_reward_records(
+            labelled, domain, tokenizer.token_bytes(), labelled.prompt_ids,
+            after_first_error=cfg.get("after_first_error", "drop"),
+            max_ratio=float(cfg.get("max_ratio", 3.0)),
+            keep_one_class=int(cfg.get("keep_one_class", 2)), seed=int(ctx.config.seed),
+            orm_needs_answer=True)
+        rows = [{"metric": "prm800k_read", "value": read_stats.read}]
+        rows += [{"metric": f"prm800k_skipped_{k}", "value": v}
+                 for k, v in sorted(read_stats.reasons.items())]
+        rows += [{"metric": f"prm800k_dropped_{k}", "value": v} for k, v in sorted(drops.items())]
+        return records, stats, rows
 
     def _train_one(self, ctx: Context, kind: str, model, policy_params, records, tokenizer):
         cfg = ctx.config.reward_models
@@ -108,8 +221,9 @@ class RewardModelsStage(Stage):
             seed=int(ctx.config.seed), num_epochs=None,
             on_too_long=cfg.train.get("on_too_long", "error"))
         init_params = add_scalar_head(model, policy_params, ctx.key(self.name, kind, "head"))
-        result = run_training(ctx, stage=f"rm_{kind}", cfg=cfg.train, model=model,
-                              loss_fn=make_reward_loss(model), data_iter=data_iter,
+        model = training_model(model, cfg.train)
+        result = run_training(ctx, stage=f"rm_{kind}", cfg=train_block(cfg.train, len(records)),
+                              model=model, loss_fn=make_reward_loss(model), data_iter=data_iter,
                               params=init_params, logical_axes=_reward_axes(model))
         save_model(path, model, result.state.params, {"kind": kind, "levels": list(cfg.levels)})
         return model, result.state.params
@@ -125,9 +239,11 @@ class RewardModelsStage(Stage):
         ctx.artifacts["reward_models"] = {
             kind: self._load_one(ctx, ctx.stage_dir(self.name) / kind) for kind in cfg.evaluators}
 
-    def _report(self, ctx: Context, levels, stats, histories, sizes, by_level) -> None:
+    def _report(self, ctx: Context, levels, stats, histories, sizes, by_level,
+                extra_rows) -> None:
         cfg = ctx.config.reward_models
         rows = stats.as_rows() + [{"metric": f"{k}_records", "value": v} for k, v in sizes.items()]
+        rows += extra_rows
         rows += [{"metric": "oprm_records_of_level", "level": lv, "value": n}
                  for lv, n in sorted(by_level.items())]
         for kind, hist in histories.items():
@@ -145,9 +261,16 @@ class RewardModelsStage(Stage):
         if any(xs for xs, _ in series.values()):
             line_plot(fig, series, title="Reward-model training loss (easy levels only)",
                       xlabel="step", ylabel="BCE")
+        if cfg.get("label_source", "verifier") == "prm800k":
+            source = (f"{stats.samples} PRM800K step-labelled solutions of {stats.problems} easy "
+                      f"train problems (human step labels; ORM outcome = final answer graded "
+                      f"against the ground truth, for the solutions that reach an answer)")
+        else:
+            source = (f"{stats.problems} easy training problems x "
+                      f"{int(cfg.samples_per_problem)} policy samples "
+                      f"(T={float(cfg.temperature):g}), labelled by the verifier")
         md = [f"## Reward models trained on levels {list(levels)} only", "",
-              f"{stats.problems} easy training problems x {int(cfg.samples_per_problem)} policy "
-              f"samples (T={float(cfg.temperature):g}), labelled by the verifier; PRM labels "
+              f"{source}; PRM labels "
               f"{cfg.get('after_first_error', 'drop')} after the first wrong step; ORM data "
               f"balanced to at most {float(cfg.get('max_ratio', 3.0)):g}:1 per problem.", "",
               markdown_table(rows, ["metric", "value"]), ""]

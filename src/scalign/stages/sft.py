@@ -4,6 +4,12 @@ In easy-to-hard generalization (Sun et al. 2024) the policy is fine-tuned on dem
 *easy* problems only (levels 1-3 by default: `config.sft.levels`); the hard levels are never
 seen in training. Artifacts: reads `tokenizer` and `domain` (stage `data`), writes `policy`
 = (ModelConfig, params), also saved under `stages/sft/policy/`.
+
+`config.sft.init`: "scratch" (default) trains a fresh `config.model`; "checkpoint" fine-tunes
+the `policy` of stage `checkpoint` (a released model, e.g. Llemma-7B as in Sun et al. 2024),
+which must then come before `sft`; `config.model.preset`, if given, must then match the
+loaded model's shapes (`check_shapes`). Optional `config.sft.remat` ("none" | "full" | "dots")
+sets the model's rematerialisation for training.
 """
 
 from __future__ import annotations
@@ -13,11 +19,36 @@ import ml_collections
 
 from scalign.data.pipeline import make_sft_iterator
 from scalign.experiment import Context, Stage, register_stage
+from scalign.models.config import ModelConfig
 from scalign.objectives.sft import make_sft_loss
 from scalign.reporting import line_plot, markdown_table
-from scalign.stages.common import model_config, run_training, shardings_for, validate_training
+from scalign.stages.common import (
+    model_config,
+    run_training,
+    shardings_for,
+    training_model,
+    validate_training,
+)
 from scalign.training.checkpoint import load_model, save_model
 from scalign.training.metrics import read_metrics
+
+INITS = ("scratch", "checkpoint")
+SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                "mlp_dim")
+
+
+def check_shapes(expected: ModelConfig, loaded: ModelConfig) -> None:
+    """Raise ValueError if the loaded policy's shapes differ from `config.model`'s preset.
+
+    With `config.sft.init='checkpoint'`, `config.model` is optional and only documents (and
+    checks) what the checkpoint should be, e.g. preset "llemma_7b" for an HF Llemma-7B folder.
+    """
+    diff = {f: (getattr(expected, f), getattr(loaded, f)) for f in SHAPE_FIELDS
+            if getattr(expected, f) != getattr(loaded, f)}
+    if diff:
+        raise ValueError("config.model: the checkpoint's policy does not have the preset's "
+                         "shapes (field: preset vs checkpoint): " + ", ".join(
+                             f"{k}: {a} vs {b}" for k, (a, b) in diff.items()))
 
 
 @register_stage
@@ -28,8 +59,17 @@ class SFTStage(Stage):
     def validate(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
                  errors: list[str]) -> None:
         validate_training(config, "sft", mesh_shape, errors)
-        if "model" not in config or "preset" not in config.model:
-            errors.append("config.model.preset is missing (e.g. 'tiny')")
+        init = config.get("sft", {}).get("init", "scratch")
+        stages = list(config.get("stages", ()))
+        if init not in INITS:
+            errors.append(f"config.sft.init must be one of {INITS}, got {init!r}")
+        elif init == "checkpoint":
+            if "checkpoint" not in stages[:stages.index(self.name)]:
+                errors.append("config.sft.init='checkpoint' fine-tunes the checkpoint's policy: "
+                              "put stage 'checkpoint' before 'sft' in config.stages")
+        elif "model" not in config or "preset" not in config.model:
+            errors.append("config.model.preset is missing (e.g. 'tiny'), or set "
+                          "config.sft.init='checkpoint'")
 
     def run(self, ctx: Context) -> None:
         cfg = ctx.config.sft
@@ -39,12 +79,24 @@ class SFTStage(Stage):
         records = domain.train_records(levels)
         if not records:
             raise ValueError(f"config.sft.levels={levels}: no training records at these levels")
-        model = model_config(ctx.config.model, tokenizer.vocab_size)
+        init_params = None
+        if cfg.get("init", "scratch") == "checkpoint":
+            model, init_params = ctx.need("policy")
+            if "model" in ctx.config and ctx.config.model.get("preset"):
+                check_shapes(model_config(ctx.config.model), model)
+            if tokenizer.vocab_size > model.vocab_size:
+                raise ValueError(f"config.sft.init='checkpoint': the tokenizer has "
+                                 f"{tokenizer.vocab_size} ids but the policy's vocab_size is "
+                                 f"{model.vocab_size}")
+        else:
+            model = model_config(ctx.config.model, tokenizer.vocab_size)
+        model = training_model(model, cfg)
         data_iter = make_sft_iterator(records, tokenizer, batch_size=int(cfg.batch_size),
                                       seq_len=int(cfg.seq_len), seed=int(ctx.config.seed),
                                       num_epochs=None, on_too_long=cfg.get("on_too_long", "error"))
         result = run_training(ctx, stage=self.name, cfg=cfg, model=model,
-                              loss_fn=make_sft_loss(model), data_iter=data_iter)
+                              loss_fn=make_sft_loss(model), data_iter=data_iter,
+                              params=init_params)
         params = result.state.params
         save_model(ctx.stage_dir(self.name) / "policy", model, params,
                    {"levels": list(levels), "steps": int(cfg.steps)})
@@ -82,8 +134,10 @@ class SFTStage(Stage):
         ctx.results.set_rows(self.name, rows)
         resumed = (f" Resumed from step {result.resumed_from}." if result.resumed_from
                    else "")
+        init = ("fine-tuned from the checkpoint's policy"
+                if cfg.get("init", "scratch") == "checkpoint" else "trained from scratch")
         md = [f"## SFT on levels {list(levels)}", "",
-              f"Model: {model.describe()} ({model.num_params():,} params). "
+              f"Model: {model.describe()} ({model.num_params():,} params), {init}. "
               f"{int(cfg.steps)} steps of {int(cfg.batch_size)} x {int(cfg.seq_len)} tokens "
               f"on {num_records} demonstrations, {result.seconds:.0f} s.{resumed}", "",
               markdown_table(rows, ["metric", "value"]), ""]

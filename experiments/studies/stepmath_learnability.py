@@ -15,14 +15,55 @@ For one design of `scalign.data.stepmath` (or several, run one after another), t
 Decoding is a small jitted loop over `scalign.models.forward` with an explicit KV cache
 (left-padded prompts, `key_start`), greedy or temperature sampling, stopping at EOS.
 
-Usage (from the repository root):
+Usage (from the repository root; defaults = the recommended demo SFT: f32, AdamW lr 1e-3,
+warmup 30, cosine to 0.1, batch 16, 1200 steps):
 
     PYTHONPATH=src .venv/bin/python experiments/studies/stepmath_learnability.py \\
-        --design mulmix --steps 600 --out /tmp/stepmath_mulmix.json
+        --design graded --seed 0 --out /tmp/stepmath_graded.json
+
+`--design` takes names of `stepmath.DESIGNS` or of `STUDY_DESIGNS` below (the designs tried on
+the way); several names run one after another.
 
 pass@N: the fraction of problems with at least one correct sample among N (Chen et al. 2021's
-estimator with k = n). Majority baseline: the accuracy of always answering the level's most
-frequent gold answer (on the test split) -- a floor that guessing reaches.
+estimator with k = n); "all-steps" variants count a sample only when `verify` labels every step
+correct. With single-digit answers the outcome pass@16 is inflated by lucky answers (a uniform
+guess among 7 values reaches 1 - (6/7)^16 = 92%), so read the all-steps column. Majority
+baseline: the accuracy of always answering the level's most frequent gold answer (test split).
+
+Measured (2026-11-27, this 2-core machine shared with other jobs, load 1.3-8; tiny preset
+0.6M params, BPE vocab 96, seq_len 55; defaults above unless noted; 200 greedy and 50 x 16
+samples at T=1.0 per level). Greedy accuracy, levels 1-5; pass@16 on the 50-problem subset
+(greedy on the same subset in brackets):
+
+| design / run | greedy L1-5 (%) | L4, L5 pass@16 [greedy] | all-steps pass@16 |
+|---|---|---|---|
+| graded seed 0 | 100 / 100 / 97 / 53.5 / 30 | 82 [58], 72 [28] | 72, 44 |
+| graded seed 1 | 100 / 100 / 99.5 / 87.5 / 77.5 | 100 [86], 98 [76] | 100, 98 |
+| graded seed 2 | 10.5 / 16 / 12 / 13 / 14.5 (arithmetic not learned by step 1200) | - | - |
+| graded seed 2, constant lr | not learned by step 1200 either (teacher-forced result acc 0.39) | - | - |
+| graded seed 2, 2000 steps | 100 / 100 / 100 / 99.5 / 99.5 (learned at ~1300) | 100, 100 | 100, 100 |
+| graded24 seed 1 (same spec) | 100 / 100 / 98.5 / 53.5 / 28 | 86 [44], 66 [34] | 70, 30 |
+| graded24 seed 2 | 100 / 100 / 99 / 48 / 34.5 | 82 [54], 80 [34] | 66, 34 |
+| graded24 seed 0 | 17.5 / 17 / 19.5 / 11.5 / 19.5 (copy of operand 3 not learned) | - | - |
+| graded8 seeds 0 / 1 | 100/100/95/40.5/28 ; 100/100/98/91.5/79.5 | 90, 82 ; 100, 98 | 78, 50 ; 100, 96 |
+| graded8 seed 2, cosine / constant lr | 39/29/29/14/10 ; 100/100/97.5/84.5/74.5 | - ; 100, 100 | - ; 100, 100 |
+| graded8 seed 0, batch 32 x 600 steps | 14.5 / 14 / 16 / 18 / 11 | - | - |
+| arith7 (multipliers 2-6 everywhere) | 100 / 100 / 100 / 100 / 100 | 100, 100 | 100, 100 |
+| length7 (hard = 6-7 operations) | 100 / 100 / 100 / 12.5 / 11.5 | 28, 22 | 0, 0 |
+| length7r (same, right to left) | 100 / 100 / 100 / 10 / 15.5 | 30, 18 | 0, 0 |
+| mulcount7, batch 32 x 600 | 87 / 84 / 86 / 85 / 70 | 100, 94 | 100, 90 |
+| mulcount7, lr 5e-3, batch 32 x 600 | 12.5 / 14.5 / 13 / 14.5 / 13 | - | 0, 0 |
+
+So the easy/hard gap is a property of the training budget: at ~1200 steps most seeds learn the
+arithmetic and only partly the rare multiplications (the gap the experiment needs; about one
+seed in three has not learned the arithmetic yet), at 2000 steps the rare facts are learned
+too and levels 4-5 are solved. (The knob to try for longer budgets, not measured: fewer
+level-3 draws of multipliers 4-6.)
+Greedy failures on graded levels 4-5 are wrong arithmetic on multiplications by 4-6 (seed 0:
+per-step accuracy 0.46-0.89 on those, 1.00 on +/-), the error level-3 problems show too. Training
+1200 steps took 106-115 s at load <= 2 (about 90 ms per step; evaluation of 1000 greedy and
+4000 sampled solutions 18 s). lr 5e-3 (the old notes' value) and batch 32 x 600 steps
+mostly fail to learn the arithmetic at all.
 """
 
 from __future__ import annotations
@@ -50,6 +91,63 @@ from scalign.training.state import OptimizerConfig, make_optimizer
 from scalign.training.step import init_train_state, make_train_step
 
 TRAIN_LEVELS = (1, 2, 3)
+
+
+def _chain(name: str, table: dict[int, tuple[tuple[int, ...], tuple[int, ...]]],
+           **kwargs: Any) -> stepmath.Design:
+    return stepmath.Design(name, {lv: stepmath.LevelSpec(n, m) for lv, (n, m) in table.items()},
+                           **kwargs)
+
+
+_L = stepmath.LevelSpec
+_MULCOUNT = {1: ((4,), (0,)), 2: ((4,), (1,)), 3: ((4,), (2,)), 4: ((4,), (3,)), 5: ((4,), (4,))}
+_MULRARE = {1: ((3,), (0,)), 2: ((4,), (0,)), 3: ((4,), (1,)), 4: ((4,), (2,)), 5: ((4,), (3,))}
+_LENGTH = {lv: ((lv + 2,), tuple(range(lv + 3))) for lv in range(1, 6)}
+_SCHOOL = {1: _L((4,), (0,), (0,)), 2: _L((4,), (0,), (1, 2, 3, 4))}
+
+# Designs measured on the way to "graded" (the names key the random streams: keep them).
+STUDY_DESIGNS: dict[str, stepmath.Design] = {
+    # mod 10, 3-4 operations, hard = more multiplications.
+    "mulmix": _chain("mulmix", {1: ((3,), (0,)), 2: ((3,), (1,)), 3: ((4,), (1,)),
+                                4: ((4,), (2,)), 5: ((4,), (3,))}, modulus=10),
+    # 4 operations everywhere, level L has L-1 multiplications (mod 10, mod 7, mod 7 spaced).
+    "mulcount": _chain("mulcount", _MULCOUNT, modulus=10),
+    "mulcount7": _chain("mulcount7", _MULCOUNT, modulus=7),
+    "mulcount7s": _chain("mulcount7s", _MULCOUNT, modulus=7, spaced=True),
+    # multiplication only in level 3 (one step), 3 or 4 operations.
+    "mulrare7": _chain("mulrare7", _MULRARE, modulus=7),
+    "mulrare10r": _chain("mulrare10r", _MULRARE, modulus=10, reverse=True),
+    # hard = longer (L+2 operations), left to right and right to left.
+    "length7": _chain("length7", _LENGTH, modulus=7),
+    "length7r": _chain("length7r", _LENGTH, modulus=7, reverse=True),
+    # school order with multipliers uniform in 2..6 at every level.
+    "arith7": stepmath.Design("arith7", {**_SCHOOL, 3: _L((4,), (1,)), 4: _L((4,), (2,)),
+                                         5: _L((4,), (3,))}, modulus=7),
+    # school order, level 3 multiplies by 2/3 mostly (4-6 in 3 of 19 or 3 of 51 draws),
+    # levels 4-5 by anything in 2..6.
+    "bigmul7": stepmath.Design("bigmul7", {
+        **_SCHOOL, 3: _L((4,), (1,), None, (2,) * 8 + (3,) * 8 + (4, 5, 6)),
+        4: _L((4,), (2,)), 5: _L((4,), (3,))}, modulus=7),
+    "bigmul7x": stepmath.Design("bigmul7x", {
+        **_SCHOOL, 3: _L((4,), (1,), None, (2,) * 24 + (3,) * 24 + (4, 5, 6)),
+        4: _L((4,), (2,)), 5: _L((4,), (3,))}, modulus=7),
+    # "graded" (level 3 multiplies by 4-6 in 3 of 51 draws) and "graded8" (3 of 19 draws).
+    # (The runs reported as graded8 ran under the name "graded" before the default became the
+    # 3-of-51 version; this name draws other problems from the same distribution.)
+    "graded24": stepmath.Design("graded24", {
+        **_SCHOOL, 3: _L((4,), (1,), None, (2,) * 24 + (3,) * 24 + (4, 5, 6)),
+        4: _L((4,), (2,), None, (4, 5, 6)), 5: _L((4,), (3,), None, (4, 5, 6))}, modulus=7),
+    "graded8": stepmath.Design("graded8", {
+        **_SCHOOL, 3: _L((4,), (1,), None, (2,) * 8 + (3,) * 8 + (4, 5, 6)),
+        4: _L((4,), (2,), None, (4, 5, 6)), 5: _L((4,), (3,), None, (4, 5, 6))}, modulus=7),
+}
+
+
+def design_by_name(name: str) -> stepmath.Design:
+    """A design of `stepmath.DESIGNS` or of `STUDY_DESIGNS`."""
+    if name in STUDY_DESIGNS:
+        return STUDY_DESIGNS[name]
+    return stepmath.get_design(name)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -249,7 +347,8 @@ def evaluate(config, params, tok, test: dict[int, list[stepmath.Problem]], *, n_
 
 
 # ----------------------------------------------------------------------------- training
-def train(design: str, args) -> dict[str, Any]:
+def train(design_name: str, args) -> dict[str, Any]:
+    design = design_by_name(design_name)
     spl = stepmath.splits(stepmath.levels(design), n_train={lv: args.n_train if lv in
                                                              TRAIN_LEVELS else 0
                                                              for lv in stepmath.levels(design)},
@@ -264,7 +363,8 @@ def train(design: str, args) -> dict[str, Any]:
                   for r in train_records)
     mesh = parallel.single_device_mesh()
     opt_cfg = OptimizerConfig(learning_rate=args.lr, warmup_steps=args.warmup,
-                              total_steps=args.steps, min_lr_ratio=0.1,
+                              total_steps=args.steps, min_lr_ratio=args.min_lr_ratio,
+                              schedule=args.schedule,
                               weight_decay=args.weight_decay, b2=args.b2)
     optimizer = make_optimizer(opt_cfg)
     state, st_sh = init_train_state(functools.partial(init_params, config),
@@ -298,7 +398,7 @@ def train(design: str, args) -> dict[str, Any]:
     ev = evaluate(config, state.params, tok, test, n_greedy=args.n_greedy, n_pass=args.n_pass,
                   num_samples=args.num_samples, temperature=args.temperature, max_new=max_new,
                   seed=args.seed)
-    return {"design": design, "model": config.describe(), "params": config.num_params(),
+    return {"design": design_name, "model": config.describe(), "params": config.num_params(),
             "vocab": tok.vocab_size, "seq_len": seq_len, "train_seconds": train_s,
             "first_step_seconds": t_first, "steps": args.steps, "batch": args.batch,
             "train_tokens_per_step_max": args.batch * seq_len, "train_log": log,
@@ -329,14 +429,16 @@ def main() -> None:
     ap.add_argument("--design", nargs="+", default=[stepmath.DEFAULT_DESIGN])
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--model-overrides", default="", help='JSON, e.g. {"n_layers": 4}')
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--vocab", type=int, default=96)
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--b2", type=float, default=0.999)
+    ap.add_argument("--schedule", default="cosine", choices=("cosine", "constant"))
+    ap.add_argument("--min-lr-ratio", type=float, default=0.1)
     ap.add_argument("--n-train", type=int, default=8000, help="train problems per easy level")
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--n-greedy", type=int, default=200)

@@ -76,7 +76,22 @@ def test_levels_follow_their_spec(design, level):
         assert p.modulus == m and p.spaced == d.spaced and 0 <= p.start < m
         for op, b in zip(p.ops, p.operands, strict=True):
             assert (2 <= b < m) if op == "*" else (1 <= b < m)
+            if op == "*" and spec.mul_operands is not None:
+                assert b in spec.mul_operands
         assert S.verify(p, p.solution).answer_label == 1
+
+
+def test_default_design_is_graded_by_operation_kind():
+    by_level = {lv: S.generate(lv, 300, seed=0) for lv in LEVELS}
+    assert all(p.num_steps == 4 and p.modulus == 7 for ps in by_level.values() for p in ps)
+    assert all(set(p.ops) == {"+"} for p in by_level[1])
+    assert all("-" in p.ops and "*" not in p.ops for p in by_level[2])
+    mult3 = [b for p in by_level[3] for op, b in zip(p.ops, p.operands, strict=True) if op == "*"]
+    assert len(mult3) == 300 and 0.01 < sum(b >= 4 for b in mult3) / 300 < 0.15  # 3 in 51
+    for lv, m in ((4, 2), (5, 3)):
+        assert all(p.num_mul == m for p in by_level[lv])
+        assert {b for p in by_level[lv] for op, b in zip(p.ops, p.operands, strict=True)
+                if op == "*"} == {4, 5, 6}
 
 
 def test_generation_is_deterministic_and_prefix_stable():
@@ -88,8 +103,8 @@ def test_generation_is_deterministic_and_prefix_stable():
 
 
 # Pinned values: any change of the random stream (platform, Python or numpy version) fails here.
-PINNED = {1: "1 - 6 + 6 - 4", 2: "6 * 3 - 9 - 4", 3: "4 + 2 * 3 + 5 + 7",
-          4: "8 * 2 + 6 - 6 * 5", 5: "0 * 9 * 8 * 9 + 4"}
+PINNED = {1: "5+6+2+1+2", 2: "2-3+4-1-2", 3: "0+6+3*2+1", 4: "2-4+5*5*6",
+          5: "6*4+1*5*4"}
 
 
 def test_generation_matches_pinned_stream():
@@ -113,6 +128,15 @@ def test_num_distinct_is_exact_on_a_small_design():
     assert len({p.key for p in problems}) == 260
     with pytest.raises(ValueError, match="only 260 distinct"):
         S.generate(1, 261, seed=0, design=design)
+
+
+def test_num_distinct_counts_weighted_multipliers_and_fixed_subtractions():
+    design = S.Design("tiny", {1: S.LevelSpec((2,), (1,), (0,), (2, 2, 5))}, modulus=7)
+    # 7 starts x 2 positions for the * x 2 distinct multipliers x 6 addends
+    assert S.num_distinct(1, design) == 168
+    assert len({p.key for p in S.generate(1, 168, seed=0, design=design)}) == 168
+    with pytest.raises(ValueError, match="only 168 distinct"):
+        S.generate(1, 169, seed=0, design=design)
 
 
 def test_design_rejects_levels_that_share_a_shape():

@@ -4,49 +4,52 @@ Why it exists: the easy-to-hard experiments (Sun et al. 2024, "Easy-to-Hard Gene
 Scalable Alignment Beyond Human Supervision") need problems with difficulty levels whose every
 solution step can be checked; with no human labeller here, a program labels the steps.
 
-**Problems.** A problem is a left-to-right chain of single-digit operations modulo 10::
+**Problems.** A problem is a left-to-right chain of single-digit operations modulo M (M = 7 in
+the default design)::
 
     # Question
 
-    Evaluate left to right, mod 10: 3 + 4 * 7 - 2
+    Mod 7, left to right: 3+4*5-2
 
     # Solution
 
-    3 + 4 = 7
+    3+4=0
 
-    7 * 7 = 9
+    0*5=0
 
-    9 - 2 = 7
+    0-2=5
 
     # Answer
 
-    7
+    5
 
-`v_0 = start`, `v_k = (v_{k-1} op_k b_k) mod 10`, answer = `v_n`. Step k is the text
-``"{v_{k-1}} {op_k} {b_k} = {v_k}"``; steps are joined by ``"\\n\\n"`` and followed by
-``"\\n\\n# Answer\\n\\n{v_n}"``: the PRM800K layout (Lightman et al. 2023) that the paper uses.
-Operands: `start` in 0..9, `+`/`-` operands in 1..9, `*` operands in 2..9 (no trivial steps).
+`v_0 = start`, `v_k = (v_{k-1} op_k b_k) mod M`, answer = `v_n`. Step k is the text
+``"{v_{k-1}}{op_k}{b_k}={v_k}"``; steps are joined by ``"\n\n"`` and followed by
+``"\n\n# Answer\n\n{v_n}"``: the PRM800K layout (Lightman et al. 2023) that the paper uses.
+Operands: `start` in 0..M-1, `+`/`-` operands in 1..M-1, `*` operands in 2..M-1 (no trivial
+steps). With a prime M every operation by a non-zero operand is a bijection, so answers are
+close to uniform at every level (a constant guess scores about 1/M).
 
-**Levels.** A `Design` maps each level to a `LevelSpec`: how many operations the chain has and
-how many of them are multiplications (the rest are `+`/`-`, each with probability 1/2;
-positions of the `*` are uniform). `DEFAULT_DESIGN` ("mulmix") keeps every level within the
-chain lengths of levels 1-3 and makes levels 4-5 hard through *more* multiplications: a tiny
-model trained on levels 1-3 sees `*` in at most one step per problem, learns it less well than
-`+`/`-`, and so errs more often on problems with many `*` steps -- the same kind of step error
-it makes on easy problems, more of them. `experiments/studies/stepmath_learnability.py`
-measures what a tiny model learns for each design in `DESIGNS`.
+**Levels.** A `Design` maps each level to a `LevelSpec` (chain length, number of `*` and of
+`-`, and which multipliers), plus the modulus and two layout switches (`spaced`: "3 + 4 = 0";
+`reverse`: operations written right to left, next to the start value). Designs never let two
+levels produce the same problem. `DEFAULT_DESIGN` is "graded" (see `DESIGNS`): every level has
+four operations; levels 1-3 add, subtract and multiply by small numbers, levels 4-5 multiply
+two or three times by 4-6, facts that level-3 problems show only rarely. What a tiny policy
+SFT'd on levels 1-3 then does on each level is measured by
+`experiments/studies/stepmath_learnability.py` (numbers in that script's docstring).
 
 **Verifier.** `verify(problem, text)` labels every step of any generated solution: step k is
-correct iff it reads ``"a op b = c"`` with `a` the correct running value, `op`/`b` the k-th
-operation of the question and `c = (a op b) mod 10`. Labels follow the PRM800K convention: 1
-for correct steps up to the first error, 0 for the first wrong step and every step after it.
-The final answer is graded separately (`outcome_correct`), and `answer_label` is 1 iff every
-step is correct, the chain is complete and the answer is right. Malformed text (garbage,
-truncation, no answer section) is labelled, never raised on.
+correct iff it reads ``"a op b = c"`` (spaces optional) with `a` the correct running value,
+`op`/`b` the k-th operation of the question and `c = (a op b) mod M`. Labels follow the PRM800K
+convention: 1 for correct steps up to the first error, 0 for the first wrong step and every
+step after it. The final answer is graded separately (`outcome_correct`), and `answer_label`
+is 1 iff every step is correct, the chain is complete and the answer is right. Malformed text
+(garbage, truncation, no answer section) is labelled, never raised on.
 
-**Determinism.** Problem i of (level, seed, design) is drawn from SHA-256 in counter mode keyed
-by those values, so the same arguments give the same problems on every platform, process and
-numpy version, and `generate(level, n, seed)` is a prefix of `generate(level, m, seed)` for
+**Determinism.** Problem i of (level, seed, design name) is drawn from SHA-256 in counter mode
+keyed by those values, so the same arguments give the same problems on every platform, process
+and numpy version, and `generate(level, n, seed)` is a prefix of `generate(level, m, seed)` for
 n <= m. `splits` draws test problems first and then train problems that are not in the test set.
 """
 
@@ -70,7 +73,7 @@ PROMPT_TEMPLATE = "# Question\n\n{question}\n\n# Solution\n\n"
 ERR_MALFORMED = "malformed"        # a step that does not read "a op b = c"
 ERR_OPERAND = "wrong_operand"      # `a` is not the running value
 ERR_OPERATION = "wrong_operation"  # `op` or `b` is not the question's k-th operation
-ERR_ARITHMETIC = "wrong_arithmetic"  # `c != (a op b) mod 10`
+ERR_ARITHMETIC = "wrong_arithmetic"  # `c != (a op b) mod M`
 ERR_EXTRA = "extra_step"           # more steps than the chain has operations
 ERR_INCOMPLETE = "incomplete"      # all steps right, but fewer than the chain needs
 ERROR_TYPES = (ERR_MALFORMED, ERR_OPERAND, ERR_OPERATION, ERR_ARITHMETIC, ERR_EXTRA,
@@ -129,13 +132,16 @@ class LevelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Design:
-    """A named level table: `LevelSpec` per level, the modulus M (values are 0..M-1) and the
-    spacing of the text. Levels must not share an (n, m, s) shape, so no problem can belong to
-    two levels (test problems of a hard level never appear in an easy level's train split)."""
+    """A named level table: `LevelSpec` per level, the modulus M (values are 0..M-1) and two
+    layout switches (`spaced` "3 + 4 = 0"; `reverse`: operations listed right to left, next to
+    the start value). Levels must not share an (n, m, s) shape, so no problem can belong to two
+    levels (test problems of a hard level never appear in an easy level's train split). The name
+    keys the random stream: two designs with the same spec and different names draw different
+    problems."""
 
     name: str
     levels: Mapping[int, LevelSpec]
-    modulus: int = 10
+    modulus: int = 7
     spaced: bool = False
     reverse: bool = False
 
@@ -143,7 +149,7 @@ class Design:
         if self.modulus < 3 or self.modulus > 10:
             raise ValueError(f"Design {self.name!r}: modulus must be in 3..10 (single-digit "
                              f"values), got {self.modulus}")
-        owner: dict[tuple[int, int], int] = {}
+        owner: dict[tuple[int, int, int], int] = {}
         for level, spec in self.levels.items():
             for shape in spec.shapes():
                 if shape in owner:
@@ -165,55 +171,27 @@ def _design(name: str, table: Mapping[int, tuple[Sequence[int], Sequence[int]]],
                   **kwargs)  # type: ignore[arg-type]
 
 
-# Every level has 4 operations; level L has L-1 multiplications.
-_MULCOUNT = {1: ((4,), (0,)), 2: ((4,), (1,)), 3: ((4,), (2,)), 4: ((4,), (3,)), 5: ((4,), (4,))}
+_MOSTLY_SMALL_MULTIPLIERS = (2,) * 24 + (3,) * 24 + (4, 5, 6)
 
 DESIGNS: dict[str, Design] = {
-    # The notes' design B: level L has L+1 operations of any kind (hard = longer chains).
-    "length": _design("length", {1: ((2,), (0, 1, 2)), 2: ((3,), (0, 1, 2, 3)),
-                                 3: ((4,), (0, 1, 2, 3, 4)), 4: ((5,), (0, 1, 2, 3, 4, 5)),
-                                 5: ((6,), (0, 1, 2, 3, 4, 5, 6))}),
-    # Same chain lengths for easy and hard; hard levels have more multiplications.
-    "mulmix": _design("mulmix", {1: ((3,), (0,)), 2: ((3,), (1,)), 3: ((4,), (1,)),
-                                 4: ((4,), (2,)), 5: ((4,), (3,))}),
-    "mulcount": _design("mulcount", _MULCOUNT),
-    # The same, modulo 7: every operation is a bijection, so answers are uniform at every level.
-    "mulcount7": _design("mulcount7", _MULCOUNT, modulus=7),
-    "mulcount7s": _design("mulcount7s", _MULCOUNT, modulus=7, spaced=True),
-    # Multiplication is rare in levels 1-3 (one step in level 3 only) and common in 4-5.
-    "mulrare7": _design("mulrare7", {1: ((3,), (0,)), 2: ((4,), (0,)), 3: ((4,), (1,)),
-                                     4: ((4,), (2,)), 5: ((4,), (3,))}, modulus=7),
-    # Hard = longer: level L has L+2 operations of any kind, modulo 7.
-    "length7": _design("length7", {lv: ((lv + 2,), tuple(range(lv + 3))) for lv in range(1, 6)},
-                       modulus=7),
-    # The same with the right-to-left layout: the k-th operation to apply sits at the same
-    # distance from the solution whatever the chain length.
-    "length7r": _design("length7r", {lv: ((lv + 2,), tuple(range(lv + 3))) for lv in range(1, 6)},
-                        modulus=7, reverse=True),
-    # Multiplication rare in levels 1-3, modulo 10 (80 multiplication facts), right to left.
-    "mulrare10r": _design("mulrare10r", {1: ((3,), (0,)), 2: ((4,), (0,)), 3: ((4,), (1,)),
-                                         4: ((4,), (2,)), 5: ((4,), (3,))}, reverse=True),
-    # arith7 with graded multipliers: level 3 multiplies mostly by 2 or 3 (x4..x6 rare),
-    # levels 4-5 by anything in 2..6 -- hard problems use facts that easy ones rarely show.
-    "bigmul7": Design("bigmul7", {1: LevelSpec((4,), (0,), (0,)),
-                                  2: LevelSpec((4,), (0,), (1, 2, 3, 4)),
-                                  3: LevelSpec((4,), (1,), None, (2,) * 8 + (3,) * 8 + (4, 5, 6)),
-                                  4: LevelSpec((4,), (2,)), 5: LevelSpec((4,), (3,))},
-                      modulus=7),
-    "bigmul7x": Design("bigmul7x", {1: LevelSpec((4,), (0,), (0,)),
-                                    2: LevelSpec((4,), (0,), (1, 2, 3, 4)),
-                                    3: LevelSpec((4,), (1,), None,
-                                                 (2,) * 24 + (3,) * 24 + (4, 5, 6)),
-                                    4: LevelSpec((4,), (2,)), 5: LevelSpec((4,), (3,))},
-                       modulus=7),
-    # School order, 4 operations everywhere: 1 additions only, 2 additions and subtractions,
-    # 3 one multiplication, 4 two, 5 three.
-    "arith7": Design("arith7", {1: LevelSpec((4,), (0,), (0,)),
+    # The default. School order, four operations in every level, modulo 7:
+    #   1 additions only; 2 additions and subtractions (at least one subtraction);
+    #   3 one multiplication, by 2 or 3 in 48 of 51 draws and by 4, 5 or 6 in 3 of 51;
+    #   4 two multiplications by 4-6; 5 three multiplications by 4-6.
+    # Hard problems are as long as easy ones and made of the same kinds of steps, but lean on
+    # the multiplication facts that easy problems show rarely ("larger numbers").
+    "graded": Design("graded", {1: LevelSpec((4,), (0,), (0,)),
                                 2: LevelSpec((4,), (0,), (1, 2, 3, 4)),
-                                3: LevelSpec((4,), (1,)), 4: LevelSpec((4,), (2,)),
-                                5: LevelSpec((4,), (3,))}, modulus=7),
+                                3: LevelSpec((4,), (1,), None, _MOSTLY_SMALL_MULTIPLIERS),
+                                4: LevelSpec((4,), (2,), None, (4, 5, 6)),
+                                5: LevelSpec((4,), (3,), None, (4, 5, 6))}, modulus=7),
+    # Hard = longer: level L has L+2 operations of any kind, modulo 7. A tiny model trained on
+    # levels 1-3 solves them all and fails levels 4-5 from the first step on (it locates the
+    # k-th operation by its distance from the end of the question); kept as the reference.
+    "length": _design("length", {lv: ((lv + 2,), tuple(range(lv + 3))) for lv in range(1, 6)},
+                      modulus=7),
 }
-DEFAULT_DESIGN = "mulmix"
+DEFAULT_DESIGN = "graded"
 
 
 def get_design(design: str | Design | None) -> Design:
@@ -266,13 +244,13 @@ def format_step(a: int, op: str, b: int, c: int, *, spaced: bool = False) -> str
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """One chain problem: v_0 = start, v_k = (v_{k-1} ops[k] operands[k]) mod 10."""
+    """One chain problem: v_0 = start, v_k = (v_{k-1} ops[k] operands[k]) mod `modulus`."""
 
     level: int
     start: int
     ops: tuple[str, ...]
     operands: tuple[int, ...]
-    modulus: int = 10
+    modulus: int = 7
     spaced: bool = False
     reverse: bool = False
 
@@ -633,6 +611,8 @@ _OP_ALIASES = {"×": "*", "−": "-"}
 
 @dataclasses.dataclass(frozen=True)
 class ParsedStep:
+    """The numbers and operation of a step text "a op b = c"."""
+
     a: int
     op: str
     b: int
@@ -641,8 +621,10 @@ class ParsedStep:
 
 def parse_step(step: str) -> ParsedStep | None:
     """"a op b = c" (spaces optional; × and − accepted) -> ParsedStep, else None."""
+    if len(step) > 64:  # no canonical step is this long; keeps the int() calls small
+        return None
     m = _STEP_RE.fullmatch(step.strip())
-    if m is None or len(step) > 64:
+    if m is None:
         return None
     a, op, b, c = m.groups()
     return ParsedStep(int(a), _OP_ALIASES.get(op, op), int(b), int(c))
@@ -695,8 +677,8 @@ class Verdict:
         return all(self.step_labels) and len(self.step_labels) == self.num_expected_steps
 
     @property
-    def step_accuracy_prefix(self) -> int:
-        """Number of leading correct steps."""
+    def num_leading_correct(self) -> int:
+        """Number of correct steps before the first error."""
         return sum(self.step_labels)
 
 

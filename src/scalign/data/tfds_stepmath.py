@@ -74,7 +74,7 @@ class Stepmath(tfds.core.GeneratorBasedBuilder):
     """Synthetic graded chain arithmetic with step-by-step solutions (PRM800K layout)."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release: levels 1-5 of the 'mulmix' design."}
+    RELEASE_NOTES = {"1.0.0": "First release: levels 1-5 of the 'graded' design."}
     BUILDER_CONFIGS = [make_config(name) for name in LEVEL_SETS]
     DEFAULT_CONFIG_NAME = "easy"
 

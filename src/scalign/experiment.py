@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -274,11 +275,17 @@ def _prepare_workdir(workdir: epath.Path, resume: bool, overwrite: bool) -> None
     workdir.mkdir(parents=True, exist_ok=True)
 
 
+def _absolute(workdir: str | epath.PathLike) -> epath.Path:
+    """Local paths made absolute (orbax requires it); URIs such as gs://... kept as they are."""
+    text = os.fspath(workdir)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
         resume: bool = False, overwrite: bool = False,
         on_stage_done: Callable[[str, Context], None] | None = None) -> Context:
     """Validate, then run `config.stages` in order in `workdir`. Returns the final Context."""
-    workdir = epath.Path(workdir)
+    workdir = _absolute(workdir)
     mesh_shape = validate(config)
     _prepare_workdir(workdir, resume, overwrite)
     if is_main_process():

@@ -3,6 +3,13 @@
     python experiments/launch.py --config=experiments/configs/demo.py --workdir=runs/demo
     python experiments/launch.py --config=experiments/configs/demo.py:small \
         --config.sft.steps=50 --workdir=runs/x --resume
+    python experiments/launch.py --config=experiments/configs/e2h_stepmath.py \
+        --workdir=runs/e2h_stepmath --seeds=0,1,2
+
+With `--seeds`, the config runs once per seed (`config.seed` set to it) into
+`WORKDIR/seed_<s>/`, one after another (`--resume` continues the unfinished ones), and then
+`scalign.aggregate.aggregate_runs` writes `WORKDIR/results.json` and `WORKDIR/report.md` with
+every number as mean ± std over the seeds.
 
 `--config` is an ml_collections config file with `get_config()` (an optional `:arg` is passed
 to it); any key can be overridden on the command line (`--config.a.b=value`). The config is
@@ -25,6 +32,8 @@ flags.DEFINE_string("workdir", None, "Output directory (local path or gs://).")
 flags.DEFINE_bool("resume", False, "Continue the run in --workdir (finished stages are kept, "
                   "the interrupted one resumes from its newest checkpoint).")
 flags.DEFINE_bool("overwrite", False, "Delete --workdir first.")
+flags.DEFINE_list("seeds", None, "Run the config once per seed into WORKDIR/seed_<s>/ and "
+                  "aggregate (mean ± std over seeds) into WORKDIR.")
 flags.DEFINE_bool("validate_only", False, "Validate the config and exit.")
 flags.DEFINE_string("coordinator", None, "host:port of process 0 for multi-process runs "
                     "(TPU VMs find it themselves; leave unset there).")
@@ -73,9 +82,41 @@ def main(argv: list[str]) -> None:
         return
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
+    if FLAGS.seeds:
+        _run_seeds(config, [int(s) for s in FLAGS.seeds])
+        return
     ctx = experiment.run(config, FLAGS.workdir, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
     report = ctx.workdir / "report.md"
     print(f"done: {ctx.workdir}/results.json" + (f", {report}" if report.exists() else ""))
+
+
+def _run_seeds(config, seeds: list[int]) -> None:
+    import jax
+    from etils import epath
+
+    from scalign import aggregate, experiment
+
+    root = epath.Path(os.path.abspath(FLAGS.workdir))
+    if FLAGS.overwrite and root.exists():
+        root.rmtree()
+    run_dirs = []
+    for seed in seeds:
+        cfg = config.copy_and_resolve_references()
+        with cfg.unlocked():
+            cfg.seed = seed
+        run_dir = root / f"seed_{seed}"
+        if (run_dir / "results.json").exists() and not FLAGS.resume:
+            raise app.UsageError(f"{run_dir} has a finished run; pass --resume to keep it or "
+                                 f"--overwrite to start over")
+        print(f"== seed {seed}: {run_dir}", flush=True)
+        experiment.run(cfg, run_dir, resume=FLAGS.resume and run_dir.exists())
+        run_dirs.append(run_dir)
+    if jax.process_index() == 0:
+        aggregate.aggregate_runs(run_dirs, root, title=f"{config.get('name', 'scalign run')}: "
+                                 f"{len(seeds)} seeds",
+                                 plot_aggregation=config.rerank.get("plot_aggregation", "prod")
+                                 if "rerank" in config else "prod")
+        print(f"done: {root}/results.json, {root}/report.md")
 
 
 if __name__ == "__main__":

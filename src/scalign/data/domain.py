@@ -231,8 +231,7 @@ def format_solution(steps: Sequence[str], answer: str) -> str:
     return stepmath.STEP_DELIMITER.join([*steps, tail])
 
 
-@dataclasses.dataclass(frozen=True)
-class MathVerdict:
+class MathVerdict(stepmath.Verdict):
     """What `MathDomain.verify` says about one solution (the fields of `stepmath.Verdict`).
 
     Real MATH has no step verifier, so step labels are never invented here:
@@ -247,14 +246,6 @@ class MathVerdict:
       error: None, "wrong_answer" or "no_answer".
       num_expected_steps: 0 (unknown: a MATH problem has no fixed number of steps).
     """
-
-    step_labels: tuple[int, ...]
-    outcome_correct: bool
-    answer: str | None
-    answer_label: int
-    first_error: int | None
-    error: str | None
-    num_expected_steps: int
 
 
 def answer_of(text: str, parsed: stepmath.ParsedSolution | None = None) -> str | None:

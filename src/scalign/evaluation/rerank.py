@@ -41,6 +41,20 @@ KeyFn = Callable[[Any], Hashable | None]
 # --------------------------------------------------------------------------- aggregation
 
 
+def table1_methods(evaluators: Sequence[str], aggregation: str
+                   ) -> list[tuple[str, str, str, str]]:
+    """The rows of a Table-1-style summary (Sun et al. 2024): (label, evaluator, method,
+    aggregation) for majority voting, best-of-N and weighted voting per evaluator (an ORM scores
+    a solution by its last token: aggregation "last"), and the pass@N oracle."""
+    rows = [("Majority voting", "none", "majority", "none")]
+    for e in evaluators:
+        a = "last" if e == "orm" else aggregation
+        rows += [(f"{e.upper()} best-of-N ({a})", e, "best_of_n", a),
+                 (f"{e.upper()} weighted ({a})", e, "weighted", a)]
+    rows.append(("pass@N (oracle)", "none", "oracle", "none"))
+    return rows
+
+
 def aggregate(step_scores: Sequence[float] | np.ndarray, method: str,
               mask: Sequence[bool] | np.ndarray | None = None) -> float | np.ndarray:
     """Solution score from step scores p_1..p_S (probabilities, already sigma'd):

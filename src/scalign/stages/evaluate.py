@@ -4,8 +4,9 @@ For each level in `config.evaluate.levels`: greedy accuracy on the first `greedy
 test problems, and `pass_n` samples at `temperature` on the first `pass_problems` test
 problems, reported as pass@k for k = 1, 2, 4, ..., pass_n (unbiased estimator of Chen et al.
 2021). Also the first-error categories of the greedy failures, which say *how* the policy fails
-on hard problems. Rows: {"level", "decoding", "metric", "k", "value", "problems"} with level
-"1".."5", "easy", "hard" or "all".
+on hard problems. Rows: {"level", "criterion", "decoding", "metric", "k", "value",
+"problems"} with level "1".."5", "easy", "hard" or "all" and criterion "answer" (final answer
+right), "all_steps" (every step verified right) or "steps" (mean correct step prefix).
 """
 
 from __future__ import annotations
@@ -89,24 +90,37 @@ class EvaluateStage(Stage):
     # ------------------------------------------------------------------ numbers
     @staticmethod
     def _rows(levels, easy, greedy, sampled, pass_n, temperature) -> list[dict]:
+        """Rows per level group and criterion: "answer" (final answer right) and, for domains
+        with a step verifier, "all_steps" (every step and the answer right). With few possible
+        answers (stepmath has 7) guessing alone gives a high answer pass@N; all_steps does not.
+        """
         rows = []
         decoding = f"temperature={temperature:g}"
+        step_verified = any(getattr(v, "num_expected_steps", 0)
+                            for s in greedy.values() for row in s.verdicts for v in row)
+        criteria = {"answer": lambda v: bool(v.outcome_correct)}
+        if step_verified:
+            criteria["all_steps"] = lambda v: bool(v.answer_label)
         for name, lvs in _groups(levels, easy).items():
-            g = [c[0] for lv in lvs for c in greedy[lv].correct()]
-            rows.append({"level": name, "decoding": "greedy", "metric": "accuracy", "k": 1,
-                         "value": float(np.mean(g)) if g else float("nan"),
-                         "problems": len(g)})
-            s = [c for lv in lvs for c in sampled[lv].correct()]
-            for k in powers_of_two_upto(pass_n):
-                rows.append({"level": name, "decoding": decoding, "metric": f"pass@{k}",
-                             "k": k, "value": mean_pass_at_k(s, k), "problems": len(s)})
-            step_ok = [float(sum(v.step_labels) / v.num_expected_steps)
-                       for lv in lvs for row in sampled[lv].verdicts for v in row
-                       if getattr(v, "num_expected_steps", 0)]  # domains with a step verifier
-            if step_ok:
-                rows.append({"level": name, "decoding": decoding,
+            for criterion, ok in criteria.items():
+                g = [ok(row[0]) for lv in lvs for row in greedy[lv].verdicts]
+                rows.append({"level": name, "criterion": criterion, "decoding": "greedy",
+                             "metric": "accuracy", "k": 1,
+                             "value": float(np.mean(g)) if g else float("nan"),
+                             "problems": len(g)})
+                s = [[ok(v) for v in row] for lv in lvs for row in sampled[lv].verdicts]
+                for k in powers_of_two_upto(pass_n):
+                    rows.append({"level": name, "criterion": criterion, "decoding": decoding,
+                                 "metric": f"pass@{k}", "k": k, "value": mean_pass_at_k(s, k),
+                                 "problems": len(s)})
+            if step_verified:
+                step_ok = [float(sum(v.step_labels) / v.num_expected_steps)
+                           for lv in lvs for row in sampled[lv].verdicts for v in row
+                           if v.num_expected_steps]
+                rows.append({"level": name, "criterion": "steps", "decoding": decoding,
                              "metric": "correct_step_prefix", "k": 1,
-                             "value": float(np.mean(step_ok)), "problems": len(s)})
+                             "value": float(np.mean(step_ok)) if step_ok else float("nan"),
+                             "problems": len(step_ok)})
         return rows
 
     @staticmethod
@@ -124,31 +138,38 @@ class EvaluateStage(Stage):
 
     # ------------------------------------------------------------------ report
     def _report(self, ctx, levels, easy, rows, greedy, pass_n, temperature, show) -> None:
-        table = {}
+        domain = ctx.need("domain")
+        table: dict[str, dict] = {}
         for r in rows:
             t = table.setdefault(r["level"], {"level": r["level"]})
+            tag = "" if r["criterion"] in ("answer", "steps") else " (all steps)"
             if r["decoding"] == "greedy":
-                t["greedy"] = r["value"]
-                t["problems (greedy)"] = r["problems"]
+                t[f"greedy{tag}"] = r["value"]
+                t["problems"] = r["problems"]
             elif r["metric"] in ("pass@1", f"pass@{pass_n}"):
-                t[r["metric"]] = r["value"]
+                t[f"{r['metric']}{tag}"] = r["value"]
             elif r["metric"] == "correct_step_prefix":
-                t["correct steps (sampled)"] = r["value"]
-        domain = ctx.need("domain")
-        cols = ["level", "problems (greedy)", "greedy", "pass@1", f"pass@{pass_n}",
-                "correct steps (sampled)"]
+                t["correct step prefix"] = r["value"]
+        has_steps = any(r["criterion"] == "all_steps" for r in rows)
+        cols = ["level", "problems", "greedy", "pass@1", f"pass@{pass_n}"]
+        if has_steps:
+            cols += ["greedy (all steps)", "pass@1 (all steps)", f"pass@{pass_n} (all steps)",
+                     "correct step prefix"]
         fig = ctx.report.figure_path("accuracy_by_level.png")
         per_level = [table[str(lv)] for lv in levels]
+        tag = " (all steps)" if has_steps else ""
         bar_plot(fig, [f"L{lv}" for lv in levels],
-                 {"greedy": [t["greedy"] for t in per_level],
-                  "pass@1": [t["pass@1"] for t in per_level],
-                  f"pass@{pass_n}": [t[f"pass@{pass_n}"] for t in per_level]},
+                 {f"greedy{tag}": [t[f"greedy{tag}"] for t in per_level],
+                  f"pass@1{tag}": [t[f"pass@1{tag}"] for t in per_level],
+                  f"pass@{pass_n}{tag}": [t[f"pass@{pass_n}{tag}"] for t in per_level]},
                  title="SFT policy accuracy by level", ylabel="accuracy", ylim=(0, 1))
         errors = collections.Counter(v.error for lv in levels if lv not in easy
                                      for row in greedy[lv].verdicts for v in row if v.error)
         md = [f"## Evaluation by level (greedy; {pass_n} samples at T={temperature:g})", "",
               f"SFT levels (easy): {list(easy)}. pass@k uses the unbiased estimator of "
-              f"Chen et al. (2021) over {pass_n} samples per problem.", "",
+              f"Chen et al. (2021) over {pass_n} samples per problem. \"all steps\" counts a "
+              f"solution only if the verifier accepts every step and the answer (with few "
+              f"possible answers, guessing inflates the answer-only pass@k).", "",
               markdown_table([table[k] for k in table], cols), "",
               f"![accuracy by level]({ctx.report.rel(fig)})", ""]
         if errors:

@@ -23,7 +23,14 @@ import numpy as np
 from scalign.algorithms.reward_labels import score_positions
 from scalign.evaluation.generation import sample_solutions
 from scalign.evaluation.metrics import powers_of_two_upto
-from scalign.evaluation.rerank import AGGREGATIONS, aggregate, pad_steps, rerank_accuracy, roc_auc
+from scalign.evaluation.rerank import (
+    AGGREGATIONS,
+    aggregate,
+    pad_steps,
+    rerank_accuracy,
+    roc_auc,
+    table1_methods,
+)
 from scalign.evaluation.scoring import SequenceScorer
 from scalign.experiment import Context, Stage, register_stage, require_block
 from scalign.reporting import markdown_table, panels_plot
@@ -236,12 +243,7 @@ class RerankStage(Stage):
 
         show_ns = [n for n in (16, 64) if n in ns] or [ns[-1]]
         table = []
-        methods = [("Majority voting", "none", "majority", "none")]
-        for k in kinds:
-            a = "last" if k == "orm" else agg
-            methods += [(f"{k.upper()} best-of-N ({a})", k, "best_of_n", a),
-                        (f"{k.upper()} weighted ({a})", k, "weighted", a)]
-        methods.append(("pass@N (oracle)", "none", "oracle", "none"))
+        methods = table1_methods(kinds, agg)
         for label, ev, method, a in methods:
             row = {"method": label}
             for split in splits:

@@ -135,7 +135,7 @@ class RewardModelsStage(Stage):
                 if not epochs > 0:
                     errors.append(f"config.reward_models.train.epochs={epochs} must be > 0 "
                                   f"(or None to train for `steps`)")
-                if "steps" not in train:
+                if train.get("steps") is None:
                     train.steps = 1  # the steps come from the data size; check the rest
             sub = ml_collections.ConfigDict({"reward_models_train": train})
             validate_training(sub, "reward_models_train", mesh_shape, errors)

@@ -1,0 +1,72 @@
+"""Aggregation over seeds: mean ± std per key, hand-computed; report and figure written."""
+
+import json
+
+import numpy as np
+import pytest
+
+from scalign.aggregate import aggregate_rows, aggregate_runs
+
+
+def _rerank(split, evaluator, method, n, mean, std=0.05):
+    return {"split": split, "evaluator": evaluator, "method": method,
+            "aggregation": "none" if evaluator == "none" else "prod", "n": n, "mean": mean,
+            "std": std, "seeds": 1, "problems": 40}
+
+
+def test_aggregate_rows_mean_std_per_key():
+    run_a = [_rerank("hard", "none", "majority", 16, 0.30), _rerank("hard", "prm", "weighted", 16, 0.50),
+             {"level": 1, "train": 10}]  # no number: dropped
+    run_b = [_rerank("hard", "none", "majority", 16, 0.40, std=0.9),
+             _rerank("hard", "prm", "weighted", 16, 0.70)]
+    rows = aggregate_rows([run_a, run_b])
+    assert len(rows) == 2
+    maj, prm = rows
+    # per-run std / problems are bookkeeping, not part of the key: the two runs' rows match
+    assert maj["method"] == "majority" and maj["seeds"] == 2
+    assert maj["mean"] == pytest.approx(0.35) and maj["std"] == pytest.approx(0.05)
+    assert prm["mean"] == pytest.approx(0.60) and prm["std"] == pytest.approx(0.10)
+    assert prm["values"] == "0.5,0.7"
+
+
+def test_aggregate_rows_value_field_and_partial_keys():
+    a = [{"evaluator": "prm", "split": "hard", "kind": "step_auc", "value": 0.6, "count": 5}]
+    b = [{"evaluator": "prm", "split": "hard", "kind": "step_auc", "value": 0.8, "count": 7},
+         {"evaluator": "orm", "split": "hard", "kind": "step_auc", "value": 0.9, "count": 7}]
+    rows = aggregate_rows([a, b])
+    assert rows[0]["mean"] == pytest.approx(0.7) and rows[0]["seeds"] == 2
+    assert rows[1]["evaluator"] == "orm" and rows[1]["seeds"] == 1 and rows[1]["std"] == 0.0
+
+
+def test_aggregate_runs_writes_results_and_report(tmp_path):
+    runs = []
+    for s, (maj, prm) in enumerate([(0.3, 0.5), (0.4, 0.7), (0.2, 0.3)]):
+        d = tmp_path / f"seed_{s}"
+        d.mkdir()
+        rows = []
+        for n in (1, 2, 4, 8, 16):
+            rows += [_rerank(sp, "none", m, n, maj) for sp in ("easy", "hard")
+                     for m in ("majority", "oracle")]
+            rows += [_rerank(sp, "prm", m, n, prm) for sp in ("easy", "hard")
+                     for m in ("weighted", "best_of_n")]
+        evaluate = [{"level": "4", "criterion": "answer", "decoding": "greedy",
+                     "metric": "accuracy", "k": 1, "value": maj, "problems": 200}]
+        (d / "results.json").write_text(json.dumps({"rerank": {"rows": rows},
+                                                    "evaluate": {"rows": evaluate}}))
+        runs.append(d)
+    out = tmp_path / "agg"
+    agg = aggregate_runs(runs, out, title="t")
+    row = next(r for r in agg["rerank"]["rows"] if r["split"] == "hard"
+               and r["evaluator"] == "prm" and r["method"] == "weighted" and r["n"] == 16)
+    assert row["mean"] == pytest.approx(0.5)
+    assert row["std"] == pytest.approx(np.std([0.5, 0.7, 0.3]))
+    report = (out / "report.md").read_text()
+    assert "50.0 ± 16.3" in report and "| 4 | 30.0 ± 8.2 |" in report
+    assert (out / "figures" / "rerank_accuracy_vs_n.png").stat().st_size > 1000
+    assert json.loads((out / "results.json").read_text())["runs"]["rows"][0]["run"] == str(runs[0])
+
+
+def test_aggregate_runs_names_unfinished_runs(tmp_path):
+    (tmp_path / "seed_0").mkdir()
+    with pytest.raises(FileNotFoundError, match="seed_0"):
+        aggregate_runs([tmp_path / "seed_0"], tmp_path / "agg")

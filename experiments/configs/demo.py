@@ -21,7 +21,7 @@ def get_config() -> ConfigDict:
     c.data.levels = (1, 2, 3, 4, 5)
     c.data.n_train = 4000
     c.data.n_test = 200
-    c.data.tokenizer_vocab_size = 64
+    c.data.tokenizer_vocab_size = 96
     c.data.tokenizer_levels = (1, 2, 3)
 
     c.model = ConfigDict()
@@ -30,15 +30,18 @@ def get_config() -> ConfigDict:
 
     c.sft = ConfigDict()
     c.sft.levels = (1, 2, 3)  # easy-to-hard: demonstrations of easy problems only
-    c.sft.steps = 600
-    c.sft.batch_size = 32
-    c.sft.seq_len = 96
+    # lr 1e-3, batch 16, 1200 steps: measured in experiments/studies/stepmath_learnability.py
+    # (lr 5e-3 or batch 32 x 600 steps leave the arithmetic unlearned; with ~1600+ steps the
+    # policy learns the rare level 4-5 facts too and the easy-to-hard gap closes).
+    c.sft.steps = 1200
+    c.sft.batch_size = 16
+    c.sft.seq_len = 56
     c.sft.grad_accum_steps = 1
     c.sft.clip_norm = 1.0
-    c.sft.log_every = 20
-    c.sft.checkpoint_every = 200
+    c.sft.log_every = 50
+    c.sft.checkpoint_every = 400
     c.sft.keep_checkpoints = 2
-    c.sft.optimizer = ConfigDict({"learning_rate": 5e-3, "warmup_steps": 30,
+    c.sft.optimizer = ConfigDict({"learning_rate": 1e-3, "warmup_steps": 50,
                                   "min_lr_ratio": 0.05, "weight_decay": 0.0})
 
     c.evaluate = ConfigDict()
@@ -47,7 +50,7 @@ def get_config() -> ConfigDict:
     c.evaluate.pass_problems = 50     # per level, each sampled pass_n times
     c.evaluate.pass_n = 16
     c.evaluate.temperature = 1.0
-    c.evaluate.max_new_tokens = 96
+    c.evaluate.max_new_tokens = 40
     c.evaluate.batch_size = 256
     c.evaluate.show_samples = 2       # decoded samples per level in the report
 
@@ -57,7 +60,7 @@ def get_config() -> ConfigDict:
     c.reward_models.problems_per_level = 300
     c.reward_models.samples_per_problem = 8
     c.reward_models.temperature = 1.0
-    c.reward_models.max_new_tokens = 96
+    c.reward_models.max_new_tokens = 40
     c.reward_models.batch_size = 512
     c.reward_models.evaluators = ("orm", "prm", "oprm")
     c.reward_models.after_first_error = "drop"  # PRM800K: labels end at the first wrong step
@@ -66,7 +69,7 @@ def get_config() -> ConfigDict:
     c.reward_models.train = ConfigDict()
     c.reward_models.train.steps = 150
     c.reward_models.train.batch_size = 32
-    c.reward_models.train.seq_len = 128  # prompt + up to max_new_tokens
+    c.reward_models.train.seq_len = 72  # prompt (<= 26 tokens) + up to max_new_tokens
     c.reward_models.train.log_every = 25
     c.reward_models.train.checkpoint_every = 150
     c.reward_models.train.optimizer = ConfigDict({"learning_rate": 2e-3, "warmup_steps": 15,
@@ -78,7 +81,7 @@ def get_config() -> ConfigDict:
     c.rerank.problems_per_level = 40
     c.rerank.max_n = 64
     c.rerank.temperature = 1.0
-    c.rerank.max_new_tokens = 96
+    c.rerank.max_new_tokens = 40
     c.rerank.seeds = 1
     c.rerank.num_subsets = 20
     c.rerank.batch_size = 512

@@ -8,12 +8,14 @@ test problem; evaluators (ORM, PRM, OPRM) trained on labelled samples of EASY tr
 only re-rank them by best-of-N and weighted voting; the question is whether that beats majority
 voting on the HARD levels (4-5), which neither the policy nor the evaluators saw.
 
-The same stages as `demo.py`, with more of everything: 2000 SFT steps, 8 labelled samples for
-each of 800 easy problems per level, each evaluator trained for 2 epochs of its records (the
-paper's setting), and 100 test problems per level sampled 64 times (32,000 solutions per seed),
+The same stages and SFT policy recipe as `demo.py` (design graded99, 1200 SFT steps: the budget
+at which the policy solves easy problems and only partly hard ones, see
+`experiments/studies/stepmath_learnability.py`), with more evaluator data and test samples:
+8 labelled samples for each of 600 easy problems per level, each evaluator trained for 2 epochs of its records (the
+paper's setting), and 80 test problems per level sampled 64 times (25,600 solutions per seed),
 accuracy at each N averaged over 50 random N-subsets. `--seeds=0,1,2` runs the whole pipeline
 (data draw, tokenizer, SFT, labels, evaluators, samples) once per seed and writes mean ± std over
-seeds to `runs/e2h_stepmath/report.md` (`scalign.aggregate`). About 12-15 minutes per seed on a
+seeds to `runs/e2h_stepmath/report.md` (`scalign.aggregate`). About 12 minutes per seed on a
 2-core CPU.
 """
 
@@ -36,12 +38,9 @@ def get_config() -> ConfigDict:
     c = _demo_config()
     c.name = "easy-to-hard re-ranking on stepmath (CPU study)"
 
-    c.sft.steps = 2000
-    c.sft.checkpoint_every = 500
-
     c.evaluate.pass_problems = 100
 
-    c.reward_models.problems_per_level = 800
+    c.reward_models.problems_per_level = 600
     c.reward_models.samples_per_problem = 8
     c.reward_models.train.steps = None
     c.reward_models.train.epochs = 2.0  # Sun et al. (2024): 2 epochs per evaluator
@@ -50,7 +49,7 @@ def get_config() -> ConfigDict:
     c.reward_models.train.checkpoint_every = 500
     c.reward_models.train.optimizer.warmup_steps = 30
 
-    c.rerank.problems_per_level = 100
+    c.rerank.problems_per_level = 80
     c.rerank.max_n = 64
     c.rerank.num_subsets = 50
     return c

@@ -103,13 +103,17 @@ def test_generation_is_deterministic_and_prefix_stable():
 
 
 # Pinned values: any change of the random stream (platform, Python or numpy version) fails here.
-PINNED = {1: "5+6+2+1+2", 2: "2-3+4-1-2", 3: "0+6+3*2+1", 4: "2-4+5*5*6",
-          5: "6*4+1*5*4"}
+PINNED = {"graded": {1: "5+6+2+1+2", 2: "2-3+4-1-2", 3: "0+6+3*2+1", 4: "2-4+5*5*6",
+                     5: "6*4+1*5*4"},
+          "graded99": {1: "0+1+2+3+2", 2: "6-4-1-3-3", 3: "1-1+2-1*3", 4: "3+1*6*4-6",
+                       5: "1+4*5*5*4"}}
 
 
-def test_generation_matches_pinned_stream():
-    got = {lv: S.generate(lv, 1, seed=123)[0].expression for lv in LEVELS}
-    assert got == PINNED
+@pytest.mark.parametrize("design", sorted(PINNED))
+def test_generation_matches_pinned_stream(design):
+    got = {lv: S.generate(lv, 1, seed=123, design=design)[0].expression for lv in LEVELS}
+    assert got == PINNED[design]
+    assert S.DEFAULT_DESIGN in PINNED
 
 
 def test_generation_is_identical_in_a_fresh_process():

@@ -33,11 +33,13 @@ close to uniform at every level (a constant guess scores about 1/M).
 **Levels.** A `Design` maps each level to a `LevelSpec` (chain length, number of `*` and of
 `-`, and which multipliers), plus the modulus and two layout switches (`spaced`: "3 + 4 = 0";
 `reverse`: operations written right to left, next to the start value). Designs never let two
-levels produce the same problem. `DEFAULT_DESIGN` is "graded" (see `DESIGNS`): every level has
-four operations; levels 1-3 add, subtract and multiply by small numbers, levels 4-5 multiply
-two or three times by 4-6, facts that level-3 problems show only rarely. What a tiny policy
-SFT'd on levels 1-3 then does on each level is measured by
-`experiments/studies/stepmath_learnability.py` (numbers in that script's docstring).
+levels produce the same problem. `DEFAULT_DESIGN` is "graded99" (see `DESIGNS`): every level
+has four operations; levels 1-3 add, subtract and multiply by small numbers, levels 4-5 multiply
+two or three times by 4-6, facts that level-3 problems show only rarely (3 in 99 draws). What a
+tiny policy SFT'd on levels 1-3 then does on each level is measured by
+`experiments/studies/stepmath_learnability.py` (numbers in that script's docstring): after
+1200 SFT steps it solves easy problems and fails hard ones often but not always; with more
+steps it learns the rare facts too and the gap closes.
 
 **Verifier.** `verify(problem, text)` labels every step of any generated solution: step k is
 correct iff it reads ``"a op b = c"`` (spaces optional) with `a` the correct running value,
@@ -174,7 +176,7 @@ def _design(name: str, table: Mapping[int, tuple[Sequence[int], Sequence[int]]],
 _MOSTLY_SMALL_MULTIPLIERS = (2,) * 24 + (3,) * 24 + (4, 5, 6)
 
 DESIGNS: dict[str, Design] = {
-    # The default. School order, four operations in every level, modulo 7:
+    # School order, four operations in every level, modulo 7:
     #   1 additions only; 2 additions and subtractions (at least one subtraction);
     #   3 one multiplication, by 2 or 3 in 48 of 51 draws and by 4, 5 or 6 in 3 of 51;
     #   4 two multiplications by 4-6; 5 three multiplications by 4-6.
@@ -188,10 +190,19 @@ DESIGNS: dict[str, Design] = {
     # Hard = longer: level L has L+2 operations of any kind, modulo 7. A tiny model trained on
     # levels 1-3 solves them all and fails levels 4-5 from the first step on (it locates the
     # k-th operation by its distance from the end of the question); kept as the reference.
+    # The default: "graded" with rarer hard facts, level 3 multiplying by 4-6 in 3 of 99 draws
+    # (by 2 or 3 in 96). In the demo's SFT budget (1200 steps) a tiny policy learns the easy
+    # arithmetic on every seed measured and the rare facts only partly (see the module doc).
+    "graded99": Design("graded99", {1: LevelSpec((4,), (0,), (0,)),
+                                    2: LevelSpec((4,), (0,), (1, 2, 3, 4)),
+                                    3: LevelSpec((4,), (1,), None,
+                                                 (2,) * 48 + (3,) * 48 + (4, 5, 6)),
+                                    4: LevelSpec((4,), (2,), None, (4, 5, 6)),
+                                    5: LevelSpec((4,), (3,), None, (4, 5, 6))}, modulus=7),
     "length": _design("length", {lv: ((lv + 2,), tuple(range(lv + 3))) for lv in range(1, 6)},
                       modulus=7),
 }
-DEFAULT_DESIGN = "graded"
+DEFAULT_DESIGN = "graded99"
 
 
 def get_design(design: str | Design | None) -> Design:

@@ -11,11 +11,12 @@ voting on the HARD levels (4-5), which neither the policy nor the evaluators saw
 The same stages and SFT policy recipe as `demo.py` (design graded99, 1200 SFT steps: the budget
 at which the policy solves easy problems and only partly hard ones, see
 `experiments/studies/stepmath_learnability.py`), with more evaluator data and test samples:
-8 labelled samples for each of 600 easy problems per level, each evaluator trained for 2 epochs of its records (the
-paper's setting), and 80 test problems per level sampled 64 times (25,600 solutions per seed),
+8 labelled samples for each of 1500 easy problems per level (36,000 samples, about a third
+distinct), each evaluator trained for 2 epochs of its records (the
+paper's setting), and 64 test problems per level sampled 64 times (20,480 solutions per seed),
 accuracy at each N averaged over 50 random N-subsets. `--seeds=0,1,2` runs the whole pipeline
 (data draw, tokenizer, SFT, labels, evaluators, samples) once per seed and writes mean ± std over
-seeds to `runs/e2h_stepmath/report.md` (`scalign.aggregate`). About 12 minutes per seed on a
+seeds to `runs/e2h_stepmath/report.md` (`scalign.aggregate`). About 13 minutes per seed on a
 2-core CPU.
 """
 
@@ -40,7 +41,7 @@ def get_config() -> ConfigDict:
 
     c.evaluate.pass_problems = 100
 
-    c.reward_models.problems_per_level = 600
+    c.reward_models.problems_per_level = 1500
     c.reward_models.samples_per_problem = 8
     c.reward_models.train.steps = None
     c.reward_models.train.epochs = 2.0  # Sun et al. (2024): 2 epochs per evaluator
@@ -49,7 +50,7 @@ def get_config() -> ConfigDict:
     c.reward_models.train.checkpoint_every = 500
     c.reward_models.train.optimizer.warmup_steps = 30
 
-    c.rerank.problems_per_level = 80
+    c.rerank.problems_per_level = 64
     c.rerank.max_n = 64
     c.rerank.num_subsets = 50
     return c

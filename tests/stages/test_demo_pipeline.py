@@ -108,3 +108,29 @@ def test_killed_launcher_resumes_bitwise(tmp_path):
     _, b, _ = load_model(tmp_path / "b" / "stages" / "sft" / "policy")
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_launcher_seeds_runs_each_seed_and_aggregates(tmp_path):
+    work = tmp_path / "multi"
+    args = [sys.executable, str(ROOT / "experiments" / "launch.py"), f"--config={DEMO}",
+            f"--workdir={work}", "--seeds=3,4", "--config.stages=('data','sft','evaluate')",
+            "--config.data.n_train=200", "--config.data.n_test=8", "--config.sft.steps=8",
+            "--config.sft.checkpoint_every=8", "--config.evaluate.greedy_problems=4",
+            "--config.evaluate.pass_problems=2", "--config.evaluate.pass_n=2"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    per_seed = {}
+    for seed in (3, 4):
+        cfg = json.loads((work / f"seed_{seed}" / "config.json").read_text())
+        assert cfg["seed"] == seed
+        rows = json.loads((work / f"seed_{seed}" / "results.json").read_text())["evaluate"]["rows"]
+        per_seed[seed] = next(r["value"] for r in rows if r["level"] == "all"
+                              and r["decoding"] == "greedy" and r["criterion"] == "answer")
+    agg = json.loads((work / "results.json").read_text())
+    row = next(r for r in agg["evaluate"]["rows"] if r["level"] == "all"
+               and r["decoding"] == "greedy" and r["criterion"] == "answer")
+    assert row["seeds"] == 2
+    assert row["mean"] == pytest.approx(np.mean(list(per_seed.values())))
+    assert "SFT policy by level" in (work / "report.md").read_text()

@@ -37,10 +37,10 @@ samples at T=1.0 per level). Greedy accuracy, levels 1-5; pass@16 on the 50-prob
 
 | design / run | greedy L1-5 (%) | L4, L5 pass@16 [greedy] | all-steps pass@16 |
 |---|---|---|---|
-| **graded99** (default) seed 0, at step 1200 of a 2000-step run * | 100 / 100 / 99 / 20 / 16.5 | - | 28, 12 |
-| graded99 seed 1, same * | 100 / 100 / 98.5 / 56 / 45 | - | 60, 60 |
-| graded99 seed 2, same * | 100 / 100 / 99 / 19 / 18.5 | - | 28, 22 |
-| graded99 seeds 0 / 1 / 2 at step 1600 * | 100/100/99/37/31.5 ; 100/100/100/100/100 ; 100/100/99.5/63.5/59 | - | 54, 32 ; 100, 100 ; 68, 72 |
+| **graded99** (default) seed 0, at step 1200 of a 2000-step run (*) | 100 / 100 / 99 / 20 / 16.5 | - | 28, 12 |
+| graded99 seed 1, same (*) | 100 / 100 / 98.5 / 56 / 45 | - | 60, 60 |
+| graded99 seed 2, same (*) | 100 / 100 / 99 / 19 / 18.5 | - | 28, 22 |
+| graded99 seeds 0 / 1 / 2 at step 1600 (*) | 100/100/99/37/31.5 ; 100/100/100/100/100 ; 100/100/99.5/63.5/59 | - | 54, 32 ; 100, 100 ; 68, 72 |
 | graded seed 0 | 100 / 100 / 97 / 53.5 / 30 | 82 [58], 72 [28] | 72, 44 |
 | graded seed 1 | 100 / 100 / 99.5 / 87.5 / 77.5 | 100 [86], 98 [76] | 100, 98 |
 | graded seed 2 | 10.5 / 16 / 12 / 13 / 14.5 (arithmetic not learned by step 1200) | - | - |
@@ -58,7 +58,7 @@ samples at T=1.0 per level). Greedy accuracy, levels 1-5; pass@16 on the 50-prob
 | mulcount7, batch 32 x 600 | 87 / 84 / 86 / 85 / 70 | 100, 94 | 100, 90 |
 | mulcount7, lr 5e-3, batch 32 x 600 | 12.5 / 14.5 / 13 / 14.5 / 13 | - | 0, 0 |
 
-\* `--n-train 4000 --warmup 50 --min-lr-ratio 0.05 --steps 2000 --eval-at 1200,1600` (the demo's
+(*) `--n-train 4000 --warmup 50 --min-lr-ratio 0.05 --steps 2000 --eval-at 1200,1600` (the demo's
 data size and schedule shape, cosine over 2000 steps; evaluated mid-run), 2026-11-27, three
 runs in parallel. graded99 (level 3 multiplies by 4-6 in 3 of 99 draws) learned the easy
 arithmetic by step 1200 on all three seeds and the rare facts only partly; by step 1600 one seed

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from scalign.evaluation.rerank import table1_methods
+from scalign.evaluation.rerank import EVALUATOR_COLORS, table1_methods
 from scalign.reporting import markdown_table, panels_plot
 
 _NUMBER_FIELDS = ("value", "mean")
@@ -154,11 +154,17 @@ def _rerank_section(rows: list[dict[str, Any]], out: epath.Path, agg_name: str) 
             if all(p is not None for p in pts):
                 series[label] = (ns, [p["mean"] for p in pts], [p["std"] for p in pts])
         panels[s] = series
+    styles = {}
+    for label, e, m, _ in methods:
+        styles[label] = ({"color": "black"} if m == "majority" else
+                         {"color": "gray", "linestyle": "--", "marker": ""} if m == "oracle" else
+                         {"color": EVALUATOR_COLORS.get(e)} | (
+                             {"linestyle": ":", "marker": "s"} if m == "best_of_n" else {}))
     fig = out / "figures" / "rerank_accuracy_vs_n.png"
     fig.parent.mkdir(parents=True, exist_ok=True)
     panels_plot(fig, panels, title=f"Re-ranking with easy-trained evaluators, mean ± std over "
                 f"seeds (aggregation {agg_name})", xlabel="N (samples per problem)",
-                ylabel="accuracy")
+                ylabel="accuracy", styles=styles)
     return ["## Re-ranking (Sun et al. 2024, Table 1 layout), accuracy %", "",
             markdown_table(table, ["method", *[f"{s} N={n}" for s in splits for n in show]]),
             "", f"![accuracy vs N]({fig.relative_to(out)})", ""]

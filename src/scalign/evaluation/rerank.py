@@ -41,6 +41,9 @@ KeyFn = Callable[[Any], Hashable | None]
 # --------------------------------------------------------------------------- aggregation
 
 
+EVALUATOR_COLORS = {"orm": "tab:blue", "prm": "tab:green", "oprm": "tab:purple"}  # in plots
+
+
 def table1_methods(evaluators: Sequence[str], aggregation: str
                    ) -> list[tuple[str, str, str, str]]:
     """The rows of a Table-1-style summary (Sun et al. 2024): (label, evaluator, method,

@@ -25,6 +25,7 @@ from scalign.evaluation.generation import sample_solutions
 from scalign.evaluation.metrics import powers_of_two_upto
 from scalign.evaluation.rerank import (
     AGGREGATIONS,
+    EVALUATOR_COLORS,
     aggregate,
     pad_steps,
     rerank_accuracy,
@@ -35,8 +36,6 @@ from scalign.evaluation.scoring import SequenceScorer
 from scalign.experiment import Context, Stage, register_stage, require_block
 from scalign.reporting import markdown_table, panels_plot
 from scalign.sampling import Sampler
-
-_COLORS = {"orm": "tab:blue", "prm": "tab:green", "oprm": "tab:purple"}
 
 
 @dataclasses.dataclass
@@ -229,7 +228,7 @@ class RerankStage(Stage):
                   "pass@N (oracle)": series(split, "none", "oracle", "none")}
             for k in kinds:
                 a = "last" if k == "orm" else agg
-                color = _COLORS.get(k, None)
+                color = EVALUATOR_COLORS.get(k, None)
                 ps[f"{k.upper()} weighted"] = series(split, k, "weighted", a)
                 ps[f"{k.upper()} best-of-N"] = series(split, k, "best_of_n", a)
                 styles[f"{k.upper()} weighted"] = {"color": color}

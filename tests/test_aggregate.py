@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from scalign.aggregate import aggregate_rows, aggregate_runs
+from scalign.aggregate import aggregate_rows, aggregate_runs, main
 
 
 def _rerank(split, evaluator, method, n, mean, std=0.05):
@@ -64,6 +64,8 @@ def test_aggregate_runs_writes_results_and_report(tmp_path):
     assert "50.0 ± 16.3" in report and "| 4 | 30.0 ± 8.2 |" in report
     assert (out / "figures" / "rerank_accuracy_vs_n.png").stat().st_size > 1000
     assert json.loads((out / "results.json").read_text())["runs"]["rows"][0]["run"] == str(runs[0])
+    main([str(d) for d in runs] + ["--out", str(tmp_path / "cli"), "--title", "t"])
+    assert (tmp_path / "cli" / "results.json").read_text() == (out / "results.json").read_text()
 
 
 def test_aggregate_runs_names_unfinished_runs(tmp_path):

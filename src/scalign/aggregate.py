@@ -3,7 +3,8 @@
 A study such as `experiments/configs/e2h_stepmath.py` is run once per seed (each run has its
 own data draw, SFT policy, evaluators and samples), e.g. with
 `python experiments/launch.py --config=... --workdir=runs/x --seeds=0,1,2`, which writes
-`runs/x/seed_0/`, `runs/x/seed_1/`, ... and then calls `aggregate_runs`. The aggregate
+`runs/x/seed_0/`, `runs/x/seed_1/`, ... and then calls `aggregate_runs` (or, for runs made
+separately, `python -m scalign.aggregate RUN_DIR ... --out DIR`). The aggregate
 `results.json` holds, for every stage, one row per key of the per-seed rows with
 
     {<key fields>, "mean": mean over seeds, "std": population std over seeds,
@@ -168,3 +169,21 @@ def _rerank_section(rows: list[dict[str, Any]], out: epath.Path, agg_name: str) 
     return ["## Re-ranking (Sun et al. 2024, Table 1 layout), accuracy %", "",
             markdown_table(table, ["method", *[f"{s} N={n}" for s in splits for n in show]]),
             "", f"![accuracy vs N]({fig.relative_to(out)})", ""]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m scalign.aggregate RUN_DIR [RUN_DIR ...] --out DIR`: (re)aggregate finished runs."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m scalign.aggregate", description=main.__doc__)
+    parser.add_argument("runs", nargs="+", help="run directories with results.json")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--title", default=None)
+    parser.add_argument("--plot_aggregation", default="prod")
+    args = parser.parse_args(argv)
+    aggregate_runs(args.runs, args.out, title=args.title, plot_aggregation=args.plot_aggregation)
+    print(f"wrote {args.out}/results.json and {args.out}/report.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -76,6 +76,53 @@ def time_calls(fn: Callable[[], Any], *, warmup: int, timed: int) -> list[float]
     return out
 
 
+def train_setup(workload: str, spec_path: str | Path | None, kind: str,
+                extra: dict[str, Any]) -> tuple[dict, dict, ModelConfig, Any, Any, Any, Any]:
+    """Shared set-up of the training benchmarks: (workload, model entry, config, mesh,
+    optimizer, TrainState, its shardings) on one device, AdamW with a constant learning rate
+    and weight decay from the spec, params from the spec's init seed. `extra` may override
+    `dtype` and `remat`."""
+    import functools
+
+    import jax
+
+    from scalign import parallel
+    from scalign.models import init_params, param_logical_axes
+    from scalign.training.state import OptimizerConfig, make_optimizer
+    from scalign.training.step import init_train_state
+
+    wl, m = load_workload(workload, spec_path)
+    if wl["kind"] != kind:
+        raise ValueError(f"workload {workload!r} is a {wl['kind']!r} workload, not {kind!r}")
+    overrides = {k: extra[k] for k in ("dtype", "remat") if k in extra}
+    config = model_config_from_spec(m, **overrides)
+    mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+    opt = make_optimizer(OptimizerConfig(learning_rate=wl["learning_rate"],
+                                         weight_decay=wl["weight_decay"], schedule="constant"))
+    state, st_sh = init_train_state(functools.partial(init_params, config),
+                                    param_logical_axes(config), opt, mesh, seed=m["init_seed"])
+    return wl, m, config, mesh, opt, state, st_sh
+
+
+def time_steps(step: Callable[..., Any], state: Any, batch: Any, wl: dict, *args: Any
+               ) -> tuple[list[float], dict[str, float]]:
+    """Run a train step `wl["warmup_steps"]` times untimed, then `wl["timed_steps"]` timed
+    (each blocked on its loss); returns (seconds per timed step, last metrics as floats)."""
+    import jax
+
+    box: dict[str, Any] = {"state": state}
+
+    def one():
+        box["state"], metrics = step(box["state"], batch, *args)
+        jax.block_until_ready(metrics["loss"])
+        box["metrics"] = metrics
+
+    times = time_calls(one, warmup=wl["warmup_steps"], timed=wl["timed_steps"])
+    metrics = {k: float(v) for k, v in jax.device_get(box["metrics"]).items()
+               if np.ndim(v) == 0}
+    return times, metrics
+
+
 def peak_matmul_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
     """Best of `repeats` jitted n x n @ n x n matmuls, in FLOP/s (2 n^3 per matmul)."""
     import jax

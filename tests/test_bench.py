@@ -1,0 +1,66 @@
+"""Benchmarks run a spec's workloads end to end and print one well-formed JSON line each."""
+
+import json
+
+import pytest
+
+from scalign.bench.__main__ import main
+
+MODEL = {"architecture": "llama", "vocab_size": 64, "hidden_size": 32, "num_layers": 2,
+         "num_heads": 2, "num_kv_heads": 1, "head_dim": 16, "intermediate_size": 64,
+         "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
+         "init_seed": 0}
+WORKLOADS = {
+    "sample_tiny": {"kind": "sample", "model": "m", "batch": 3, "prompt_len": 8,
+                    "prompt_seed": 0, "prompt_token_low": 3, "max_new_tokens": 5,
+                    "decoding": "greedy", "stop_on_eos": False, "warmup_calls": 1,
+                    "timed_calls": 2, "metric": "generated_tokens_per_s", "unit": "tok/s"},
+    "sft_tiny": {"kind": "train", "model": "m", "learning_rate": 1e-3, "weight_decay": 0.0,
+                 "batch": 2, "seq_len": 16, "data_seed": 0, "warmup_steps": 1,
+                 "timed_steps": 2},
+    "dpo_tiny": {"kind": "dpo", "model": "m", "loss": "sigmoid", "beta": 0.1,
+                 "label_smoothing": 0.0, "learning_rate": 1e-6, "weight_decay": 0.0,
+                 "batch_pairs": 2, "prompt_len": 6, "response_len": 6, "seq_len": 12,
+                 "data_seed": 0, "warmup_steps": 1, "timed_steps": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    path = tmp_path_factory.mktemp("spec") / "workloads.json"
+    path.write_text(json.dumps({"models": {"m": MODEL}, "workloads": WORKLOADS}))
+    return path
+
+
+def _line(capsys) -> dict:
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert len(lines) == 1
+    return json.loads(lines[0])
+
+
+def test_sample_bench(spec, capsys):
+    main(["sample", "--workload", "sample_tiny", "--spec", str(spec), "--extra", "bon_prompts=2",
+          "--extra", "bon_n=2", "--extra", "bon_timed=1"])
+    line = _line(capsys)
+    assert line["system"] == "scalign" and line["unit"] == "tok/s" and line["value"] > 0
+    assert len(line["seconds"]) == 2 and line["bon_tok_s"] > 0 and line["indep_tok_s"] > 0
+
+
+def test_train_bench_reports_mfu(spec, capsys):
+    main(["train", "--workload", "sft_tiny", "--spec", str(spec)])
+    line = _line(capsys)
+    assert line["metric"] == "tokens_per_s" and line["value"] > 0
+    assert 0 < line["mfu"] < 1 and line["peak_flops"] > 1e8 and len(line["step_seconds"]) == 2
+
+
+def test_dpo_bench_first_loss_is_log2(spec, capsys):
+    main(["dpo", "--workload", "dpo_tiny", "--spec", str(spec)])
+    line = _line(capsys)
+    assert line["metric"] == "pairs_per_s" and line["unit"] == "pairs/s" and line["value"] > 0
+    # lr 1e-6 over 3 steps barely moves the policy away from the reference: loss ~ ln 2
+    assert line["loss"] == pytest.approx(0.6931, abs=1e-3)
+
+
+def test_wrong_kind_is_an_error(spec):
+    with pytest.raises((ValueError, SystemExit)):
+        main(["dpo", "--workload", "sft_tiny", "--spec", str(spec)])

@@ -12,7 +12,6 @@ import sentencepiece as spm
 from scalign.algorithms.reward_labels import (
     assert_levels,
     build_reward_records,
-    encode_continuation,
     prm800k_solutions,
     prm800k_text,
 )
@@ -122,7 +121,7 @@ def test_encode_continuation_avoids_the_dummy_prefix(domain):
     prompt, text = "# Question\n\nWhat is $2+3$?\n\n# Solution\n\n", "That gives $5$."
     alone = tok.encode(text)
     assert tb[alone[0]].startswith(b" ")  # what a naive encode would train on
-    p_ids, r_ids = encode_continuation(tok, prompt, text)
+    p_ids, r_ids = tok.encode_continuation(prompt, text, add_bos=True)
     assert p_ids == tok.encode(prompt, add_bos=True)
     assert b"".join(tb[i] for i in r_ids).decode() == text
 

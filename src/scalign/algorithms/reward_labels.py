@@ -284,11 +284,6 @@ def prm800k_text(steps: Sequence[str]) -> tuple[str, bool] | None:
     return STEP_DELIMITER.join(out), False
 
 
-def encode_continuation(tokenizer: Any, prompt: str, text: str) -> tuple[list[int], list[int]]:
-    """(prompt ids with bos, response ids): `Tokenizer.encode_continuation`."""
-    return tokenizer.encode_continuation(prompt, text, add_bos=True)
-
-
 def prm800k_solutions(solutions: Sequence[StepLabelledSolution], domain: Any, tokenizer: Any, *,
                       levels: Sequence[int], max_tokens: int | None = None
                       ) -> tuple[LabelledSolutions, collections.Counter[str]]:
@@ -298,7 +293,8 @@ def prm800k_solutions(solutions: Sequence[StepLabelledSolution], domain: Any, to
       - its level must be known and in `levels`; a problem of the domain's test split is never
         used (drops: "level_unknown", "level_not_supervised", "test_problem");
       - text = `prm800k_text(steps)` after `domain.prompt` (drop: "unaligned_steps");
-      - ids = `encode_continuation`; longer than `max_tokens` in all: drop "too_long";
+      - ids = `Tokenizer.encode_continuation` (bos added); longer than `max_tokens` in all:
+        drop "too_long";
       - verdict = `domain.verify` of the text against the reference answer (PRM800K's
         `ground_truth_answer`, else the MATH answer of the same problem, `domain.reference`;
         drop "no_reference_answer"), with the human labels put in: `step_labels` = the labels
@@ -309,8 +305,8 @@ def prm800k_solutions(solutions: Sequence[StepLabelledSolution], domain: Any, to
       - the parsed text must have one step per label (drop: "unaligned_steps").
 
     Returns (solutions, drop counts by reason). `domain` needs `prompt`, `verify`, `parse`,
-    `split_of` and `reference` (`data.domain.MathDomain`); `tokenizer` needs `encode` and
-    `token_bytes`.
+    `split_of` and `reference` (`data.domain.MathDomain`); `tokenizer` needs
+    `encode_continuation` and `token_bytes`.
     """
     allowed = {int(lv) for lv in levels}
     token_bytes = tokenizer.token_bytes()
@@ -341,7 +337,8 @@ def prm800k_solutions(solutions: Sequence[StepLabelledSolution], domain: Any, to
                               solution=ref.solution if ref is not None else "", answer=answer,
                               level=int(sol.level),
                               subject=ref.subject if ref is not None else "")
-        prompt_ids, ids = encode_continuation(tokenizer, domain.prompt(problem), text)
+        prompt_ids, ids = tokenizer.encode_continuation(domain.prompt(problem), text,
+                                                         add_bos=True)
         if max_tokens is not None and len(prompt_ids) + len(ids) > max_tokens:
             drops["too_long"] += 1
             continue

@@ -45,19 +45,32 @@ def training_model(model: ModelConfig, cfg: ml_collections.ConfigDict) -> ModelC
 
 def validate_training(config: ml_collections.ConfigDict, key: str, mesh_shape: dict[str, int],
                       errors: list[str]) -> None:
-    """Common checks of a training block `config.<key>` (steps, batch, lengths, optimizer,
-    optional `remat`)."""
-    if key not in config:
-        errors.append(f"config.{key} is missing")
+    """Common checks of a training block `config.<key>` (`key` may be dotted, e.g.
+    "reward_models.train"): steps, batch, lengths, optimizer, optional `remat`. A block with
+    `epochs` set derives its steps from the data size at run time, so `steps` may then be
+    absent or None (see `stages.reward_models.train_block`)."""
+    cfg = config
+    for part in key.split("."):
+        if part not in cfg:
+            errors.append(f"config.{key} is missing")
+            return
+        cfg = cfg[part]
+    epochs = cfg.get("epochs")
+    derived_steps = epochs is not None
+    missing = [k for k in TRAIN_KEYS if k not in cfg and not (k == "steps" and derived_steps)]
+    errors.extend(f"config.{key}.{k} is missing" for k in missing)
+    if missing:  # (not `errors`: it also holds other stages' findings)
         return
-    cfg = config[key]
-    for k in TRAIN_KEYS:
-        if k not in cfg:
-            errors.append(f"config.{key}.{k} is missing")
-    if errors:
-        return
-    if cfg.steps <= 0:
-        errors.append(f"config.{key}.steps={cfg.steps} must be positive")
+    if derived_steps:
+        if not epochs > 0:
+            errors.append(f"config.{key}.epochs={epochs} must be > 0 (or None to train for "
+                          f"`steps`)")
+        steps = 1  # stands in for the data-derived count in the optimizer check below
+    else:
+        steps = cfg.steps
+        if steps is None or steps <= 0:
+            errors.append(f"config.{key}.steps={steps} must be positive")
+            return
     if cfg.seq_len < 2:
         errors.append(f"config.{key}.seq_len={cfg.seq_len} must be >= 2")
     check_batch(errors, f"{key}.batch_size", cfg.batch_size, mesh_shape,
@@ -65,7 +78,7 @@ def validate_training(config: ml_collections.ConfigDict, key: str, mesh_shape: d
     if cfg.get("remat") is not None and cfg.remat not in REMAT_POLICIES:
         errors.append(f"config.{key}.remat must be one of {REMAT_POLICIES}, got {cfg.remat!r}")
     try:
-        OptimizerConfig.from_config({**cfg.optimizer.to_dict(), "total_steps": cfg.steps})
+        OptimizerConfig.from_config({**cfg.optimizer.to_dict(), "total_steps": steps})
     except (ValueError, TypeError) as e:
         errors.append(f"config.{key}.optimizer: {e}")
 

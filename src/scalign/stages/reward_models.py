@@ -129,16 +129,7 @@ class RewardModelsStage(Stage):
         if bad:
             errors.append(f"config.reward_models.evaluators has unknown kinds {bad}; use {KINDS}")
         if "train" in cfg:
-            train = ml_collections.ConfigDict(cfg.train.to_dict())
-            epochs = train.get("epochs")
-            if epochs is not None:
-                if not epochs > 0:
-                    errors.append(f"config.reward_models.train.epochs={epochs} must be > 0 "
-                                  f"(or None to train for `steps`)")
-                if train.get("steps") is None:
-                    train.steps = 1  # the steps come from the data size; check the rest
-            sub = ml_collections.ConfigDict({"reward_models_train": train})
-            validate_training(sub, "reward_models_train", mesh_shape, errors)
+            validate_training(config, "reward_models.train", mesh_shape, errors)
         if cfg.get("after_first_error", "drop") not in ("drop", "keep"):
             errors.append("config.reward_models.after_first_error must be 'drop' or 'keep'")
 

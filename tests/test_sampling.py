@@ -91,9 +91,10 @@ def _prompts(vocab: int, lengths=PROMPT_LENGTHS, seed: int = 1) -> list[np.ndarr
 
 
 # ----------------------------------------------------------------------- exactness of decoding
-def test_greedy_equals_uncached_argmax_per_step(model, tok):
+@pytest.mark.parametrize("weight_layout", ["output_major", "native"])
+def test_greedy_equals_uncached_argmax_per_step(model, tok, weight_layout):
     config, params = model
-    sampler = Sampler(config, params, tok, min_prompt_bucket=16)
+    sampler = Sampler(config, params, tok, min_prompt_bucket=16, weight_layout=weight_layout)
     prompts = _prompts(config.vocab_size)
     out = sampler.generate_ids(prompts, max_new_tokens=M, stop_on_eos=False)
     assert out.tokens.shape == (len(prompts), 1, M)
@@ -411,5 +412,8 @@ def test_input_errors(llama, tok):
         sampler.generate_ids([[config.vocab_size]])
     with pytest.raises(ValueError, match="tokenizer"):
         Sampler(config, params).generate_ids([[5]], stop_strings=["x"])
+    with pytest.raises(ValueError, match="weight_layout"):
+        Sampler(config, params, weight_layout="nk")
+    assert Sampler(config, params).weight_layout == "output_major"  # "auto" on CPU
     with pytest.raises(ValueError, match="largest prompt bucket"):
         Sampler(config, params, prompt_buckets=(4,)).generate_ids([[5] * 6])

@@ -20,10 +20,12 @@ How one call runs (P prompts, N samples each, M = max_new_tokens, R = P * N rows
    samples cost one prefill.
 3. Jitted decode (`_decode`): a `lax.while_loop` over steps t = 0 .. M-2 whose body samples token
    t from the current logits, records it, then runs the decoder on that one token
-   (cache slot Tp + t, a single `dynamic_update_slice`) for the next logits; the last token is
+   (cache slot Tp + t, one `dynamic_update_slice` per buffer) for the next logits; the last token is
    sampled after the loop, so no forward pass is wasted. The loop exits early once every row has
    stopped. The cache is donated into the decode call and returned by it, so XLA updates the
-   K/V buffers ([R, K, Tp + M, Dh] per layer) in place, with no copy per call or per step.
+   K/V buffers (Tp + M slots per layer) in place, with no copy per call or per step.
+   On CPU the loop reads the matmul weights as [out, in] matrices, transposed once per call
+   (`Sampler(weight_layout=...)`): XLA:CPU's few-row products run faster on that layout.
 
 Sampling (`sample_tokens`), in the order of HF's logits processors: logits / temperature, then
 top-k (the k largest), then top-p (nucleus, Holtzman et al. 2020: the smallest set of the most
@@ -83,7 +85,15 @@ import numpy as np
 from scalign import parallel
 from scalign.models.config import ModelConfig
 from scalign.models.heads import SCALAR_HEAD
-from scalign.models.transformer import forward, init_cache, lm_logits, param_logical_axes
+from scalign.models.transformer import (
+    CACHE_AXES,
+    forward,
+    from_output_major,
+    init_cache,
+    lm_logits,
+    param_logical_axes,
+    to_output_major,
+)
 
 Array = jax.Array
 
@@ -287,17 +297,19 @@ def _prefill(params: Any, tokens: Array, key_start: Array, *, config: ModelConfi
 def _prefill_body(config: ModelConfig, params: Any, tokens: Array, key_start: Array, n: int,
                   max_new_tokens: int, cache_dtype: Any) -> tuple[Array, Any]:
     P, Tp = tokens.shape
-    cache = init_cache(config, P, Tp, cache_dtype)  # [P, K, Tp, Dh] per layer
+    cache = init_cache(config, P, Tp, cache_dtype)  # Tp slots per layer
     hidden, cache = forward(config, params, tokens, cache=cache, cache_index=0,
                             key_start=key_start)
     logits = lm_logits(config, params, hidden[:, -1])  # [P, V]: last position only
 
-    def grow(x):
-        x = jnp.pad(x, ((0, 0), (0, 0), (0, max_new_tokens), (0, 0)))
+    def grow(x, axes):
+        slots = axes.index("cache_length")
+        x = jnp.pad(x, [(0, max_new_tokens if a == slots else 0) for a in range(x.ndim)])
         x = jnp.repeat(x, n, axis=0) if n > 1 else x
-        return parallel.constrain(x, ("act_batch", "act_kv_heads", "cache_length", None))
+        return parallel.constrain(x, axes)
 
-    cache = jax.tree.map(grow, cache)
+    cache = {layer: {name: grow(x, CACHE_AXES[name]) for name, x in bufs.items()}
+             for layer, bufs in cache.items()}
     logits = _constrain_rows(jnp.repeat(logits, n, axis=0) if n > 1 else logits)
     return logits, cache
 
@@ -306,23 +318,26 @@ def _decode(params: Any, cache: Any, logits: Array, key_start: Array, done: Arra
             row_ids: Array, key: Array, temperature: Array, top_p: Array,
             stop_table: Array | None, eos_ids: Array | None, *, config: ModelConfig,
             mesh: jax.sharding.Mesh | None, rules: parallel.Rules, prompt_len: int,
-            max_new_tokens: int, greedy: bool, top_k: int, use_top_p: bool, pad_id: int
-            ) -> tuple[dict[str, Array], Any]:
+            max_new_tokens: int, greedy: bool, top_k: int, use_top_p: bool, pad_id: int,
+            output_major: bool) -> tuple[dict[str, Array], Any]:
     """The decode loop (see the module docstring). Returns (outputs, final cache)."""
     with parallel.sharding_context(mesh, rules):
         return _decode_body(config, params, cache, logits, key_start, done, row_ids, key,
                             temperature, top_p, stop_table, eos_ids, prompt_len,
-                            max_new_tokens, greedy, top_k, use_top_p, pad_id)
+                            max_new_tokens, greedy, top_k, use_top_p, pad_id, output_major)
 
 
 def _decode_body(config: ModelConfig, params: Any, cache: Any, logits: Array, key_start: Array,
                  done: Array, row_ids: Array, key: Array, temperature: Array, top_p: Array,
                  stop_table: Array | None, eos_ids: Array | None, prompt_len: int,
-                 max_new_tokens: int, greedy: bool, top_k: int, use_top_p: bool, pad_id: int
-                 ) -> tuple[dict[str, Array], Any]:
+                 max_new_tokens: int, greedy: bool, top_k: int, use_top_p: bool, pad_id: int,
+                 output_major: bool) -> tuple[dict[str, Array], Any]:
     """`_decode` without the sharding context. The loop state per row: the next-token logits,
-    done flag, length, stop reason and stop-automaton state, plus the [R, M] output buffers."""
+    done flag, length, stop reason and stop-automaton state, plus the [R, M] output buffers.
+    With `output_major`, the matmul weights are transposed once before the loop (see
+    `Sampler`'s weight_layout) and the loop body reads them through transposed views."""
     R, M = logits.shape[0], max_new_tokens
+    packed = jax.lax.optimization_barrier(to_output_major(params)) if output_major else None
     row_keys = None if greedy else jax.vmap(jax.random.fold_in, (None, 0))(key, row_ids)
 
     def emit(s: dict[str, Any]) -> tuple[dict[str, Any], Array]:
@@ -358,9 +373,10 @@ def _decode_body(config: ModelConfig, params: Any, cache: Any, logits: Array, ke
 
     def body(s):
         s, tok = emit(s)
-        hidden, s["cache"] = forward(config, params, tok[:, None], cache=s["cache"],
+        weights = params if packed is None else from_output_major(packed, params)
+        hidden, s["cache"] = forward(config, weights, tok[:, None], cache=s["cache"],
                                      cache_index=prompt_len + s["t"], key_start=key_start)
-        s["logits"] = _constrain_rows(lm_logits(config, params, hidden[:, 0]))
+        s["logits"] = _constrain_rows(lm_logits(config, weights, hidden[:, 0]))
         s["t"] = s["t"] + 1
         return s
 
@@ -388,7 +404,7 @@ _PREFILL = jax.jit(_prefill, static_argnames=("config", "mesh", "rules", "n", "m
                                               "cache_dtype"))
 _DECODE = jax.jit(_decode, donate_argnums=(1,),
                   static_argnames=("config", "mesh", "rules", "prompt_len", "max_new_tokens",
-                                   "greedy", "top_k", "use_top_p", "pad_id"))
+                                   "greedy", "top_k", "use_top_p", "pad_id", "output_major"))
 
 
 # ================================================================================= host API
@@ -435,6 +451,11 @@ class Sampler:
       pad_id: the id written after a row stops and used for left padding; default the
         tokenizer's pad id, else 0.
       cache_dtype: K/V cache dtype; default the config's compute dtype.
+      weight_layout: how the decode loop reads the matmul weights: "output_major" transposes
+        them once per call into [out, in] matrices (one extra copy of the matmul weights while
+        decoding) because XLA:CPU's few-row products run faster on that layout; "native" reads
+        the params as stored; "auto" (default) is "output_major" on CPU, "native" elsewhere
+        (TPU and GPU compilers pick their own layouts, and the copy would cost HBM).
     """
 
     def __init__(self, config: ModelConfig, params: Any, tokenizer: Any = None, *,
@@ -442,7 +463,7 @@ class Sampler:
                  rules: parallel.Rules = parallel.DEFAULT_RULES, max_new_tokens: int = 256,
                  prompt_buckets: Sequence[int] | None = None, min_prompt_bucket: int = 16,
                  eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
-                 cache_dtype: Any = None):
+                 cache_dtype: Any = None, weight_layout: str = "auto"):
         self.config = config
         self.tokenizer = tokenizer
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
@@ -462,6 +483,14 @@ class Sampler:
         self.pad_id = int(pad_id if pad_id is not None
                           else tokenizer.pad_id if tokenizer is not None else 0)
         self.cache_dtype = jnp.dtype(cache_dtype or config.compute_dtype)
+        if weight_layout not in ("auto", "output_major", "native"):
+            raise ValueError(f"weight_layout must be 'auto', 'output_major' or 'native', got "
+                             f"{weight_layout!r}")
+        if weight_layout == "auto":
+            platform = (self.mesh.devices.flat[0] if self.mesh is not None
+                        else jax.devices()[0]).platform
+            weight_layout = "output_major" if platform == "cpu" else "native"
+        self.weight_layout = weight_layout
         backbone = {k: v for k, v in params.items() if k != SCALAR_HEAD}
         if self.mesh is not None:
             shardings = parallel.tree_shardings(param_logical_axes(config), backbone, self.mesh,
@@ -591,7 +620,7 @@ class Sampler:
             self._put_replicated(key), self._put_replicated(jnp.float32(temperature)),
             self._put_replicated(jnp.float32(top_p)), stop_table, eos, prompt_len=Tp,
             max_new_tokens=M, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
-            pad_id=self.pad_id, **static)
+            pad_id=self.pad_id, output_major=self.weight_layout == "output_major", **static)
         if jax.process_count() > 1:  # rows live on every host: gather them everywhere
             from jax.experimental import multihost_utils
             out = multihost_utils.process_allgather(out, tiled=True)

@@ -13,12 +13,14 @@ import pytest
 from scalign.models.config import ModelConfig
 from scalign.models.transformer import (
     forward,
+    from_output_major,
     init_cache,
     init_params,
     lm_logits,
     logits,
     rope_attention_factor,
     rope_inv_freq,
+    to_output_major,
 )
 
 
@@ -149,3 +151,29 @@ def test_rope_scaling_config_is_checked():
     c = _tiny(rope_scaling=(("factor", 2.0), ("original_max_position_embeddings", 64),
                             ("type", "yarn")), max_position_embeddings=256)
     assert ModelConfig.from_dict(c.to_dict()) == c
+
+
+def test_output_major_weights_round_trip_and_give_the_same_forward():
+    config = ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2,
+                         head_dim=8, mlp_dim=24, qkv_bias=True, qk_norm=True)
+    params = init_params(config, jax.random.PRNGKey(0))
+    packed = to_output_major(params)
+    attn, mlp = packed["layer_0"]["attn"], packed["layer_0"]["mlp"]
+    assert attn["q"].shape == (4 * 8, 16) and attn["k"].shape == (2 * 8, 16)  # [out, in]
+    assert attn["o"].shape == (16, 4 * 8) and mlp["down"].shape == (16, 24)
+    assert packed["lm_head"].shape == (40, 16) and packed["embedding"].shape == (40, 16)
+    assert attn["q_bias"].shape == (4, 8)  # not a matmul weight: unchanged
+    back = from_output_major(packed, params)
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+    np.testing.assert_array_equal(np.asarray(packed["layer_1"]["mlp"]["gate"]),
+                                  np.asarray(params["layer_1"]["mlp"]["gate"]).T)
+
+    tokens = jnp.asarray(np.arange(12, dtype=np.int32).reshape(2, 6) % 40)
+
+    @jax.jit
+    def through_views(packed):
+        packed = jax.lax.optimization_barrier(packed)
+        return logits(config, from_output_major(packed, params), tokens)
+
+    np.testing.assert_allclose(np.asarray(through_views(packed)),
+                               np.asarray(logits(config, params, tokens)), atol=1e-5)

@@ -376,7 +376,8 @@ def _decode_body(config: ModelConfig, params: Any, cache: Any, logits: Array, ke
         weights = params if packed is None else from_output_major(packed, params)
         hidden, s["cache"] = forward(config, weights, tok[:, None], cache=s["cache"],
                                      cache_index=prompt_len + s["t"], key_start=key_start)
-        s["logits"] = _constrain_rows(lm_logits(config, weights, hidden[:, 0]))
+        s["logits"] = _constrain_rows(lm_logits(config, weights, hidden[:, 0],
+                                                few_rows=output_major))
         s["t"] = s["t"] + 1
         return s
 

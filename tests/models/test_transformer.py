@@ -177,3 +177,14 @@ def test_output_major_weights_round_trip_and_give_the_same_forward():
 
     np.testing.assert_allclose(np.asarray(through_views(packed)),
                                np.asarray(logits(config, params, tokens)), atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_few_rows_logits_equal_the_dot(tie):
+    config = ModelConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                         head_dim=8, mlp_dim=24, tie_embeddings=tie, final_softcap=30.0)
+    params = init_params(config, jax.random.PRNGKey(0))
+    for rows in (1, 4, 16, 20):  # the multiply-reduce serves 2..16 rows, the dot the others
+        hidden = jax.random.normal(jax.random.PRNGKey(rows), (rows, 16))
+        np.testing.assert_allclose(np.asarray(lm_logits(config, params, hidden, few_rows=True)),
+                                   np.asarray(lm_logits(config, params, hidden)), atol=1e-5)

@@ -14,8 +14,9 @@ Extra keys (each after its own warm-up call, `bon_timed` timed calls, median):
 Also: prefill_s (one prefill call) and the per-call seconds.
 
 `--extra` options: `bon=0` skips the best-of-N comparison; `bon_timed=N`; `bon_prompts=P`,
-`bon_n=N`; `param_dtype=bfloat16` / `dtype=bfloat16` run a bf16 variant (not the spec's f32
-workload; the line's `notes` say so).
+`bon_n=N`; `weight_layout=native|output_major` overrides the sampler's choice (A/B of the
+[out, in] decode weights); `param_dtype=bfloat16` / `dtype=bfloat16` run a bf16 variant (not the
+spec's f32 workload; the line's `notes` say so).
 
 `sample_gemma3_270m` needs the real Gemma-3-270M weights through `scalign.models.load_gguf`
 and the assembled GGUF (`gguf=PATH`, `$PEERS_GGUF`, or /tmp/peers/gguf/gemma-3-270m-q4_k_m.gguf);
@@ -87,7 +88,11 @@ def run(workload: str, spec_path: str | None = None, **extra: Any) -> dict:
     prompts = common.random_ids(wl["prompt_seed"], wl["prompt_token_low"], high, (B, T))
     if wl["decoding"] != "greedy":
         raise SystemExit(f"workload {workload!r}: decoding {wl['decoding']!r} is not supported")
-    sampler = Sampler(config, params, tokenizer, max_new_tokens=M, min_prompt_bucket=T)
+    layout = str(extra.get("weight_layout", "auto"))
+    sampler = Sampler(config, params, tokenizer, max_new_tokens=M, min_prompt_bucket=T,
+                      weight_layout=layout)
+    if layout != "auto":
+        notes.append(f"weight_layout={layout}")
 
     def call():
         out = sampler.generate_ids(prompts, max_new_tokens=M, stop_on_eos=wl["stop_on_eos"],

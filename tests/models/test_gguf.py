@@ -403,7 +403,7 @@ def test_gemma3_270m_logits_match_hf(gemma_loaded):
     torch.set_num_threads(2)
     with no_init_weights():
         model = transformers.Gemma3ForCausalLM(_hf_gemma3_config(config)).eval()
-    state = {k: torch.from_numpy(v) for k, v in to_hf_tensors(config, params).items()}
+    state = {k: torch.from_numpy(np.array(v)) for k, v in to_hf_tensors(config, params).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert missing == ["lm_head.weight"] and not unexpected  # tied to embed_tokens
     model.tie_weights()

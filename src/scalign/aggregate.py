@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from scalign.evaluation.rerank import EVALUATOR_COLORS, table1_methods
+from scalign.evaluation.rerank import plot_style, table1_methods
 from scalign.reporting import markdown_table, panels_plot
 
 _NUMBER_FIELDS = ("value", "mean")
@@ -155,12 +155,7 @@ def _rerank_section(rows: list[dict[str, Any]], out: epath.Path, agg_name: str) 
             if all(p is not None for p in pts):
                 series[label] = (ns, [p["mean"] for p in pts], [p["std"] for p in pts])
         panels[s] = series
-    styles = {}
-    for label, e, m, _ in methods:
-        styles[label] = ({"color": "black"} if m == "majority" else
-                         {"color": "gray", "linestyle": "--", "marker": ""} if m == "oracle" else
-                         {"color": EVALUATOR_COLORS.get(e)} | (
-                             {"linestyle": ":", "marker": "s"} if m == "best_of_n" else {}))
+    styles = {label: plot_style(e, m) for label, e, m, _ in methods}
     fig = out / "figures" / "rerank_accuracy_vs_n.png"
     fig.parent.mkdir(parents=True, exist_ok=True)
     panels_plot(fig, panels, title=f"Re-ranking with easy-trained evaluators, mean ± std over "
@@ -172,10 +167,11 @@ def _rerank_section(rows: list[dict[str, Any]], out: epath.Path, agg_name: str) 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m scalign.aggregate RUN_DIR [RUN_DIR ...] --out DIR`: (re)aggregate finished runs."""
+    """`python -m scalign.aggregate RUN_DIR [RUN_DIR ...] --out DIR`: aggregate finished runs."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m scalign.aggregate", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m scalign.aggregate",
+                                     description=main.__doc__)
     parser.add_argument("runs", nargs="+", help="run directories with results.json")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--title", default=None)

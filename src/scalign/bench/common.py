@@ -77,9 +77,9 @@ def time_calls(fn: Callable[[], Any], *, warmup: int, timed: int) -> list[float]
 
 
 def train_setup(workload: str, spec_path: str | Path | None, kind: str,
-                extra: dict[str, Any]) -> tuple[dict, dict, ModelConfig, Any, Any, Any, Any]:
-    """Shared set-up of the training benchmarks: (workload, model entry, config, mesh,
-    optimizer, TrainState, its shardings) on one device, AdamW with a constant learning rate
+                extra: dict[str, Any]) -> tuple[dict, ModelConfig, Any, Any, Any, Any]:
+    """Shared set-up of the training benchmarks: (workload, config, mesh, optimizer,
+    TrainState, its shardings) on one device, AdamW with a constant learning rate
     and weight decay from the spec, params from the spec's init seed. `extra` may override
     `dtype` and `remat`."""
     import functools
@@ -101,7 +101,7 @@ def train_setup(workload: str, spec_path: str | Path | None, kind: str,
                                          weight_decay=wl["weight_decay"], schedule="constant"))
     state, st_sh = init_train_state(functools.partial(init_params, config),
                                     param_logical_axes(config), opt, mesh, seed=m["init_seed"])
-    return wl, m, config, mesh, opt, state, st_sh
+    return wl, config, mesh, opt, state, st_sh
 
 
 def time_steps(step: Callable[..., Any], state: Any, batch: Any, wl: dict, *args: Any

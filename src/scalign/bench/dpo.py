@@ -21,7 +21,7 @@ from scalign.training.step import make_train_step
 
 
 def run(workload: str, spec_path: str | None = None, **extra: str) -> dict:
-    wl, _, config, mesh, opt, state, st_sh = train_setup(workload, spec_path, "dpo", extra)
+    wl, config, mesh, opt, state, st_sh = train_setup(workload, spec_path, "dpo", extra)
     if wl.get("loss", "sigmoid") != "sigmoid":
         raise ValueError(f"workload {workload!r}: only the sigmoid DPO loss is benchmarked, "
                          f"got {wl['loss']!r}")

@@ -25,7 +25,7 @@ from scalign.training.step import make_train_step
 
 
 def run(workload: str, spec_path: str | None = None, **extra: str) -> dict:
-    wl, _, config, mesh, opt, state, st_sh = train_setup(workload, spec_path, "train", extra)
+    wl, config, mesh, opt, state, st_sh = train_setup(workload, spec_path, "train", extra)
     B, T = wl["batch"], wl["seq_len"]
     step = make_train_step(make_sft_loss(config), opt, mesh, state_sharding=st_sh,
                            clip_norm=None)

@@ -41,7 +41,21 @@ KeyFn = Callable[[Any], Hashable | None]
 # --------------------------------------------------------------------------- aggregation
 
 
-EVALUATOR_COLORS = {"orm": "tab:blue", "prm": "tab:green", "oprm": "tab:purple"}  # in plots
+_EVALUATOR_COLORS = {"orm": "tab:blue", "prm": "tab:green", "oprm": "tab:purple"}
+
+
+def plot_style(evaluator: str, method: str) -> dict[str, Any]:
+    """Line style of one re-ranking method in the accuracy-vs-N plots (the rerank stage and the
+    seed aggregate): majority voting black, the pass@N oracle grey dashed, each evaluator its own
+    colour, its best-of-N dotted with square markers."""
+    if method == "majority":
+        return {"color": "black"}
+    if method == "oracle":
+        return {"color": "gray", "linestyle": "--", "marker": ""}
+    style = {"color": _EVALUATOR_COLORS.get(evaluator)}
+    if method == "best_of_n":
+        style |= {"linestyle": ":", "marker": "s"}
+    return style
 
 
 def table1_methods(evaluators: Sequence[str], aggregation: str

@@ -246,6 +246,8 @@ class Attention(nn.Module):
         k = constrain(apply_rope(k, sin, cos), ("act_batch", "act_length", "act_kv_heads", None))
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
 
+        G = H // K
+        qg = (q.astype(jnp.float32) * c.attention_scale).astype(dt).reshape(B, T, K, G, Dh)
         if cache is not None:
             k_all = jax.lax.dynamic_update_slice(
                 cache["k"], k.transpose(0, 2, 3, 1).astype(cache["k"].dtype),
@@ -255,16 +257,7 @@ class Attention(nn.Module):
             k_all = constrain(k_all, CACHE_AXES["k"])
             v_all = constrain(v_all, CACHE_AXES["v"])
             new_cache = {"k": k_all, "v": v_all}
-            ks, vs = "bkds", "bksd"  # cache layouts [B, K, Dh, S] and [B, K, S, Dh]
-            S = k_all.shape[3]
-        else:
-            k_all, v_all, new_cache = k, v, None
-            ks = vs = "bskd"
-            S = k_all.shape[1]
-
-        G = H // K
-        qg = (q.astype(jnp.float32) * c.attention_scale).astype(dt).reshape(B, T, K, G, Dh)
-        if cache is not None:
+            S, vs = k_all.shape[3], "bksd"  # keys [B, K, Dh, S], values [B, K, S, Dh]
             # q as the left operand, [B, K, G*T, Dh] x [B, K, Dh, S]: jnp.einsum put the cache on
             # the left, a transposed-A product that ran 1.4x slower than this one
             qk = qg.transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)
@@ -272,7 +265,9 @@ class Attention(nn.Module):
                                          preferred_element_type=jnp.float32)
             scores = scores.reshape(B, K, G, T, S)
         else:
-            scores = jnp.einsum(f"btkgd,{ks}->bkgts", qg, k_all.astype(dt),
+            v_all, new_cache = v, None
+            S, vs = T, "bskd"
+            scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(dt),
                                 preferred_element_type=jnp.float32)
         scores = _softcap(scores, c.attn_softcap)
         mask = attention_mask(q_slots, S, key_start, c.window(self.layer))  # [B, T, S]
@@ -484,8 +479,7 @@ _MATMUL_INPUT_AXES = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down"
 
 
 def _leaf_name(path: tuple[Any, ...]) -> str:
-    last = path[-1]
-    return str(getattr(last, "key", getattr(last, "name", last)))
+    return str(getattr(path[-1], "key", path[-1]))  # params are nested dicts: DictKey
 
 
 def to_output_major(params: dict[str, Any]) -> dict[str, Any]:
@@ -517,8 +511,8 @@ def init_cache(config: ModelConfig, batch: int, max_len: int,
     {"layer_i": {"k": [B, K, Dh, S], "v": [B, K, S, Dh]}}."""
     dtype = jnp.dtype(dtype or config.compute_dtype)
     B, K, S, Dh = batch, config.n_kv_heads, max_len, config.head_dim
-    return {f"layer_{i}": {"k": jnp.zeros((B, K, Dh, S), dtype), "v": jnp.zeros((B, K, S, Dh), dtype)}
-            for i in range(config.n_layers)}
+    return {f"layer_{i}": {"k": jnp.zeros((B, K, Dh, S), dtype),
+                           "v": jnp.zeros((B, K, S, Dh), dtype)} for i in range(config.n_layers)}
 
 
 def cache_logical_axes(config: ModelConfig) -> Any:

@@ -25,9 +25,9 @@ from scalign.evaluation.generation import sample_solutions
 from scalign.evaluation.metrics import powers_of_two_upto
 from scalign.evaluation.rerank import (
     AGGREGATIONS,
-    EVALUATOR_COLORS,
     aggregate,
     pad_steps,
+    plot_style,
     rerank_accuracy,
     roc_auc,
     table1_methods,
@@ -220,20 +220,18 @@ class RerankStage(Stage):
             pts = [idx[(split, evaluator, method, a, n)] for n in ns]
             return ns, [p["mean"] for p in pts], [p["std"] for p in pts]
 
-        styles = {"majority": {"color": "black"},
-                  "pass@N (oracle)": {"color": "gray", "linestyle": "--", "marker": ""}}
+        styles = {"majority": plot_style("none", "majority"),
+                  "pass@N (oracle)": plot_style("none", "oracle")}
         panels = {}
         for split in splits:
             ps = {"majority": series(split, "none", "majority", "none"),
                   "pass@N (oracle)": series(split, "none", "oracle", "none")}
             for k in kinds:
                 a = "last" if k == "orm" else agg
-                color = EVALUATOR_COLORS.get(k, None)
                 ps[f"{k.upper()} weighted"] = series(split, k, "weighted", a)
                 ps[f"{k.upper()} best-of-N"] = series(split, k, "best_of_n", a)
-                styles[f"{k.upper()} weighted"] = {"color": color}
-                styles[f"{k.upper()} best-of-N"] = {"color": color, "linestyle": ":",
-                                                    "marker": "s"}
+                styles[f"{k.upper()} weighted"] = plot_style(k, "weighted")
+                styles[f"{k.upper()} best-of-N"] = plot_style(k, "best_of_n")
             panels[f"{split} levels {list(splits[split])}"] = ps
         fig = ctx.report.figure_path("rerank_accuracy_vs_n.png")
         panels_plot(fig, panels, title=f"Re-ranking with evaluators trained on easy levels "

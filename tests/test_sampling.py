@@ -17,6 +17,7 @@ from scalign.models import ModelConfig, init_params, logits
 from scalign.sampling import (
     Sampler,
     aho_corasick,
+    cache_phases,
     first_stop_end,
     sample_tokens,
     stop_string_table,
@@ -91,10 +92,11 @@ def _prompts(vocab: int, lengths=PROMPT_LENGTHS, seed: int = 1) -> list[np.ndarr
 
 
 # ----------------------------------------------------------------------- exactness of decoding
-@pytest.mark.parametrize("weight_layout", ["output_major", "native"])
-def test_greedy_equals_uncached_argmax_per_step(model, tok, weight_layout):
+@pytest.mark.parametrize("weight_layout,phases", [("output_major", 3), ("native", 1)])
+def test_greedy_equals_uncached_argmax_per_step(model, tok, weight_layout, phases):
     config, params = model
-    sampler = Sampler(config, params, tok, min_prompt_bucket=16, weight_layout=weight_layout)
+    sampler = Sampler(config, params, tok, min_prompt_bucket=16, weight_layout=weight_layout,
+                      cache_phases=phases)
     prompts = _prompts(config.vocab_size)
     out = sampler.generate_ids(prompts, max_new_tokens=M, stop_on_eos=False)
     assert out.tokens.shape == (len(prompts), 1, M)
@@ -345,13 +347,25 @@ def test_eos_stops_rows_and_pads(llama, tok):
         assert (out.tokens[i, 0, k + 1:] == tok.pad_id).all()
 
 
-def test_early_exit_when_all_rows_stop(llama, tok):
+def test_cache_phases_split_the_new_tokens():
+    assert cache_phases(128) == (32, 64, 96, 128)  # default: min(4, M // 32) phases
+    assert cache_phases(12) == (12,) and cache_phases(63) == (63,)
+    assert cache_phases(64) == (32, 64)
+    assert cache_phases(10, 3) == (4, 7, 10)
+    assert cache_phases(2, 5) == (1, 2)  # never more phases than tokens
+    with pytest.raises(ValueError, match="cache phases"):
+        cache_phases(8, 0)
+
+
+@pytest.mark.parametrize("phases", [1, 3])
+def test_early_exit_when_all_rows_stop(llama, tok, phases):
     config, params = llama
     prompt = _prompts(config.vocab_size, (6,))
     ref = Sampler(config, params, tok).generate_ids(prompt, max_new_tokens=M,
                                                     stop_on_eos=False)
     first = int(ref.tokens[0, 0, 0])
-    out = Sampler(config, params, tok, eos_ids=(first,)).generate_ids(prompt, max_new_tokens=M)
+    out = Sampler(config, params, tok, eos_ids=(first,), cache_phases=phases).generate_ids(
+        prompt, max_new_tokens=M)
     assert out.lengths[0, 0] == 1 and out.stop_reason[0, 0] == "eos"
     assert (out.tokens[0, 0, 1:] == tok.pad_id).all()
 
@@ -414,6 +428,8 @@ def test_input_errors(llama, tok):
         Sampler(config, params).generate_ids([[5]], stop_strings=["x"])
     with pytest.raises(ValueError, match="weight_layout"):
         Sampler(config, params, weight_layout="nk")
+    with pytest.raises(ValueError, match="cache_phases"):
+        Sampler(config, params, cache_phases=0)
     assert Sampler(config, params).weight_layout == "output_major"  # "auto" on CPU
     with pytest.raises(ValueError, match="largest prompt bucket"):
         Sampler(config, params, prompt_buckets=(4,)).generate_ids([[5] * 6])

@@ -12,6 +12,8 @@ import pytest
 
 from scalign.models.config import ModelConfig
 from scalign.models.transformer import (
+    DecodeKernels,
+    decode_kernels,
     forward,
     from_output_major,
     init_cache,
@@ -186,5 +188,35 @@ def test_few_rows_logits_equal_the_dot(tie):
     params = init_params(config, jax.random.PRNGKey(0))
     for rows in (1, 4, 16, 20):  # the multiply-reduce serves 2..16 rows, the dot the others
         hidden = jax.random.normal(jax.random.PRNGKey(rows), (rows, 16))
-        np.testing.assert_allclose(np.asarray(lm_logits(config, params, hidden, few_rows=True)),
-                                   np.asarray(lm_logits(config, params, hidden)), atol=1e-5)
+        with decode_kernels(DecodeKernels(few_rows_head=True)):
+            few = lm_logits(config, params, hidden)
+        np.testing.assert_allclose(np.asarray(few), np.asarray(lm_logits(config, params, hidden)),
+                                   atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_weight_left_kernels_give_the_same_decode_step(tie):
+    """W x^T products on [out, in] views (the CPU decode loop's formulation) = the plain model."""
+    config = ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2,
+                         head_dim=8, mlp_dim=24, qkv_bias=True, qk_norm=True, tie_embeddings=tie)
+    params = init_params(config, jax.random.PRNGKey(0))
+    packed = to_output_major(params)
+    tokens = jnp.asarray(np.arange(12, dtype=np.int32).reshape(3, 4) % 40)
+    cache = init_cache(config, 3, 6)
+
+    def step(weights, kernels):
+        with decode_kernels(kernels):
+            h, c = forward(config, weights, tokens[:, :1], cache=cache, cache_index=2)
+            return lm_logits(config, weights, h[:, 0]), c
+
+    ref, ref_cache = step(params, DecodeKernels())
+    got, got_cache = jax.jit(lambda p: step(from_output_major(p, params),
+                                            DecodeKernels(weight_left=True)))(packed)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                         atol=1e-5), got_cache, ref_cache)
+    hidden = jax.random.normal(jax.random.PRNGKey(1), (5, 16))
+    with decode_kernels(DecodeKernels(weight_left=True)):  # on the stored layout too
+        left = lm_logits(config, params, hidden)
+    np.testing.assert_allclose(np.asarray(left), np.asarray(lm_logits(config, params, hidden)),
+                               atol=1e-5)

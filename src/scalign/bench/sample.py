@@ -15,7 +15,8 @@ Also: prefill_s (one prefill call) and the per-call seconds.
 
 `--extra` options: `bon=0` skips the best-of-N comparison; `bon_timed=N`; `bon_prompts=P`,
 `bon_n=N`; `weight_layout=native|output_major` overrides the sampler's choice (A/B of the
-[out, in] decode weights); `param_dtype=bfloat16` / `dtype=bfloat16` run a bf16 variant (not the
+[out, in] decode weights); `cache_phases=K` overrides the decode loop's phase count;
+`param_dtype=bfloat16` / `dtype=bfloat16` run a bf16 variant (not the
 spec's f32 workload; the line's `notes` say so).
 
 `sample_gemma3_270m` needs the real Gemma-3-270M weights through `scalign.models.load_gguf`
@@ -89,10 +90,13 @@ def run(workload: str, spec_path: str | None = None, **extra: Any) -> dict:
     if wl["decoding"] != "greedy":
         raise SystemExit(f"workload {workload!r}: decoding {wl['decoding']!r} is not supported")
     layout = str(extra.get("weight_layout", "auto"))
+    phases = int(extra["cache_phases"]) if "cache_phases" in extra else None
     sampler = Sampler(config, params, tokenizer, max_new_tokens=M, min_prompt_bucket=T,
-                      weight_layout=layout)
+                      weight_layout=layout, cache_phases=phases)
     if layout != "auto":
         notes.append(f"weight_layout={layout}")
+    if phases is not None:
+        notes.append(f"cache_phases={phases}")
 
     def call():
         out = sampler.generate_ids(prompts, max_new_tokens=M, stop_on_eos=wl["stop_on_eos"],
@@ -111,7 +115,7 @@ def run(workload: str, spec_path: str | None = None, **extra: Any) -> dict:
     toks = np.asarray(prompts, np.int32)
     ks = np.zeros((B,), np.int32)
     static = dict(config=sampler.config, mesh=sampler.mesh, rules=sampler.rules, n=1,
-                  max_new_tokens=M, cache_dtype=sampler.cache_dtype)
+                  extra_slots=M, cache_dtype=sampler.cache_dtype)
 
     def prefill():
         jax.block_until_ready(sampler._prefill(sampler.params, toks, ks, **static))

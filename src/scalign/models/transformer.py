@@ -30,8 +30,12 @@ constrained by logical axes (`scalign.parallel.constrain`), so one rule table sh
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -57,6 +61,19 @@ def _matmul(eq: str, x: Array, w: Array, dtype: jnp.dtype) -> Array:
     if dtype == jnp.float32:
         return jnp.einsum(eq, x, w)
     return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32).astype(dtype)
+
+
+def _project(x: Array, w: Array, dtype: jnp.dtype) -> Array:
+    """x [..., in] @ w [in, out] in the compute dtype (float32 accumulation), in the formulation
+    the active `DecodeKernels` picks."""
+    if not _active_kernels().weight_left:
+        return _matmul("...i,io->...o", x, w, dtype)
+    rows = x.reshape(-1, x.shape[-1]).astype(dtype)
+    y = jax.lax.dot_general(w.astype(dtype).T, rows, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)  # [out, rows]
+    # the barrier keeps XLA from folding the transpose back into a rows-major dot
+    y = jax.lax.optimization_barrier(y).T.astype(dtype)
+    return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
@@ -178,6 +195,48 @@ def attention_mask(q_slots: Array, num_slots: int, key_start: Array,
     return visible
 
 
+# ------------------------------------------------------------------------ decode kernels
+@dataclasses.dataclass(frozen=True)
+class DecodeKernels:
+    """How a decode step (a few rows, one token each) formulates its products for XLA. The math
+    is the same in every formulation; only the speed differs. Active inside `decode_kernels`.
+
+    weight_left: each projection as W[out, in] x^T -> [out, rows], transposed back (a small
+      activation copy). XLA:CPU runs this GEMM, with the weights as the M side, faster than
+      x W for few rows: the 56 projections of a `sample_llama_small` step (32 rows, 100 MB of
+      f32 weights) took 19-22 ms against 25-31 ms as x W^T and 34-41 ms as x W (an 8-layer
+      projection-only loop, alternating runs). It needs the weights as [out, in] buffers: the
+      decode loop packs them once per call (`to_output_major`) and hands in views
+      (`from_output_major`), so `w.T` here is that buffer. With the stored [in, out] layout
+      the same product is a transposed-A GEMM, 2-3x slower on CPU.
+    few_rows_head: the LM head for 2 <= rows <= 16 as one multiply-reduce fusion over the [V, D]
+      head matrix (`_few_rows_logits`).
+    """
+
+    weight_left: bool = False
+    few_rows_head: bool = False
+
+
+# the decode loop's choice on CPU (`sampling.Sampler`, weight_layout="output_major")
+CPU_DECODE_KERNELS = DecodeKernels(weight_left=True, few_rows_head=True)
+_KERNELS = threading.local()
+
+
+@contextlib.contextmanager
+def decode_kernels(kernels: DecodeKernels) -> Iterator[None]:
+    """Use `kernels` for the model's products while tracing inside this context."""
+    prev = getattr(_KERNELS, "value", None)
+    _KERNELS.value = kernels
+    try:
+        yield
+    finally:
+        _KERNELS.value = prev
+
+
+def _active_kernels() -> DecodeKernels:
+    return getattr(_KERNELS, "value", None) or DecodeKernels()
+
+
 # ------------------------------------------------------------------------ modules
 def _few_rows_logits(hidden: Array, head: Array) -> Array:
     """[R, D] x [V, D]^T -> float32 [R, V] as sum_d head[v, d] * hidden[r, d], one XLA fusion.
@@ -231,9 +290,9 @@ class Attention(nn.Module):
         B, T = x.shape[:2]
         # 2-D weights in every projection ([D, N*Dh], [H*Dh, D]), so a weight handed in as a
         # transposed view (`from_output_major`) folds into the dot with no copy
-        q = _matmul("btd,dn->btn", x, wq.reshape(D, H * Dh), dt).reshape(B, T, H, Dh)
-        k = _matmul("btd,dn->btn", x, wk.reshape(D, K * Dh), dt).reshape(B, T, K, Dh)
-        v = _matmul("btd,dn->btn", x, wv.reshape(D, K * Dh), dt).reshape(B, T, K, Dh)
+        q = _project(x, wq.reshape(D, H * Dh), dt).reshape(B, T, H, Dh)
+        k = _project(x, wk.reshape(D, K * Dh), dt).reshape(B, T, K, Dh)
+        v = _project(x, wv.reshape(D, K * Dh), dt).reshape(B, T, K, Dh)
         if c.qkv_bias:
             zeros = nn.initializers.zeros
             q = q + _param(self, "q_bias", (H, Dh), ("heads", "head_dim"), zeros, pdt).astype(dt)
@@ -278,7 +337,7 @@ class Attention(nn.Module):
         out = _matmul(f"bkgts,{vs}->bkgtd", probs, v_all, dt)
         out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
-        y = _matmul("btn,nd->btd", out.reshape(B, T, H * Dh), wo.reshape(H * Dh, D), dt)
+        y = _project(out.reshape(B, T, H * Dh), wo.reshape(H * Dh, D), dt)
         return y, new_cache
 
 
@@ -296,11 +355,11 @@ class MLP(nn.Module):
         wg = _param(self, "gate", (c.d_model, c.mlp_dim), ("embed", "mlp"), init, pdt)
         wu = _param(self, "up", (c.d_model, c.mlp_dim), ("embed", "mlp"), init, pdt)
         wd = _param(self, "down", (c.mlp_dim, c.d_model), ("mlp", "embed"), out_init, pdt)
-        g = _matmul("btd,df->btf", x, wg, dt)
-        u = _matmul("btd,df->btf", x, wu, dt)
+        g = _project(x, wg, dt)
+        u = _project(x, wu, dt)
         h = (_activation(c.activation)(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(dt)
         h = constrain(h, ("act_batch", "act_length", "act_mlp"))
-        return _matmul("btf,fd->btd", h, wd, dt)
+        return _project(h, wd, dt)
 
 
 class Block(nn.Module):
@@ -393,18 +452,22 @@ class Transformer(nn.Module):
                 new_cache[f"layer_{i}"] = lc
         return self.final_norm(x), new_cache
 
-    def logits(self, hidden: Array, few_rows: bool = False) -> Array:
-        """LM logits in float32 [..., V], with the final soft-cap.
-
-        few_rows: for hidden [R, D] with 2 <= R <= 16, compute the product as one
-        multiply-reduce fusion over the [V, D] head matrix instead of a dot (`_few_rows_logits`);
-        only worth it where that matrix is stored [V, D] (a tied embedding, or an untied head
-        handed in by `from_output_major`)."""
+    def logits(self, hidden: Array) -> Array:
+        """LM logits in float32 [..., V], with the final soft-cap. For hidden [R, D] the active
+        `DecodeKernels` may pick another formulation of the product (same math)."""
         c = self.config
         dt = c.compute_dtype
-        if few_rows and hidden.ndim == 2 and 2 <= hidden.shape[0] <= 16:
+        kernels = _active_kernels()
+        if hidden.ndim == 2 and (kernels.weight_left or kernels.few_rows_head):
             head = self.embedding if c.tie_embeddings else self.lm_head.T  # [V, D]
-            return _softcap(_few_rows_logits(hidden, head), c.final_softcap)
+            if kernels.few_rows_head and 2 <= hidden.shape[0] <= 16:
+                return _softcap(_few_rows_logits(hidden, head), c.final_softcap)
+            if kernels.weight_left:
+                out = jax.lax.dot_general(head.astype(dt), hidden.astype(dt),
+                                          (((1,), (1,)), ((), ())),
+                                          preferred_element_type=jnp.float32)  # [V, R]
+                out = jax.lax.optimization_barrier(out).T
+                return _softcap(out, c.final_softcap)
         if c.tie_embeddings:
             out = jnp.einsum("...d,vd->...v", hidden.astype(dt), self.embedding.astype(dt),
                              preferred_element_type=jnp.float32)
@@ -458,11 +521,9 @@ def forward(config: ModelConfig, params: dict[str, Any], tokens: Array,
                                  cache_index=cache_index, key_start=key_start)
 
 
-def lm_logits(config: ModelConfig, params: dict[str, Any], hidden: Array, *,
-              few_rows: bool = False) -> Array:
-    """LM logits (float32) from hidden states of any leading shape (`few_rows`: see
-    `Transformer.logits`)."""
-    return _module(config).apply({"params": _backbone(params)}, hidden, few_rows,
+def lm_logits(config: ModelConfig, params: dict[str, Any], hidden: Array) -> Array:
+    """LM logits (float32) from hidden states of any leading shape."""
+    return _module(config).apply({"params": _backbone(params)}, hidden,
                                  method=Transformer.logits)
 
 
@@ -488,9 +549,9 @@ def to_output_major(params: dict[str, Any]) -> dict[str, Any]:
     (else XLA cancels the transposes), then hand `from_output_major(packed, params)` to
     `forward` / `lm_logits`: the dots read the [out, in] buffers directly.
 
-    Why: XLA:CPU multiplies a few rows by an [out, in] weight faster than by an [in, out] one
-    (decoding `sample_llama_small`, batch 32: ~15% less time per step), while the stored layout
-    stays the one every converter, sharding rule and optimizer state expects."""
+    Why: XLA:CPU multiplies a few rows by an [out, in] weight faster than by an [in, out] one,
+    fastest as W x^T (`DecodeKernels.weight_left`), while the stored layout stays the one every
+    converter, sharding rule and optimizer state expects."""
     def f(path, w):
         n = _MATMUL_INPUT_AXES.get(_leaf_name(path))
         return w if n is None else w.reshape(math.prod(w.shape[:n]), -1).T

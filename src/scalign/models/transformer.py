@@ -206,19 +206,18 @@ class DecodeKernels:
       x W for few rows: the 56 projections of a `sample_llama_small` step (32 rows, 100 MB of
       f32 weights) took 19-22 ms against 25-31 ms as x W^T and 34-41 ms as x W (an 8-layer
       projection-only loop, alternating runs). It needs the weights as [out, in] buffers: the
-      decode loop packs them once per call (`to_output_major`) and hands in views
+      sampler packs them once (`to_output_major`) and the decode loop hands in views
       (`from_output_major`), so `w.T` here is that buffer. With the stored [in, out] layout
       the same product is a transposed-A GEMM, 2-3x slower on CPU.
-    few_rows_head: the LM head for 2 <= rows <= 16 as one multiply-reduce fusion over the [V, D]
-      head matrix (`_few_rows_logits`).
+      The LM head follows it too ([V, D] x hidden^T): for the 8 rows of `sample_gemma3_270m`
+      (262k x 640 head) as fast as the multiply-reduce fusion it replaces (49-50 tok/s).
     """
 
     weight_left: bool = False
-    few_rows_head: bool = False
 
 
 # the decode loop's choice on CPU (`sampling.Sampler`, weight_layout="output_major")
-CPU_DECODE_KERNELS = DecodeKernels(weight_left=True, few_rows_head=True)
+CPU_DECODE_KERNELS = DecodeKernels(weight_left=True)
 _KERNELS = threading.local()
 
 
@@ -238,18 +237,6 @@ def _active_kernels() -> DecodeKernels:
 
 
 # ------------------------------------------------------------------------ modules
-def _few_rows_logits(hidden: Array, head: Array) -> Array:
-    """[R, D] x [V, D]^T -> float32 [R, V] as sum_d head[v, d] * hidden[r, d], one XLA fusion.
-
-    For a handful of rows the LM head is a stream over the whole [V, D] matrix with R
-    multiply-adds per element read. XLA:CPU's dot streams it at ~7 GB/s; this fusion, which reads
-    each head row once and reuses it for every row of `hidden`, ran 1.4-1.9x faster for R = 2..8
-    (V = 262,144, D = 640: 52-69 vs 74-98 ms) and no faster at R = 32; at R = 1 it was ~25x
-    slower, hence the 2 <= R <= 16 guard at the call site. Same sum as the dot, in f32."""
-    prod = head.astype(jnp.float32)[:, None, :] * hidden.astype(jnp.float32)[None]
-    return jnp.sum(prod, axis=-1).T
-
-
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * (offset + w), computed in float32 (Zhang & Sennrich 2019)."""
 
@@ -457,17 +444,11 @@ class Transformer(nn.Module):
         `DecodeKernels` may pick another formulation of the product (same math)."""
         c = self.config
         dt = c.compute_dtype
-        kernels = _active_kernels()
-        if hidden.ndim == 2 and (kernels.weight_left or kernels.few_rows_head):
+        if hidden.ndim == 2 and _active_kernels().weight_left:
             head = self.embedding if c.tie_embeddings else self.lm_head.T  # [V, D]
-            if kernels.few_rows_head and 2 <= hidden.shape[0] <= 16:
-                return _softcap(_few_rows_logits(hidden, head), c.final_softcap)
-            if kernels.weight_left:
-                out = jax.lax.dot_general(head.astype(dt), hidden.astype(dt),
-                                          (((1,), (1,)), ((), ())),
-                                          preferred_element_type=jnp.float32)  # [V, R]
-                out = jax.lax.optimization_barrier(out).T
-                return _softcap(out, c.final_softcap)
+            out = jax.lax.dot_general(head.astype(dt), hidden.astype(dt), (((1,), (1,)), ((), ())),
+                                      preferred_element_type=jnp.float32)  # [V, R]
+            return _softcap(jax.lax.optimization_barrier(out).T, c.final_softcap)
         if c.tie_embeddings:
             out = jnp.einsum("...d,vd->...v", hidden.astype(dt), self.embedding.astype(dt),
                              preferred_element_type=jnp.float32)

@@ -36,7 +36,7 @@ import numpy as np
 
 from scalign.bench import common
 from scalign.models import init_params
-from scalign.sampling import Sampler
+from scalign.sampling import Sampler, cache_phases
 
 _DEFAULT_GGUF = "/tmp/peers/gguf/gemma-3-270m-q4_k_m.gguf"
 
@@ -115,7 +115,8 @@ def run(workload: str, spec_path: str | None = None, **extra: Any) -> dict:
     toks = np.asarray(prompts, np.int32)
     ks = np.zeros((B,), np.int32)
     static = dict(config=sampler.config, mesh=sampler.mesh, rules=sampler.rules, n=1,
-                  extra_slots=M, cache_dtype=sampler.cache_dtype)
+                  extra_slots=cache_phases(M, sampler.cache_phases)[0],  # as generate_ids
+                  cache_dtype=sampler.cache_dtype)
 
     def prefill():
         jax.block_until_ready(sampler._prefill(sampler.params, toks, ks, **static))

@@ -63,16 +63,16 @@ def _matmul(eq: str, x: Array, w: Array, dtype: jnp.dtype) -> Array:
     return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32).astype(dtype)
 
 
-def _project(x: Array, w: Array, dtype: jnp.dtype) -> Array:
+def _project(x: Array, w: Array, dtype: jnp.dtype, out_dtype: Any = None) -> Array:
     """x [..., in] @ w [in, out] in the compute dtype (float32 accumulation), in the formulation
-    the active `DecodeKernels` picks."""
+    the active `DecodeKernels` picks; the result in `out_dtype` (default: the compute dtype)."""
     if not _active_kernels().weight_left:
-        return _matmul("...i,io->...o", x, w, dtype)
+        return _matmul("...i,io->...o", x, w, dtype).astype(out_dtype or dtype)
     rows = x.reshape(-1, x.shape[-1]).astype(dtype)
     y = jax.lax.dot_general(w.astype(dtype).T, rows, (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)  # [out, rows]
     # the barrier keeps XLA from folding the transpose back into a rows-major dot
-    y = jax.lax.optimization_barrier(y).T.astype(dtype)
+    y = jax.lax.optimization_barrier(y).T.astype(out_dtype or dtype)
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
@@ -445,10 +445,8 @@ class Transformer(nn.Module):
         c = self.config
         dt = c.compute_dtype
         if hidden.ndim == 2 and _active_kernels().weight_left:
-            head = self.embedding if c.tie_embeddings else self.lm_head.T  # [V, D]
-            out = jax.lax.dot_general(head.astype(dt), hidden.astype(dt), (((1,), (1,)), ((), ())),
-                                      preferred_element_type=jnp.float32)  # [V, R]
-            return _softcap(jax.lax.optimization_barrier(out).T, c.final_softcap)
+            head = self.embedding.T if c.tie_embeddings else self.lm_head  # [D, V]
+            return _softcap(_project(hidden, head, dt, jnp.float32), c.final_softcap)
         if c.tie_embeddings:
             out = jnp.einsum("...d,vd->...v", hidden.astype(dt), self.embedding.astype(dt),
                              preferred_element_type=jnp.float32)

@@ -147,5 +147,23 @@ def emit(workload: str, metric: str, value: float, unit: str, **extra: Any) -> d
     return line
 
 
+def copy_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """Bytes per second of a `mib` MiB float32 `x + 1` on the default device, reads plus writes
+    (median of `repeats` after a warm-up): the memory-bandwidth ceiling decode is held against.
+    The buffer is donated, so the update is in place (no fresh pages to fault in on a CPU)."""
+    import jax
+    import jax.numpy as jnp
+
+    f = jax.jit(lambda a: a + 1.0, donate_argnums=0)
+    box = [jnp.ones((mib * 2 ** 20 // 4,), jnp.float32)]
+    nbytes = box[0].nbytes
+
+    def step():
+        box[0] = f(box[0])
+        box[0].block_until_ready()
+
+    return 2 * nbytes / median(time_calls(step, warmup=1, timed=repeats))
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)

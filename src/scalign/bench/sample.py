@@ -13,6 +13,19 @@ Extra keys (each after its own warm-up call, `bon_timed` timed calls, median):
   both count generated tokens (rows x max_new_tokens) per second.
 Also: prefill_s (one prefill call) and the per-call seconds.
 
+Decode memory traffic (the roofline of batched decoding is bytes, not FLOPs):
+  decode_step_ms:        (median call - prefill_s) / (M - 1) decode steps;
+  decode_bytes_per_step: the fewest bytes a decode step must read: every weight except the
+                         input-embedding table (a gather of B rows; with tied embeddings the
+                         table is read as the LM head) plus the K/V cache slots the step's
+                         attention reads (all slots of its cache phase, masked ones included);
+                         averaged over the M - 1 steps;
+  decode_GBps:           decode_bytes_per_step / decode_step_ms;
+  copy_GBps:             a measured ceiling: a 512 MiB float32 `x + 1` on the same device,
+                         bytes read plus written per second (median of 5);
+  decode_bw_util:        decode_GBps / copy_GBps.
+`--extra copy_bw=0` skips the copy probe.
+
 `--extra` options: `bon=0` skips the best-of-N comparison; `bon_timed=N`; `bon_prompts=P`,
 `bon_n=N`; `weight_layout=native|output_major` overrides the sampler's choice (A/B of the
 [out, in] decode weights); `cache_phases=K` overrides the decode loop's phase count;
@@ -21,7 +34,9 @@ spec's f32 workload; the line's `notes` say so).
 
 `sample_gemma3_270m` needs the real Gemma-3-270M weights through `scalign.models.load_gguf`
 and the assembled GGUF (`gguf=PATH`, `$PEERS_GGUF`, or /tmp/peers/gguf/gemma-3-270m-q4_k_m.gguf);
-without them the run stops with an error that says what is missing.
+without them the run stops with an error that says what is missing. `--extra init=random` runs
+the spec's fallback instead (a random init of exactly the Gemma-3-270M config, seed 0; the line's
+`notes` say so): same shapes, same speed, meaningless tokens.
 """
 
 from __future__ import annotations
@@ -46,6 +61,13 @@ def _timed(fn, warmup: int, timed: int) -> list[float]:
 
 
 def _gemma(extra: dict[str, Any]):
+    if str(extra.get("init", "")) == "random":
+        from scalign.models.presets import gemma3_270m
+
+        config = gemma3_270m()
+        params = init_params(config, jax.random.PRNGKey(0))
+        return config, params, None, ("random init of the Gemma-3-270M config (the spec's "
+                                      "fallback; real weights not loaded)")
     try:
         from scalign.models import load_gguf
     except ImportError as e:
@@ -122,17 +144,46 @@ def run(workload: str, spec_path: str | None = None, **extra: Any) -> dict:
         jax.block_until_ready(sampler._prefill(sampler.params, toks, ks, **static))
 
     prefill_s = common.median(_timed(prefill, 1, 3)) if tp == T else None
+    traffic: dict[str, Any] = {}
+    if prefill_s is not None and M > 1:
+        step_s = (common.median(secs) - prefill_s) / (M - 1)
+        nbytes = decode_bytes_per_step(config, params, B, tp, cache_phases(M, sampler.cache_phases),
+                                       sampler.cache_dtype)
+        traffic = {"decode_step_ms": round(step_s * 1e3, 3), "decode_bytes_per_step": nbytes,
+                   "decode_GBps": round(nbytes / step_s / 1e9, 2)}
+        if str(extra.get("copy_bw", "1")) != "0":
+            copy = common.copy_bandwidth()
+            traffic.update(copy_GBps=round(copy / 1e9, 2),
+                           decode_bw_util=round(nbytes / step_s / copy, 4))
 
     result_extra: dict[str, Any] = {
         "seconds": [round(s, 4) for s in secs], "first_call_s": round(first_call_s, 2),
         "prefill_s": round(prefill_s, 4) if prefill_s is not None else None,
         "batch": B, "prompt_len": T, "max_new_tokens": M, "threads": os.cpu_count(),
-        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "load_avg_1m": round(os.getloadavg()[0], 2), **traffic,
     }
     if str(extra.get("bon", "1")) != "0":
         result_extra.update(_best_of_n(sampler, config, wl, extra))
     return common.emit(workload, wl["metric"], round(value, 1), wl["unit"],
                        notes="; ".join(notes), **result_extra)
+
+
+def decode_bytes_per_step(config, params: Any, batch: int, prompt_slots: int,
+                          phases: tuple[int, ...], cache_dtype: Any) -> int:
+    """The fewest bytes one greedy decode step reads, averaged over the M - 1 steps of a call:
+    all weights but the input-embedding table (with tied embeddings it is the LM head, read
+    once), plus the K and V slots of the cache phase the step runs in (see `cache_phases`)."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    weights = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for path, x in leaves
+                  if config.tie_embeddings or "embedding" not in jax.tree_util.keystr(path))
+    per_slot = (2 * config.n_layers * batch * config.n_kv_heads * config.head_dim
+                * np.dtype(cache_dtype).itemsize)
+    M, slots, prev = phases[-1], 0, 0
+    for end in phases:  # steps t < min(end, M - 1) of this phase see prompt_slots + end slots
+        steps = min(end, M - 1) - prev
+        slots += max(steps, 0) * (prompt_slots + end)
+        prev = min(end, M - 1)
+    return int(weights + per_slot * slots / max(M - 1, 1))
 
 
 def _best_of_n(sampler: Sampler, config, wl: dict, extra: dict[str, Any]) -> dict[str, Any]:

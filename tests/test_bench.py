@@ -44,11 +44,11 @@ def test_sample_bench(spec, capsys):
     line = _line(capsys)
     assert line["system"] == "scalign" and line["unit"] == "tok/s" and line["value"] > 0
     assert len(line["seconds"]) == 2 and line["bon_tok_s"] > 0 and line["indep_tok_s"] > 0
-    assert line["decode_step_ms"] > 0 and line["decode_bytes_per_step"] == 20640 * 4 + 13 * 768
+    assert line["decode_step_ms"] > 0 and line["decode_bytes_per_step"] == 20640 * 4 + 10.5 * 768
     assert line["decode_GBps"] > 0 and 0 < line["decode_bw_util"]
 
 
-def test_decode_bytes_per_step_counts_weights_and_the_phase_cache():
+def test_decode_bytes_per_step_counts_weights_and_the_attended_cache():
     import jax
 
     from scalign.bench.common import model_config_from_spec
@@ -61,16 +61,14 @@ def test_decode_bytes_per_step_counts_weights_and_the_phase_cache():
     # + gate/up/down 3 x 2048 + 2 norms x 32) + final norm 32 + head 2048 = 20640 floats
     weights = 20640 * 4
     per_slot = 2 * 2 * 3 * 1 * 16 * 4  # K and V, 2 layers, batch 3, 1 kv head, Dh 16, f32
-    # M = 5, one phase: the 4 decode steps each read 8 prompt + 5 slots
-    assert decode_bytes_per_step(config, params, 3, 8, (5,), "float32") == weights + 13 * per_slot
-    # phases (3, 5): steps 0-2 read 8 + 3 slots, step 3 reads 8 + 5: mean 11.5
-    assert decode_bytes_per_step(config, params, 3, 8, (3, 5), "float32") == int(
-        weights + 11.5 * per_slot)
+    # M = 5: the 4 decode steps attend to 8 prompt slots + 1, 2, 3, 4: a mean of 10.5 slots
+    assert decode_bytes_per_step(config, params, 3, 8, 5, "float32") == int(
+        weights + 10.5 * per_slot)
     tied = config.replace(tie_embeddings=True)
     tied_params = jax.eval_shape(lambda: init_params(tied, jax.random.PRNGKey(0)))
     # tied: the embedding table is the head (read once), so the count is unchanged
-    assert decode_bytes_per_step(tied, tied_params, 3, 8, (5,), "float32") == (
-        weights + 13 * per_slot)
+    assert decode_bytes_per_step(tied, tied_params, 3, 8, 5, "float32") == int(
+        weights + 10.5 * per_slot)
 
 
 def test_copy_bandwidth_is_positive():

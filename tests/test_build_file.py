@@ -43,6 +43,10 @@ def test_every_file_listed_and_exists():
     for kw in tests:
         for s in _strings(kw["srcs"]) + _strings(kw.get("data")):
             assert (ROOT / s).exists(), s
+    # package data (C++ sources compiled at run time) travels with its library
+    listed_data = {s for kw in libs for s in _strings(kw.get("data"))}
+    actual_data = {str(p.relative_to(ROOT)) for p in (ROOT / "src").rglob("*.cc")}
+    assert listed_data == actual_data, (sorted(listed_data), sorted(actual_data))
 
 
 def test_libraries_cover_packages_deps_resolve_and_are_acyclic():

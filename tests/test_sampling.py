@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scalign.data.tokenizer import Tokenizer
+from scalign.kernels import cpu_attention
 from scalign.models import ModelConfig, init_params, logits
 from scalign.sampling import (
     Sampler,
@@ -92,11 +93,14 @@ def _prompts(vocab: int, lengths=PROMPT_LENGTHS, seed: int = 1) -> list[np.ndarr
 
 
 # ----------------------------------------------------------------------- exactness of decoding
-@pytest.mark.parametrize("weight_layout,phases", [("output_major", 3), ("native", 1)])
-def test_greedy_equals_uncached_argmax_per_step(model, tok, weight_layout, phases):
+@pytest.mark.parametrize("weight_layout,phases,attention", [
+    ("output_major", None, "auto"), ("output_major", 3, "xla"), ("native", 1, "xla")])
+def test_greedy_equals_uncached_argmax_per_step(model, tok, weight_layout, phases, attention):
     config, params = model
     sampler = Sampler(config, params, tok, min_prompt_bucket=16, weight_layout=weight_layout,
-                      cache_phases=phases)
+                      cache_phases=phases, attention=attention)
+    if attention == "auto" and cpu_attention.available():  # the CPU default: FFI kernels
+        assert sampler.attention == "cpu_kernel" and sampler.cache_phases == 1
     prompts = _prompts(config.vocab_size)
     out = sampler.generate_ids(prompts, max_new_tokens=M, stop_on_eos=False)
     assert out.tokens.shape == (len(prompts), 1, M)
@@ -432,5 +436,10 @@ def test_input_errors(llama, tok):
         Sampler(config, params, cache_phases=0)
     auto = "output_major" if jax.devices()[0].platform == "cpu" else "native"
     assert Sampler(config, params).weight_layout == auto  # the "auto" rule, on any backend
+    with pytest.raises(ValueError, match="attention"):
+        Sampler(config, params, attention="flash")
+    with pytest.raises(ValueError, match="cpu_kernel.*bfloat16"):
+        Sampler(config, params, cache_dtype=jnp.bfloat16, attention="cpu_kernel")
+    assert Sampler(config, params, cache_dtype=jnp.bfloat16).attention == "xla"
     with pytest.raises(ValueError, match="largest prompt bucket"):
         Sampler(config, params, prompt_buckets=(4,)).generate_ids([[5] * 6])

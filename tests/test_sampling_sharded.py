@@ -48,6 +48,9 @@ def test_sharded_sampler_matches_one_device(params, reference, mesh_shape):
     assert len(jax.devices()) == 8, "needs --xla_force_host_platform_device_count=8"
     mesh = parallel.make_mesh(mesh_shape)
     sampler = Sampler(CONFIG, params, mesh=mesh, eos_ids=(5,))
+    assert sampler.attention == "xla"  # the FFI kernels have no sharding rule
+    with pytest.raises(ValueError, match="sharded"):
+        Sampler(CONFIG, params, mesh=mesh, attention="cpu_kernel")
     q = sampler.params["layer_0"]["attn"]["q"]
     if mesh.shape["tensor"] > 1:  # heads really split over tensor
         assert q.sharding.spec[1] == "tensor"

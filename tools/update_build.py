@@ -3,7 +3,9 @@
     python tools/update_build.py          # rewrite BUILD
     python tools/update_build.py --check  # exit 1 if BUILD is stale
 
-One `py_library` per Python package under src/scalign (its .py files; deps = the scalign
+One `py_library` per Python package under src/scalign (its .py files, and as `data` the
+package-data files next to them, e.g. the C++ source that scalign.kernels compiles on first use;
+deps = the scalign
 targets it imports plus pip requirements of its third-party imports) — except the top-level
 package, whose modules (parallel, sampling, experiment, ...) get one target each, and nested
 packages (models/convert), which join their parent's target, so the dependency graph stays
@@ -72,6 +74,15 @@ def scalign_packages() -> dict[str, list[Path]]:
     return pkgs
 
 
+PACKAGE_DATA = ("*.cc",)  # as pyproject.toml's [tool.setuptools.package-data]
+
+
+def package_data(files: list[Path]) -> list[Path]:
+    """Non-Python files shipped with the packages of `files` (their folders, not nested)."""
+    folders = sorted({f.parent for f in files})
+    return [d for folder in folders for pattern in PACKAGE_DATA for d in folder.glob(pattern)]
+
+
 def deps_for(files: list[Path], packages: set[str], own: str | None) -> tuple[list[str], list[str]]:
     local, pip = set(), set()
     for f in files:
@@ -112,8 +123,10 @@ def render() -> str:
     for pkg, files in pkgs.items():
         local, pip = deps_for(files, names, pkg)
         srcs = [str(f.relative_to(ROOT)) for f in files]
-        out += ["py_library(", f'    name = "{target_name(pkg)}",', f"    srcs = {lst(srcs)},",
-                '    imports = ["src"],', f"    deps = {deps_block(local, pip)},", ")", ""]
+        data = sorted(str(d.relative_to(ROOT)) for d in package_data(files))
+        out += ["py_library(", f'    name = "{target_name(pkg)}",', f"    srcs = {lst(srcs)},"]
+        out += [f"    data = {lst(data)},"] if data else []
+        out += ['    imports = ["src"],', f"    deps = {deps_block(local, pip)},", ")", ""]
     tests = sorted(p for p in (ROOT / "tests").rglob("test_*.py") if "__pycache__" not in p.parts)
     for t in tests:
         rel = str(t.relative_to(ROOT))

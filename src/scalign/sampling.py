@@ -87,11 +87,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from scalign import parallel
+from scalign.kernels import cpu_attention
 from scalign.models.config import ModelConfig
 from scalign.models.heads import SCALAR_HEAD
 from scalign.models.transformer import (
     CACHE_AXES,
-    CPU_DECODE_KERNELS,
     DecodeKernels,
     decode_kernels,
     forward,
@@ -504,7 +504,13 @@ class Sampler:
         the params as stored; "auto" (default) is "output_major" on CPU, "native" elsewhere
         (TPU and GPU compilers pick their own layouts, and the copy would cost HBM).
       cache_phases: how many phases the decode loop runs in, the cache growing between them
-        (`cache_phases`); None (default) picks min(4, M // 32), so short generations use one.
+        (`cache_phases`); None (default) picks min(4, M // 32), so short generations use one,
+        and one phase with the CPU attention kernels (they read only the visible slots, so
+        phases would only add copies).
+      attention: how a decode step computes its cache products: "cpu_kernel" with the FFI
+        kernels of `scalign.kernels.cpu_attention` (CPU, float32 cache, unsharded; built with
+        g++ on first use), "xla" with XLA's own products; "auto" (default) is "cpu_kernel"
+        where it applies and the kernels build, else "xla".
     """
 
     def __init__(self, config: ModelConfig, params: Any, tokenizer: Any = None, *,
@@ -513,7 +519,7 @@ class Sampler:
                  prompt_buckets: Sequence[int] | None = None, min_prompt_bucket: int = 16,
                  eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
                  cache_dtype: Any = None, weight_layout: str = "auto",
-                 cache_phases: int | None = None):
+                 cache_phases: int | None = None, attention: str = "auto"):
         self.config = config
         self.tokenizer = tokenizer
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
@@ -535,18 +541,20 @@ class Sampler:
         self.cache_dtype = jnp.dtype(cache_dtype or config.compute_dtype)
         if cache_phases is not None and cache_phases < 1:
             raise ValueError(f"cache_phases must be >= 1 (or None), got {cache_phases}")
-        self.cache_phases = cache_phases
         if weight_layout not in ("auto", "output_major", "native"):
             raise ValueError(f"weight_layout must be 'auto', 'output_major' or 'native', got "
                              f"{weight_layout!r}")
+        platform = (self.mesh.devices.flat[0] if self.mesh is not None
+                    else jax.devices()[0]).platform
         if weight_layout == "auto":
-            platform = (self.mesh.devices.flat[0] if self.mesh is not None
-                        else jax.devices()[0]).platform
             weight_layout = "output_major" if platform == "cpu" else "native"
         self.weight_layout = weight_layout
+        self.attention = self._pick_attention(attention, platform)
+        self.cache_phases = (1 if cache_phases is None and self.attention == "cpu_kernel"
+                             else cache_phases)
         # the decode step's formulation of its products (`models.transformer.DecodeKernels`)
-        self.decode_kernels = (CPU_DECODE_KERNELS if weight_layout == "output_major"
-                               else DecodeKernels())
+        self.decode_kernels = DecodeKernels(weight_left=weight_layout == "output_major",
+                                            cpu_attention=self.attention == "cpu_kernel")
         backbone = {k: v for k, v in params.items() if k != SCALAR_HEAD}
         if self.mesh is not None:
             shardings = parallel.tree_shardings(param_logical_axes(config), backbone, self.mesh,
@@ -560,6 +568,23 @@ class Sampler:
         self._stop_tables: dict[tuple[str, ...], Array] = {}
         self._prefill = _PREFILL
         self._decode, self._decode_phased = _DECODE, _DECODE_PHASED
+
+    def _pick_attention(self, attention: str, platform: str) -> str:
+        if attention not in ("auto", "cpu_kernel", "xla"):
+            raise ValueError(f"attention must be 'auto', 'cpu_kernel' or 'xla', got {attention!r}")
+        if attention == "xla":
+            return "xla"
+        why = (f"the platform is {platform}" if platform != "cpu" else
+               "the sampler is sharded over a mesh" if self.mesh is not None else
+               f"the cache dtype is {self.cache_dtype.name}, not float32"
+               if self.cache_dtype != jnp.float32 else None)
+        if why is None and not cpu_attention.available():
+            why = f"the kernels are unavailable ({cpu_attention.unavailable_reason()})"
+        if why is None:
+            return "cpu_kernel"
+        if attention == "cpu_kernel":
+            raise ValueError(f"attention='cpu_kernel' cannot be used: {why}")
+        return "xla"
 
     # ------------------------------------------------------------------ helpers
     def prompt_bucket(self, length: int) -> int:

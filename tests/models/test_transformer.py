@@ -3,6 +3,7 @@ RoPE tables for local/global layers, sliding windows through the KV cache, confi
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -207,3 +208,41 @@ def test_weight_left_kernels_give_the_same_decode_step(tie):
         left = lm_logits(config, params, hidden)
     np.testing.assert_allclose(np.asarray(left), np.asarray(lm_logits(config, params, hidden)),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "window", "gemma"])
+def test_cpu_attention_kernels_give_the_same_decode_steps(kind):
+    """Decode steps with the FFI attention kernels = XLA's attention: ragged left padding,
+    a sliding window shorter than the sequence (which the kernels' slot ranges enforce alone
+    without a soft-cap), soft-caps, grouped queries (G = 2)."""
+    from scalign.kernels import cpu_attention
+
+    if not cpu_attention.available():
+        pytest.skip(f"kernels unavailable: {cpu_attention.unavailable_reason()}")
+    extra = (dict(attn_softcap=5.0, qk_norm=True, sliding_window=3, norm_offset=1.0,
+                  layer_types=("local", "global")) if kind == "gemma"
+             else dict(sliding_window=3, layer_types=("local", "global")) if kind == "window"
+             else dict(qkv_bias=True))
+    config = ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2,
+                         head_dim=8, mlp_dim=24, **extra)
+    params = init_params(config, jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda w: w * 4.0, params)  # peaked attention, not near-uniform
+    prompts = jnp.asarray(np.random.default_rng(0).integers(0, 40, (3, 5)), jnp.int32)
+    key_start = jnp.array([0, 2, 4], jnp.int32)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(kernel):
+        with decode_kernels(DecodeKernels(cpu_attention=kernel)):
+            _, cache = forward(config, params, prompts, cache=init_cache(config, 3, 9),
+                               cache_index=0, key_start=key_start)
+            hs = []
+            for t in range(4):  # slots 5..8, the window slides past the padded starts
+                h, cache = forward(config, params, prompts[:, t:t + 1], cache=cache,
+                                   cache_index=5 + t, key_start=key_start)
+                hs.append(h)
+            return jnp.concatenate(hs, 1), cache
+
+    (ref, ref_cache), (got, got_cache) = run(False), run(True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                         atol=2e-5), got_cache, ref_cache)

@@ -17,9 +17,10 @@ Decode memory traffic (the roofline of batched decoding is bytes, not FLOPs):
   decode_step_ms:        (median call - prefill_s) / (M - 1) decode steps;
   decode_bytes_per_step: the fewest bytes a decode step must read: every weight except the
                          input-embedding table (a gather of B rows; with tied embeddings the
-                         table is read as the LM head) plus the K/V cache slots the step's
-                         attention reads (all slots of its cache phase, masked ones included);
-                         averaged over the M - 1 steps;
+                         table is read as the LM head) plus the K/V cache slots it attends to
+                         (step t of a prompt of T slots: T + t + 1), averaged over the M - 1
+                         steps. What an implementation reads beyond that (masked slots,
+                         re-reads) counts against it;
   decode_GBps:           decode_bytes_per_step / decode_step_ms;
   copy_GBps:             a measured ceiling: a 512 MiB float32 `x + 1` on the same device,
                          bytes read plus written per second (median of 5);
@@ -29,6 +30,7 @@ Decode memory traffic (the roofline of batched decoding is bytes, not FLOPs):
 `--extra` options: `bon=0` skips the best-of-N comparison; `bon_timed=N`; `bon_prompts=P`,
 `bon_n=N`; `weight_layout=native|output_major` overrides the sampler's choice (A/B of the
 [out, in] decode weights); `cache_phases=K` overrides the decode loop's phase count;
+`attention=xla|cpu_kernel` overrides the decode attention (`Sampler(attention=...)`);
 `param_dtype=bfloat16` / `dtype=bfloat16` run a bf16 variant (not the
 spec's f32 workload; the line's `notes` say so).
 
@@ -112,9 +114,10 @@ def run(workload: str, spec_path: str | None = None, **extra: Any) -> dict:
     if wl["decoding"] != "greedy":
         raise SystemExit(f"workload {workload!r}: decoding {wl['decoding']!r} is not supported")
     layout = str(extra.get("weight_layout", "auto"))
+    attention = str(extra.get("attention", "auto"))
     phases = int(extra["cache_phases"]) if "cache_phases" in extra else None
     sampler = Sampler(config, params, tokenizer, max_new_tokens=M, min_prompt_bucket=T,
-                      weight_layout=layout, cache_phases=phases)
+                      weight_layout=layout, cache_phases=phases, attention=attention)
     if layout != "auto":
         notes.append(f"weight_layout={layout}")
     if phases is not None:
@@ -147,8 +150,7 @@ def run(workload: str, spec_path: str | None = None, **extra: Any) -> dict:
     traffic: dict[str, Any] = {}
     if prefill_s is not None and M > 1:
         step_s = (common.median(secs) - prefill_s) / (M - 1)
-        nbytes = decode_bytes_per_step(config, params, B, tp, cache_phases(M, sampler.cache_phases),
-                                       sampler.cache_dtype)
+        nbytes = decode_bytes_per_step(config, params, B, tp, M, sampler.cache_dtype)
         traffic = {"decode_step_ms": round(step_s * 1e3, 3), "decode_bytes_per_step": nbytes,
                    "decode_GBps": round(nbytes / step_s / 1e9, 2)}
         if str(extra.get("copy_bw", "1")) != "0":
@@ -160,7 +162,9 @@ def run(workload: str, spec_path: str | None = None, **extra: Any) -> dict:
         "seconds": [round(s, 4) for s in secs], "first_call_s": round(first_call_s, 2),
         "prefill_s": round(prefill_s, 4) if prefill_s is not None else None,
         "batch": B, "prompt_len": T, "max_new_tokens": M, "threads": os.cpu_count(),
-        "load_avg_1m": round(os.getloadavg()[0], 2), **traffic,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "attention": sampler.attention, "cache_phases": len(cache_phases(M, sampler.cache_phases)),
+        **traffic,
     }
     if str(extra.get("bon", "1")) != "0":
         result_extra.update(_best_of_n(sampler, config, wl, extra))
@@ -169,21 +173,18 @@ def run(workload: str, spec_path: str | None = None, **extra: Any) -> dict:
 
 
 def decode_bytes_per_step(config, params: Any, batch: int, prompt_slots: int,
-                          phases: tuple[int, ...], cache_dtype: Any) -> int:
-    """The fewest bytes one greedy decode step reads, averaged over the M - 1 steps of a call:
-    all weights but the input-embedding table (with tied embeddings it is the LM head, read
-    once), plus the K and V slots of the cache phase the step runs in (see `cache_phases`)."""
+                          max_new_tokens: int, cache_dtype: Any) -> int:
+    """The fewest bytes one decode step reads, averaged over the M - 1 steps of a call: all
+    weights but the input-embedding table (with tied embeddings it is the LM head, read once),
+    plus the K and V of the slots step t attends to (prompt_slots + t + 1)."""
     leaves = jax.tree_util.tree_leaves_with_path(params)
     weights = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for path, x in leaves
                   if config.tie_embeddings or "embedding" not in jax.tree_util.keystr(path))
     per_slot = (2 * config.n_layers * batch * config.n_kv_heads * config.head_dim
                 * np.dtype(cache_dtype).itemsize)
-    M, slots, prev = phases[-1], 0, 0
-    for end in phases:  # steps t < min(end, M - 1) of this phase see prompt_slots + end slots
-        steps = min(end, M - 1) - prev
-        slots += max(steps, 0) * (prompt_slots + end)
-        prev = min(end, M - 1)
-    return int(weights + per_slot * slots / max(M - 1, 1))
+    steps = max(max_new_tokens - 1, 1)
+    mean_slots = prompt_slots + sum(t + 1 for t in range(steps)) / steps
+    return int(weights + per_slot * mean_slots)
 
 
 def _best_of_n(sampler: Sampler, config, wl: dict, extra: dict[str, Any]) -> dict[str, Any]:

@@ -211,13 +211,18 @@ class DecodeKernels:
       the same product is a transposed-A GEMM, 2-3x slower on CPU.
       The LM head follows it too ([V, D] x hidden^T): for the 8 rows of `sample_gemma3_270m`
       (262k x 640 head) as fast as the multiply-reduce fusion it replaces (49-50 tok/s).
+    cpu_attention: a one-token step (T = 1, float32 cache) computes its two cache products,
+      q.K^T and p.V, with the FFI kernels of `scalign.kernels.cpu_attention` instead of XLA's
+      batched GEMMs: they read only each row's visible slots and split the (row, kv head)
+      pairs over XLA's intra-op threads. Mask, soft-cap and softmax stay in XLA, unchanged.
+      Only for unsharded CPU programs (a custom call has no sharding rule); the sampler turns it
+      on when the kernels are available (`kernels.cpu_attention.available()`).
     """
 
     weight_left: bool = False
+    cpu_attention: bool = False
 
 
-# the decode loop's choice on CPU (`sampling.Sampler`, weight_layout="output_major")
-CPU_DECODE_KERNELS = DecodeKernels(weight_left=True)
 _KERNELS = threading.local()
 
 
@@ -303,6 +308,12 @@ class Attention(nn.Module):
             k_all = constrain(k_all, CACHE_AXES["k"])
             v_all = constrain(v_all, CACHE_AXES["v"])
             new_cache = {"k": k_all, "v": v_all}
+            if (T == 1 and _active_kernels().cpu_attention and k_all.dtype == jnp.float32
+                    and v_all.dtype == jnp.float32):
+                out = self._kernel_attention(qg.reshape(B, K, G, Dh), k_all, v_all, q_slots,
+                                             key_start)
+                y = _project(out.reshape(B, T, H * Dh), wo.reshape(H * Dh, D), dt)
+                return y, new_cache
             S, vs = k_all.shape[3], "bksd"  # keys [B, K, Dh, S], values [B, K, S, Dh]
             # q as the left operand, [B, K, G*T, Dh] x [B, K, Dh, S]: jnp.einsum put the cache on
             # the left, a transposed-A product that ran 1.4x slower than this one
@@ -326,6 +337,24 @@ class Attention(nn.Module):
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
         y = _project(out.reshape(B, T, H * Dh), wo.reshape(H * Dh, D), dt)
         return y, new_cache
+
+    def _kernel_attention(self, q: Array, keys: Array, values: Array, q_slots: Array,
+                          key_start: Array) -> Array:
+        """One-token attention through `kernels.cpu_attention`: q [B, K, G, Dh] (scaled) ->
+        [B, K, G, Dh] in the compute dtype. Same mask, soft-cap and softmax as the XLA path."""
+        from scalign.kernels import cpu_attention
+
+        c = self.config
+        window = c.window(self.layer)
+        hi = q_slots[0]
+        lo = key_start if window is None else jnp.maximum(key_start, hi - window + 1)
+        scores = cpu_attention.decode_scores(q, keys, lo, hi)  # [B, K, G, S]
+        if c.attn_softcap is not None:  # the cap lifts the masked floor: mask again after it
+            mask = attention_mask(q_slots, keys.shape[3], key_start, window)  # [B, 1, S]
+            scores = jnp.where(mask[:, None], _softcap(scores, c.attn_softcap),
+                               jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        return cpu_attention.decode_values(probs, values, lo, hi).astype(c.compute_dtype)
 
 
 class MLP(nn.Module):

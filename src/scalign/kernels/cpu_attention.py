@@ -1,9 +1,9 @@
-"""Decode-step attention products on XLA:CPU as FFI custom calls (`decode_attention.cc`).
+"""Decode-step attention on XLA:CPU as one FFI custom call per layer (`decode_attention.cc`).
 
-`decode_scores(q, keys, lo, hi)` and `decode_values(probs, values, lo, hi)` are the two cache
-products of one decode step (one new token per row), with the cache layouts of
-`models.transformer` (keys [B, K, Dh, S], values [B, K, S, Dh]). They read only the visible
-slots lo[b] <= s <= hi of each row; the softmax between them stays in XLA. float32 only.
+`decode_attention(q, keys, values, lo, hi, softcap)` is the whole attention of one decode step
+(one new token per row) with the cache layouts of `models.transformer` (keys [B, K, Dh, S],
+values [B, K, S, Dh]): scores, optional soft-cap, softmax and the weighted sum of values, over
+the visible slots lo[b] <= s <= hi of each row only. float32 only.
 
 The C++ source is compiled on first use, like `torch.utils.cpp_extension.load`: `g++ -O3
 -march=native` against the FFI headers that jaxlib ships (`jax.ffi.include_dir()`), into
@@ -29,9 +29,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SOURCE = Path(__file__).with_name("decode_attention.cc")
-_SCORES, _VALUES = "scalign_decode_scores", "scalign_decode_values"
+_TARGET = "scalign_decode_attention"
 _FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-w")
 _state: dict[str, object] = {}
 
@@ -88,9 +89,7 @@ def _load() -> None:
     if not path.exists():
         _build(path)
     lib = ctypes.cdll.LoadLibrary(str(path))
-    jax.ffi.register_ffi_target(_SCORES, jax.ffi.pycapsule(lib.ScalignDecodeScores),
-                                platform="cpu")
-    jax.ffi.register_ffi_target(_VALUES, jax.ffi.pycapsule(lib.ScalignDecodeValues),
+    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.ScalignDecodeAttention),
                                 platform="cpu")
     _state["lib"] = lib  # keep the library loaded for the process
 
@@ -111,23 +110,16 @@ def unavailable_reason() -> str | None:
     return _state.get("reason")  # type: ignore[return-value]
 
 
-def _bounds(lo: jax.Array, hi: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return lo.astype(jnp.int32), jnp.reshape(hi, (1,)).astype(jnp.int32)
+def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, lo: jax.Array,
+                     hi: jax.Array, softcap: float | None = None) -> jax.Array:
+    """float32 [B, K, G, Dh]: softmax_s(cap(q . keys[..., s])) . values[..., s, :] over the
+    slots lo[b] <= s <= hi (clipped to the buffer) of each row b; zeros for a row with none.
 
-
-def decode_scores(q: jax.Array, keys: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
-    """float32 [B, K, G, S]: q [B, K, G, Dh] . keys [B, K, Dh, S] over slots lo[b] <= s <= hi;
-    the lowest float32 at the other slots."""
-    B, K, G, _ = q.shape
-    lo, hi = _bounds(lo, hi)
-    out = jax.ShapeDtypeStruct((B, K, G, keys.shape[3]), jnp.float32)
-    return jax.ffi.ffi_call(_SCORES, out)(q.astype(jnp.float32), keys, lo, hi)
-
-
-def decode_values(probs: jax.Array, values: jax.Array, lo: jax.Array, hi: jax.Array
-                  ) -> jax.Array:
-    """float32 [B, K, G, Dh]: sum over slots lo[b] <= s <= hi of probs[..., s] * values[.., s, :]."""
-    B, K, G, _ = probs.shape
-    lo, hi = _bounds(lo, hi)
-    out = jax.ShapeDtypeStruct((B, K, G, values.shape[3]), jnp.float32)
-    return jax.ffi.ffi_call(_VALUES, out)(probs, values, lo, hi)
+    q: [B, K, G, Dh], already scaled; keys [B, K, Dh, S]; values [B, K, S, Dh]; lo int [B];
+    hi a scalar (one query slot for the whole batch); softcap: cap * tanh(x / cap) on the
+    scores (Gemma 2), None for none."""
+    B, K, G, Dh = q.shape
+    out = jax.ShapeDtypeStruct((B, K, G, Dh), jnp.float32)
+    return jax.ffi.ffi_call(_TARGET, out)(
+        q.astype(jnp.float32), keys, values, lo.astype(jnp.int32),
+        jnp.reshape(hi, (1,)).astype(jnp.int32), softcap=np.float32(softcap or 0.0))

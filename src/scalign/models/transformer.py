@@ -211,10 +211,10 @@ class DecodeKernels:
       the same product is a transposed-A GEMM, 2-3x slower on CPU.
       The LM head follows it too ([V, D] x hidden^T): for the 8 rows of `sample_gemma3_270m`
       (262k x 640 head) as fast as the multiply-reduce fusion it replaces (49-50 tok/s).
-    cpu_attention: a one-token step (T = 1, float32 cache) computes its two cache products,
-      q.K^T and p.V, with the FFI kernels of `scalign.kernels.cpu_attention` instead of XLA's
-      batched GEMMs: they read only each row's visible slots and split the (row, kv head)
-      pairs over XLA's intra-op threads. Mask, soft-cap and softmax stay in XLA, unchanged.
+    cpu_attention: a one-token step (T = 1, float32 cache) computes its attention (scores,
+      soft-cap, softmax, weighted values) with the FFI kernel of `scalign.kernels.cpu_attention`
+      instead of XLA's batched GEMMs and reductions: one pass over each row's visible slots,
+      the (row, kv head) pairs split over XLA's intra-op threads.
       Only for unsharded CPU programs (a custom call has no sharding rule); the sampler turns it
       on when the kernels are available (`kernels.cpu_attention.available()`).
     """
@@ -341,20 +341,16 @@ class Attention(nn.Module):
     def _kernel_attention(self, q: Array, keys: Array, values: Array, q_slots: Array,
                           key_start: Array) -> Array:
         """One-token attention through `kernels.cpu_attention`: q [B, K, G, Dh] (scaled) ->
-        [B, K, G, Dh] in the compute dtype. Same mask, soft-cap and softmax as the XLA path."""
+        [B, K, G, Dh] in the compute dtype. The visible slots are those of `attention_mask`:
+        key_start[b] (and the window's start) up to the query's slot."""
         from scalign.kernels import cpu_attention
 
         c = self.config
         window = c.window(self.layer)
         hi = q_slots[0]
         lo = key_start if window is None else jnp.maximum(key_start, hi - window + 1)
-        scores = cpu_attention.decode_scores(q, keys, lo, hi)  # [B, K, G, S]
-        if c.attn_softcap is not None:  # the cap lifts the masked floor: mask again after it
-            mask = attention_mask(q_slots, keys.shape[3], key_start, window)  # [B, 1, S]
-            scores = jnp.where(mask[:, None], _softcap(scores, c.attn_softcap),
-                               jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        return cpu_attention.decode_values(probs, values, lo, hi).astype(c.compute_dtype)
+        out = cpu_attention.decode_attention(q, keys, values, lo, hi, c.attn_softcap)
+        return out.astype(c.compute_dtype)
 
 
 class MLP(nn.Module):

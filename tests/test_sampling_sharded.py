@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from scalign import parallel  # noqa: E402
+from scalign.kernels import cpu_attention  # noqa: E402
 from scalign.models import ModelConfig, init_params  # noqa: E402
 from scalign.sampling import Sampler  # noqa: E402
 
@@ -43,14 +44,17 @@ def reference(params):
     return greedy, sampled
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2), (1, 2, 4)])
-def test_sharded_sampler_matches_one_device(params, reference, mesh_shape):
+@pytest.mark.parametrize("mesh_shape,attention", [
+    ((8, 1, 1), "auto"), ((2, 2, 2), "auto"), ((1, 2, 4), "auto"), ((8, 1, 1), "cpu_kernel"),
+    ((1, 2, 4), "cpu_kernel")])
+def test_sharded_sampler_matches_one_device(params, reference, mesh_shape, attention):
     assert len(jax.devices()) == 8, "needs --xla_force_host_platform_device_count=8"
+    if attention == "cpu_kernel" and not cpu_attention.available():
+        pytest.skip(f"kernels unavailable: {cpu_attention.unavailable_reason()}")
     mesh = parallel.make_mesh(mesh_shape)
-    sampler = Sampler(CONFIG, params, mesh=mesh, eos_ids=(5,))
-    assert sampler.attention == "xla"  # the FFI kernels have no sharding rule
-    with pytest.raises(ValueError, match="sharded"):
-        Sampler(CONFIG, params, mesh=mesh, attention="cpu_kernel")
+    # "auto" keeps XLA's attention under a mesh; the FFI kernel runs per device (shard_map)
+    sampler = Sampler(CONFIG, params, mesh=mesh, eos_ids=(5,), attention=attention)
+    assert sampler.attention == ("xla" if attention == "auto" else "cpu_kernel")
     q = sampler.params["layer_0"]["attn"]["q"]
     if mesh.shape["tensor"] > 1:  # heads really split over tensor
         assert q.sharding.spec[1] == "tensor"

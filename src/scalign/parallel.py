@@ -230,6 +230,13 @@ def sharding_context(mesh: Mesh | None, rules: Rules = DEFAULT_RULES) -> Iterato
         _CTX.value = prev
 
 
+def active_context() -> tuple[Mesh, Rules] | None:
+    """(mesh, rules) of the enclosing `sharding_context` when it spans several devices, else
+    None: what code that must split work by hand (`jax.shard_map` around a custom call) asks."""
+    ctx = getattr(_CTX, "value", None)
+    return ctx if ctx is not None and ctx[0].size > 1 else None
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical axes; a no-op outside `sharding_context`."""
     ctx = getattr(_CTX, "value", None)

@@ -508,8 +508,8 @@ class Sampler:
         and one phase with the CPU attention kernels (they read only the visible slots, so
         phases would only add copies).
       attention: how a decode step computes its cache products: "cpu_kernel" with the FFI
-        kernels of `scalign.kernels.cpu_attention` (CPU, float32 cache, unsharded; built with
-        g++ on first use), "xla" with XLA's own products; "auto" (default) is "cpu_kernel"
+        kernel of `scalign.kernels.cpu_attention` (CPU, float32 cache; built with g++ on first
+        use; under a mesh each device runs it on its own rows and heads), "xla" with XLA's own products; "auto" (default) is "cpu_kernel"
         where it applies and the kernels build, else "xla".
     """
 
@@ -575,9 +575,11 @@ class Sampler:
         if attention == "xla":
             return "xla"
         why = (f"the platform is {platform}" if platform != "cpu" else
-               "the sampler is sharded over a mesh" if self.mesh is not None else
                f"the cache dtype is {self.cache_dtype.name}, not float32"
                if self.cache_dtype != jnp.float32 else None)
+        if why is None and attention == "auto" and self.mesh is not None:
+            # measured: on 2 cores, 2 devices x kernel were no faster than XLA's attention
+            return "xla"
         if why is None and not cpu_attention.available():
             why = f"the kernels are unavailable ({cpu_attention.unavailable_reason()})"
         if why is None:

@@ -20,12 +20,12 @@
 //   ~1e-7, like XLA's own), written so the compiler vectorises it; sums run in slot /
 //   head-dim order in float32.
 //
-// The calling thread takes one share of the pairs and blocks (futex wait, not a spin) until
-// the pool's threads are done with theirs.
+// The (row, kv head) pairs are split into one share per thread of the pool (see ParallelFor).
 #include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -185,7 +185,12 @@ void AttentionPairs(const float* q, const float* keys, const float* values, cons
   }
 }
 
-// Runs f(a, b) over [0, n) split into one share per pool thread; the caller takes the first.
+// Runs f(a, b) over [0, n) split into one share per pool thread. Shares are claimed from a
+// shared counter by the caller and by tasks scheduled on the pool; the caller keeps claiming
+// until none is left, then waits only for shares other threads are already running. So the
+// call finishes even when every pool thread is busy (two devices of one process calling this
+// at once from the pool's own threads), and a task that starts late finds nothing to do. The
+// state is shared-owned, so such a late task never touches the caller's freed stack.
 template <typename F>
 void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
   int64_t parts = pool.num_threads();
@@ -194,18 +199,24 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
     f(0, n);
     return;
   }
-  std::atomic<int64_t> left(parts - 1);
-  for (int64_t i = 1; i < parts; ++i) {
-    const int64_t a = n * i / parts, b = n * (i + 1) / parts;
-    pool.Schedule([&f, &left, a, b] {
-      f(a, b);
-      if (left.fetch_sub(1, std::memory_order_acq_rel) == 1) left.notify_all();
-    });
-  }
-  f(0, n / parts);
-  for (int64_t v = left.load(std::memory_order_acquire); v > 0;
-       v = left.load(std::memory_order_acquire))
-    left.wait(v, std::memory_order_acquire);
+  struct State {
+    State(const F& f, int64_t n, int64_t parts) : f(f), n(n), parts(parts) {}
+    F f;
+    const int64_t n, parts;
+    std::atomic<int64_t> next{0}, done{0};
+    void Work() {
+      for (int64_t i = next.fetch_add(1); i < parts; i = next.fetch_add(1)) {
+        f(n * i / parts, n * (i + 1) / parts);
+        if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == parts) done.notify_all();
+      }
+    }
+  };
+  auto state = std::make_shared<State>(f, n, parts);
+  for (int64_t i = 1; i < parts; ++i) pool.Schedule([state] { state->Work(); });
+  state->Work();
+  for (int64_t v = state->done.load(std::memory_order_acquire); v < parts;
+       v = state->done.load(std::memory_order_acquire))
+    state->done.wait(v, std::memory_order_acquire);
 }
 
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,

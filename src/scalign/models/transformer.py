@@ -41,7 +41,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from scalign import parallel
 from scalign.models.config import ModelConfig
 from scalign.parallel import constrain
 
@@ -215,8 +217,9 @@ class DecodeKernels:
       soft-cap, softmax, weighted values) with the FFI kernel of `scalign.kernels.cpu_attention`
       instead of XLA's batched GEMMs and reductions: one pass over each row's visible slots,
       the (row, kv head) pairs split over XLA's intra-op threads.
-      Only for unsharded CPU programs (a custom call has no sharding rule); the sampler turns it
-      on when the kernels are available (`kernels.cpu_attention.available()`).
+      Under a mesh each device runs it on its own rows and kv heads (`jax.shard_map`); the
+      sampler turns it on for CPU programs when the kernels are available
+      (`kernels.cpu_attention.available()`).
     """
 
     weight_left: bool = False
@@ -349,8 +352,17 @@ class Attention(nn.Module):
         window = c.window(self.layer)
         hi = q_slots[0]
         lo = key_start if window is None else jnp.maximum(key_start, hi - window + 1)
-        out = cpu_attention.decode_attention(q, keys, values, lo, hi, c.attn_softcap)
-        return out.astype(c.compute_dtype)
+        attend = functools.partial(cpu_attention.decode_attention, softcap=c.attn_softcap)
+        ctx = parallel.active_context()
+        if ctx is not None:  # a custom call has no sharding rule: run it on each device's block
+            mesh, rules = ctx
+            q_axes = ("act_batch", "act_kv_heads", None, None)
+            specs = [parallel.logical_to_spec(axes, x.shape, mesh, rules) for axes, x in
+                     ((q_axes, q), (CACHE_AXES["k"], keys), (CACHE_AXES["v"], values),
+                      (("act_batch",), lo))]
+            attend = jax.shard_map(attend, mesh=mesh, in_specs=(*specs, P()),
+                                   out_specs=specs[0], check_vma=False)
+        return attend(q, keys, values, lo, hi).astype(c.compute_dtype)
 
 
 class MLP(nn.Module):
@@ -581,6 +593,5 @@ def init_cache(config: ModelConfig, batch: int, max_len: int,
 
 
 def cache_logical_axes(config: ModelConfig) -> Any:
-    from jax.sharding import PartitionSpec as P
     k, v = P(*CACHE_AXES["k"]), P(*CACHE_AXES["v"])
     return {f"layer_{i}": {"k": k, "v": v} for i in range(config.n_layers)}

@@ -510,10 +510,11 @@ class Sampler:
         (`cache_phases`); None (default) picks min(4, M // 32), so short generations use one,
         and one phase with the CPU attention kernel (it reads only the attended slots, so
         phases would only add copies: 5.64 vs 5.86 s per `sample_llama_small` call).
-      attention: how a decode step computes its cache products: "cpu_kernel" with the FFI
-        kernel of `scalign.kernels.cpu_attention` (CPU, float32 cache; built with g++ on first
-        use; under a mesh each device runs it on its own rows and heads), "xla" with XLA's own products; "auto" (default) is "cpu_kernel"
-        where it applies and the kernels build, else "xla".
+      attention: how a decode step computes its attention: "cpu_kernel" with the FFI kernel of
+        `scalign.kernels.cpu_attention` (CPU, float32 cache; built with g++ on first use; under
+        a mesh each device runs it on its own rows and heads), "xla" with XLA's own products;
+        "auto" (default) is "cpu_kernel" for an unsharded CPU sampler whose kernel builds, else
+        "xla".
     """
 
     def __init__(self, config: ModelConfig, params: Any, tokenizer: Any = None, *,
@@ -577,15 +578,15 @@ class Sampler:
             raise ValueError(f"attention must be 'auto', 'cpu_kernel' or 'xla', got {attention!r}")
         if attention == "xla":
             return "xla"
-        why = (f"the platform is {platform}" if platform != "cpu" else
-               f"the cache dtype is {self.cache_dtype.name}, not float32"
-               if self.cache_dtype != jnp.float32 else None)
-        if why is None and attention == "auto" and self.mesh is not None:
-            # measured: on 2 cores, 2 devices x kernel were no faster than XLA's attention
-            return "xla"
-        if why is None and not cpu_attention.available():
-            why = f"the kernels are unavailable ({cpu_attention.unavailable_reason()})"
-        if why is None:
+        if platform != "cpu":
+            why = f"the platform is {platform}"
+        elif self.cache_dtype != jnp.float32:
+            why = f"the cache dtype is {self.cache_dtype.name}, not float32"
+        elif attention == "auto" and self.mesh is not None:
+            return "xla"  # measured: on 2 cores, 2 devices x kernel were no faster than XLA
+        elif not cpu_attention.available():
+            why = f"the kernel is unavailable ({cpu_attention.unavailable_reason()})"
+        else:
             return "cpu_kernel"
         if attention == "cpu_kernel":
             raise ValueError(f"attention='cpu_kernel' cannot be used: {why}")

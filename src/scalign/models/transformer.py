@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from scalign import parallel
+from scalign.kernels import cpu_attention
 from scalign.models.config import ModelConfig
 from scalign.parallel import constrain
 
@@ -346,8 +347,6 @@ class Attention(nn.Module):
         """One-token attention through `kernels.cpu_attention`: q [B, K, G, Dh] (scaled) ->
         [B, K, G, Dh] in the compute dtype. The visible slots are those of `attention_mask`:
         key_start[b] (and the window's start) up to the query's slot."""
-        from scalign.kernels import cpu_attention
-
         c = self.config
         window = c.window(self.layer)
         hi = q_slots[0]

@@ -45,7 +45,8 @@ def test_every_file_listed_and_exists():
             assert (ROOT / s).exists(), s
     # package data (C++ sources compiled at run time) travels with its library
     listed_data = {s for kw in libs for s in _strings(kw.get("data"))}
-    actual_data = {str(p.relative_to(ROOT)) for p in (ROOT / "src").rglob("*.cc")}
+    actual_data = {str(p.relative_to(ROOT)) for pattern in ("*.cc", "*.h")
+                   for p in (ROOT / "src").rglob(pattern)}
     assert listed_data == actual_data, (sorted(listed_data), sorted(actual_data))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scalign.data.tokenizer import Tokenizer
-from scalign.kernels import cpu_attention
+from scalign.kernels import cpu_attention, cpu_matmul
 from scalign.models import ModelConfig, init_params, logits
 from scalign.sampling import (
     Sampler,
@@ -94,13 +95,16 @@ def _prompts(vocab: int, lengths=PROMPT_LENGTHS, seed: int = 1) -> list[np.ndarr
 
 # ----------------------------------------------------------------------- exactness of decoding
 @pytest.mark.parametrize("weight_layout,phases,attention", [
-    ("output_major", None, "auto"), ("output_major", 3, "xla"), ("native", 1, "xla")])
+    ("auto", None, "auto"), ("output_major", None, "auto"), ("output_major", 3, "xla"),
+    ("native", 1, "xla")])
 def test_greedy_equals_uncached_argmax_per_step(model, tok, weight_layout, phases, attention):
     config, params = model
     sampler = Sampler(config, params, tok, min_prompt_bucket=16, weight_layout=weight_layout,
                       cache_phases=phases, attention=attention)
     if attention == "auto" and cpu_attention.available():  # the CPU default: FFI kernels
         assert sampler.attention == "cpu_kernel" and sampler.cache_phases == 1
+    if weight_layout == "auto" and cpu_matmul.available():
+        assert sampler.weight_layout == "panels"
     prompts = _prompts(config.vocab_size)
     out = sampler.generate_ids(prompts, max_new_tokens=M, stop_on_eos=False)
     assert out.tokens.shape == (len(prompts), 1, M)
@@ -434,8 +438,14 @@ def test_input_errors(llama, tok):
         Sampler(config, params, weight_layout="nk")
     with pytest.raises(ValueError, match="cache_phases"):
         Sampler(config, params, cache_phases=0)
-    auto = "output_major" if jax.devices()[0].platform == "cpu" else "native"
+    cpu = jax.devices()[0].platform == "cpu"
+    auto = ("panels" if cpu_matmul.available() else "output_major") if cpu else "native"
     assert Sampler(config, params).weight_layout == auto  # the "auto" rule, on any backend
+    if cpu and cpu_matmul.available():
+        bf16 = dataclasses.replace(config, param_dtype="bfloat16")
+        with pytest.raises(ValueError, match="panels.*bfloat16"):
+            Sampler(bf16, params, weight_layout="panels")
+        assert Sampler(bf16, params).weight_layout == "output_major"
     with pytest.raises(ValueError, match="attention"):
         Sampler(config, params, attention="flash")
     with pytest.raises(ValueError, match="cpu_kernel.*bfloat16"):

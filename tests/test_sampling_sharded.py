@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from scalign import parallel  # noqa: E402
-from scalign.kernels import cpu_attention  # noqa: E402
+from scalign.kernels import cpu_attention, cpu_matmul  # noqa: E402
 from scalign.models import ModelConfig, init_params  # noqa: E402
 from scalign.sampling import Sampler  # noqa: E402
 
@@ -55,6 +55,7 @@ def test_sharded_sampler_matches_one_device(params, reference, mesh_shape, atten
     # "auto" keeps XLA's attention under a mesh; the FFI kernel runs per device (shard_map)
     sampler = Sampler(CONFIG, params, mesh=mesh, eos_ids=(5,), attention=attention)
     assert sampler.attention == ("xla" if attention == "auto" else "cpu_kernel")
+    assert sampler.weight_layout == "output_major"  # panels are for unsharded samplers
     q = sampler.params["layer_0"]["attn"]["q"]
     if mesh.shape["tensor"] > 1:  # heads really split over tensor
         assert q.sharding.spec[1] == "tensor"
@@ -67,3 +68,10 @@ def test_sharded_sampler_matches_one_device(params, reference, mesh_shape, atten
         np.testing.assert_array_equal(out.stop_reason, ref.stop_reason)
         np.testing.assert_allclose(out.model_logprobs, ref.model_logprobs, atol=1e-4)
         np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-4)
+
+
+def test_panel_weights_need_an_unsharded_sampler(params):
+    if not cpu_matmul.available():
+        pytest.skip(f"kernels unavailable: {cpu_matmul.unavailable_reason()}")
+    with pytest.raises(ValueError, match="panels.*sharded"):
+        Sampler(CONFIG, params, mesh=parallel.make_mesh((8, 1, 1)), weight_layout="panels")

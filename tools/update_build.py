@@ -74,7 +74,7 @@ def scalign_packages() -> dict[str, list[Path]]:
     return pkgs
 
 
-PACKAGE_DATA = ("*.cc",)  # as pyproject.toml's [tool.setuptools.package-data]
+PACKAGE_DATA = ("*.cc", "*.h")  # as pyproject.toml's [tool.setuptools.package-data]
 
 
 def package_data(files: list[Path]) -> list[Path]:

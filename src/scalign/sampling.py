@@ -90,7 +90,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scalign import parallel
-from scalign.kernels import cpu_attention
+from scalign.kernels import cpu_attention, cpu_matmul
 from scalign.models.config import ModelConfig
 from scalign.models.heads import SCALAR_HEAD
 from scalign.models.transformer import (
@@ -104,6 +104,7 @@ from scalign.models.transformer import (
     lm_logits,
     param_logical_axes,
     to_output_major,
+    to_panels,
 )
 
 Array = jax.Array
@@ -454,6 +455,7 @@ _DECODE_STATIC = ("config", "mesh", "rules", "prompt_len", "phases", "greedy", "
 _DECODE = jax.jit(_decode, donate_argnums=(1,), static_argnames=_DECODE_STATIC)
 _DECODE_PHASED = jax.jit(_decode, static_argnames=_DECODE_STATIC)
 _PACK = jax.jit(to_output_major)
+_PACK_PANELS = jax.jit(to_panels)
 
 
 # ================================================================================= host API
@@ -503,9 +505,13 @@ class Sampler:
       weight_layout: how the decode loop reads the matmul weights: "output_major" transposes
         them once, when the sampler is made, into [out, in] matrices (the sampler keeps this
         second copy) and computes each decode product as W x^T
-        (`models.transformer.DecodeKernels`), which XLA:CPU runs faster; "native" reads
-        the params as stored; "auto" (default) is "output_major" on CPU, "native" elsewhere
-        (TPU and GPU compilers pick their own layouts, and the copy would cost HBM).
+        (`models.transformer.DecodeKernels`), which XLA:CPU runs faster; "panels" packs them
+        once into 16-column panels (`models.transformer.to_panels`, also a second copy) that
+        the FFI kernel of `scalign.kernels.cpu_matmul` streams through FMA register tiles
+        (CPU, unsharded, float32 params; built with the attention kernel); "native" reads the
+        params as stored; "auto" (default) is "panels" for an unsharded float32 CPU sampler
+        whose kernels build, else "output_major" on CPU and "native" elsewhere (TPU and GPU
+        compilers pick their own layouts, and the copy would cost HBM).
       cache_phases: how many phases the decode loop runs in, the cache growing between them
         (`cache_phases`); None (default) picks min(4, M // 32), so short generations use one,
         and one phase with the CPU attention kernel (it reads only the attended slots, so
@@ -545,33 +551,52 @@ class Sampler:
         self.cache_dtype = jnp.dtype(cache_dtype or config.compute_dtype)
         if cache_phases is not None and cache_phases < 1:
             raise ValueError(f"cache_phases must be >= 1 (or None), got {cache_phases}")
-        if weight_layout not in ("auto", "output_major", "native"):
-            raise ValueError(f"weight_layout must be 'auto', 'output_major' or 'native', got "
-                             f"{weight_layout!r}")
         platform = (self.mesh.devices.flat[0] if self.mesh is not None
                     else jax.devices()[0]).platform
-        if weight_layout == "auto":
-            weight_layout = "output_major" if platform == "cpu" else "native"
-        self.weight_layout = weight_layout
+        self.weight_layout = weight_layout = self._pick_layout(weight_layout, platform)
         self.attention = self._pick_attention(attention, platform)
         self.cache_phases = (1 if cache_phases is None and self.attention == "cpu_kernel"
                              else cache_phases)
         # the decode step's formulation of its products (`models.transformer.DecodeKernels`)
         self.decode_kernels = DecodeKernels(weight_left=weight_layout == "output_major",
-                                            cpu_attention=self.attention == "cpu_kernel")
+                                            cpu_attention=self.attention == "cpu_kernel",
+                                            cpu_matmul=weight_layout == "panels")
         backbone = {k: v for k, v in params.items() if k != SCALAR_HEAD}
         if self.mesh is not None:
             shardings = parallel.tree_shardings(param_logical_axes(config), backbone, self.mesh,
                                                 rules)
             backbone = parallel.put_tree(backbone, shardings)
         self.params = backbone
-        # what the decode loop reads: with output_major, an [out, in] packing made once here
+        # what the decode loop reads: with output_major / panels, a packing made once here
         # (a second copy of the matmul weights for the sampler's life; packing per call cost
         # ~0.1 s of a 6 s sample_llama_small call)
-        self._decode_weights = _PACK(backbone) if weight_layout == "output_major" else backbone
+        pack = {"output_major": _PACK, "panels": _PACK_PANELS}.get(weight_layout)
+        self._decode_weights = pack(backbone) if pack else backbone
         self._stop_tables: dict[tuple[str, ...], Array] = {}
         self._prefill = _PREFILL
         self._decode, self._decode_phased = _DECODE, _DECODE_PHASED
+
+    def _pick_layout(self, layout: str, platform: str) -> str:
+        if layout not in ("auto", "panels", "output_major", "native"):
+            raise ValueError(f"weight_layout must be 'auto', 'panels', 'output_major' or "
+                             f"'native', got {layout!r}")
+        if layout in ("output_major", "native"):
+            return layout
+        c = self.config
+        if platform != "cpu":
+            why = f"the platform is {platform}"
+        elif self.mesh is not None:
+            why = "the sampler is sharded (the kernel has no partitioning rule)"
+        elif jnp.dtype(c.params_dtype) != jnp.float32 or jnp.dtype(c.compute_dtype) != jnp.float32:
+            why = (f"params / compute dtypes are {jnp.dtype(c.params_dtype).name} / "
+                   f"{jnp.dtype(c.compute_dtype).name}, not float32")
+        elif not cpu_matmul.available():
+            why = f"the kernel is unavailable ({cpu_matmul.unavailable_reason()})"
+        else:
+            return "panels"
+        if layout == "panels":
+            raise ValueError(f"weight_layout='panels' cannot be used: {why}")
+        return "output_major" if platform == "cpu" else "native"
 
     def _pick_attention(self, attention: str, platform: str) -> str:
         if attention not in ("auto", "cpu_kernel", "xla"):

@@ -65,14 +65,15 @@ def test_slots_outside_the_range_are_never_read():
     np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-5, atol=2e-6)
 
 
-def test_switched_off_by_the_environment():
-    code = ("from scalign.kernels import cpu_attention as c; "
-            "print(c.available(), c.unavailable_reason())")
-    env = dict(os.environ, SCALIGN_CPU_ATTENTION="0", JAX_PLATFORMS="cpu")
+@pytest.mark.parametrize("var", ["SCALIGN_CPU_KERNELS", "SCALIGN_CPU_ATTENTION"])
+def test_switched_off_by_the_environment(var):
+    code = ("from scalign.kernels import cpu_attention as c, cpu_matmul as m; "
+            "print(c.available(), m.available(), c.unavailable_reason())")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **{var: "0"})
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
-    assert done.stdout.strip() == ("False RuntimeError: switched off by "
-                                   "SCALIGN_CPU_ATTENTION=0"), done.stderr
+    assert done.stdout.strip() == f"False False RuntimeError: switched off by {var}=0", \
+        done.stderr
 
 
 def test_a_missing_compiler_is_reported_not_raised(tmp_path):

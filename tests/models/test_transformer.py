@@ -24,6 +24,7 @@ from scalign.models.transformer import (
     rope_attention_factor,
     rope_inv_freq,
     to_output_major,
+    to_panels,
 )
 
 
@@ -211,10 +212,11 @@ def test_weight_left_kernels_give_the_same_decode_step(tie):
 
 
 @pytest.mark.parametrize("kind", ["llama", "window", "gemma"])
-def test_cpu_attention_kernels_give_the_same_decode_steps(kind):
-    """Decode steps with the FFI attention kernels = XLA's attention: ragged left padding,
-    a sliding window shorter than the sequence (which the kernels' slot ranges enforce alone
-    without a soft-cap), soft-caps, grouped queries (G = 2)."""
+def test_cpu_kernels_give_the_same_decode_steps(kind):
+    """Decode steps with the FFI attention kernels, and with them the panel-matmul kernels on
+    `to_panels` weights, = XLA's ops: ragged left padding, a sliding window shorter than the
+    sequence (which the kernels' slot ranges enforce alone without a soft-cap), soft-caps,
+    grouped queries (G = 2), a tied LM head (gemma), widths on and off the 16-column panels."""
     from scalign.kernels import cpu_attention
 
     if not cpu_attention.available():
@@ -223,26 +225,36 @@ def test_cpu_attention_kernels_give_the_same_decode_steps(kind):
                   layer_types=("local", "global")) if kind == "gemma"
              else dict(sliding_window=3, layer_types=("local", "global")) if kind == "window"
              else dict(qkv_bias=True))
-    config = ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2,
-                         head_dim=8, mlp_dim=24, **extra)
+    config = ModelConfig(vocab_size=48, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2,
+                         head_dim=8, mlp_dim=24, tie_embeddings=kind == "gemma", **extra)
     params = init_params(config, jax.random.PRNGKey(0))
     params = jax.tree.map(lambda w: w * 4.0, params)  # peaked attention, not near-uniform
     prompts = jnp.asarray(np.random.default_rng(0).integers(0, 40, (3, 5)), jnp.int32)
     key_start = jnp.array([0, 2, 4], jnp.int32)
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def run(kernel):
-        with decode_kernels(DecodeKernels(cpu_attention=kernel)):
-            _, cache = forward(config, params, prompts, cache=init_cache(config, 3, 9),
-                               cache_index=0, key_start=key_start)
-            hs = []
+    panels = jax.jit(to_panels)(params)
+    assert not np.array_equal(panels["layer_0"]["attn"]["q"], params["layer_0"]["attn"]["q"])
+    assert np.array_equal(panels["layer_0"]["mlp"]["up"], params["layer_0"]["mlp"]["up"])  # 24
+
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def run(kernel, matmul):
+        _, cache = forward(config, params, prompts, cache=init_cache(config, 3, 9),
+                           cache_index=0, key_start=key_start)  # the prefill: stored weights
+        with decode_kernels(DecodeKernels(cpu_attention=kernel, cpu_matmul=matmul)):
+            weights = panels if matmul else params
+            hs, logits = [], []
             for t in range(4):  # slots 5..8, the window slides past the padded starts
-                h, cache = forward(config, params, prompts[:, t:t + 1], cache=cache,
+                h, cache = forward(config, weights, prompts[:, t:t + 1], cache=cache,
                                    cache_index=5 + t, key_start=key_start)
                 hs.append(h)
-            return jnp.concatenate(hs, 1), cache
+                logits.append(lm_logits(config, weights, h[:, 0]))
+            return jnp.concatenate(hs, 1), jnp.stack(logits, 1), cache
 
-    (ref, ref_cache), (got, got_cache) = run(False), run(True)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
-                                                         atol=2e-5), got_cache, ref_cache)
+    ref, ref_logits, ref_cache = run(False, False)
+    for matmul in (False, True):
+        got, got_logits, got_cache = run(True, matmul)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(got_logits), np.asarray(ref_logits), atol=1e-4,
+                                   rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                             atol=2e-5), got_cache, ref_cache)

@@ -28,8 +28,8 @@ Decode memory traffic (the roofline of batched decoding is bytes, not FLOPs):
 `--extra copy_bw=0` skips the copy probe.
 
 `--extra` options: `bon=0` skips the best-of-N comparison; `bon_timed=N`; `bon_prompts=P`,
-`bon_n=N`; `weight_layout=native|output_major` overrides the sampler's choice (A/B of the
-[out, in] decode weights); `cache_phases=K` overrides the decode loop's phase count;
+`bon_n=N`; `weight_layout=native|output_major|panels` overrides the sampler's choice (A/B of
+the decode weights' packing); `cache_phases=K` overrides the decode loop's phase count;
 `attention=xla|cpu_kernel` overrides the decode attention (`Sampler(attention=...)`);
 `param_dtype=bfloat16` / `dtype=bfloat16` run a bf16 variant (not the
 spec's f32 workload; the line's `notes` say so).
@@ -163,6 +163,7 @@ def run(workload: str, spec_path: str | None = None, **extra: Any) -> dict:
         "prefill_s": round(prefill_s, 4) if prefill_s is not None else None,
         "batch": B, "prompt_len": T, "max_new_tokens": M, "threads": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
+        "weight_layout": sampler.weight_layout,
         "attention": sampler.attention, "cache_phases": len(cache_phases(M, sampler.cache_phases)),
         **traffic,
     }

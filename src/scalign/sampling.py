@@ -29,9 +29,11 @@ How one call runs (P prompts, N samples each, M = max_new_tokens, R = P * N rows
    phase only and the cache grows by a copy before each later phase, so early steps read a
    shorter cache. With one phase (the kernel's default) the cache is donated into the decode
    call and returned by it, so XLA updates the K/V buffers in place, with no copy per call or
-   per step. On CPU the loop reads the matmul weights as [out, in] matrices, packed once per
-   `Sampler`, and computes each product as W x^T (`Sampler(weight_layout=...)`,
-   `models.transformer.DecodeKernels`): XLA:CPU's few-row products run faster that way.
+   per step. On CPU the loop reads the matmul weights packed once per `Sampler`
+   (`Sampler(weight_layout=...)`, `models.transformer.DecodeKernels`): unsharded and float32,
+   in 16-column panels that a second FFI kernel streams through FMA register tiles
+   (`scalign.kernels.cpu_matmul`, `to_panels`); otherwise as [out, in] matrices, each product
+   computed as W x^T, which XLA:CPU runs faster than x W for few rows.
 
 Sampling (`sample_tokens`), in the order of HF's logits processors: logits / temperature, then
 top-k (the k largest), then top-p (nucleus, Holtzman et al. 2020: the smallest set of the most

@@ -243,9 +243,11 @@ class DecodeKernels:
       packed in 16-column panels (`to_panels`, made once per sampler) and its product runs
       through `kernels.cpu_matmul.panel_matmul`: the weight streams once per step through a
       4-row x 16-column FMA register tile, with no per-call re-packing. The 57 products of a
-      `sample_llama_small` step took 18-21 ms against 20-31 ms for XLA's W x^T (alternating,
-      one process). Unsharded programs only (a custom call has no partitioning rule); other
-      weights keep XLA's dot, a tied LM head the W x^T form.
+      `sample_llama_small` step took 16-21 ms against 18-32 ms for XLA's W x^T (alternating,
+      one process); whole calls 5-10% faster. Unsharded programs only (a custom call has no
+      partitioning rule); other weights keep XLA's dot, a tied LM head the W x^T form. The
+      prefill keeps XLA's dots (for 2048 rows the kernel is no faster) and the stored weights:
+      under this policy a packable weight that is *not* packed would be misread.
     """
 
     weight_left: bool = False

@@ -11,7 +11,7 @@ DEV_STAMP     := $(VENV)/.dev-installed
 PYTEST_ARGS ?=
 WORKDIR ?= runs/demo
 
-.PHONY: demo test test-fast lint build-file bench clean venv venv-dev
+.PHONY: demo test test-all test-fast lint build-file bench clean venv venv-dev
 
 venv: $(RUNTIME_STAMP)
 venv-dev: $(DEV_STAMP)
@@ -34,10 +34,13 @@ demo: $(RUNTIME_STAMP)
 	@echo "report: $(WORKDIR)/report.md  results: $(WORKDIR)/results.json"
 
 test: $(DEV_STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile -m "not heavy" $(PYTEST_ARGS)
+
+test-all: $(DEV_STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(DEV_STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile -m "not slow and not heavy" $(PYTEST_ARGS)
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check src tests experiments tools

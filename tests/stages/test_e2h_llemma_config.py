@@ -252,6 +252,7 @@ def test_reward_step_compiles_at_llemma_widths_with_two_layers(config, hf_folder
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ~90 s of compile; the 2-layer test above checks the same at llemma widths
 def test_reward_step_compiles_for_llemma_7b(config, hf_folder):
     facts = _compile_and_check(config, hf_folder, n_layers=32)
     print(f"\nllemma-7B RM step: {facts}")

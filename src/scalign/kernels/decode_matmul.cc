@@ -109,9 +109,11 @@ ffi::Error PanelMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
         "PanelMatmul: want x [R, K], wp [P, K, 16] and y [R, P * 16]");
   const int64_t R = xd[0], K = xd[1], P = wd[0], N = P * kPanel;
   if (R == 0 || P == 0) return ffi::Error::Success();
-  // x re-laid tile by tile: xt[t][k][i] = x[t * kRows + i, k] (zeros past the last row)
+  // x re-laid tile by tile: xt[t][k][i] = x[t * kRows + i, k]. The lanes past the last row
+  // are never read (the last tile is a Tile<R mod kRows>), so the buffer is only grown, not
+  // cleared, on this per-step path.
   thread_local std::vector<float> scratch;
-  scratch.assign(static_cast<size_t>((R + kRows - 1) / kRows * kRows * K), 0.0f);
+  scratch.resize(static_cast<size_t>((R + kRows - 1) / kRows * kRows * K));
   float* xt = scratch.data();
   const float* xs = x.typed_data();
   for (int64_t r = 0; r < R; ++r) {

@@ -72,9 +72,8 @@ def _project(x: Array, w: Array, dtype: jnp.dtype, out_dtype: Any = None) -> Arr
     With `DecodeKernels.cpu_matmul`, a `packable` w holds its `to_panels` packing."""
     kernels = _active_kernels()
     if kernels.cpu_matmul and _panel_packed(w):
-        rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
         wp = w.reshape(w.shape[1] // cpu_matmul.PANEL, w.shape[0], cpu_matmul.PANEL)
-        y = cpu_matmul.panel_matmul(rows, wp).astype(out_dtype or dtype)
+        y = cpu_matmul.panel_matmul(x.reshape(-1, x.shape[-1]), wp).astype(out_dtype or dtype)
         return y.reshape(*x.shape[:-1], w.shape[-1])
     if not kernels.weight_left:
         return _matmul("...i,io->...o", x, w, dtype).astype(out_dtype or dtype)

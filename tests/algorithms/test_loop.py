@@ -105,7 +105,7 @@ def test_loop_never_recompiles_updates_params_and_sampler_follows_them(model):
     assert sizes[1] == sizes[0] and sizes[2] == sizes[0], sizes
     assert all(v >= 1 for v in sizes[0].values())
     # the policy moved; the reference did not
-    assert any(not np.array_equal(a, b) for a, b in zip(start, _leaves(loop.params)))
+    assert any(not np.array_equal(a, b) for a, b in zip(start, _leaves(loop.params), strict=True))
     for a, b in zip(start, _leaves(loop.state.reference), strict=True):
         np.testing.assert_array_equal(a, b)
     assert np.isfinite([h["loss"] for h in history]).all()

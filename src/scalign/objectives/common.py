@@ -1,4 +1,4 @@
-"""Shared pieces of the objectives: token log-probs and masked means."""
+"""Shared pieces of the objectives: token log-probs and next-token targets."""
 
 from __future__ import annotations
 
@@ -20,8 +20,3 @@ def shifted(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Targets and their mask for next-token prediction: position t predicts token t+1."""
     return tokens[:, 1:], mask[:, 1:].astype(jnp.float32)
 
-
-def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """sum(x * mask) / max(sum(mask), 1)."""
-    mask = mask.astype(jnp.float32)
-    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from scalign.models.config import ModelConfig
 from scalign.models.transformer import forward, lm_logits
+from scalign.objectives.common import target_log_probs
 
 DEFAULT_LOGITS_BUDGET = 1 << 24  # float32 elements of one [B, chunk, V] logits block (64 MiB)
 
@@ -42,9 +43,7 @@ def auto_chunk(batch: int, length: int, vocab: int, budget: int = DEFAULT_LOGITS
 def _target_log_probs(config: ModelConfig, params: Any, hidden: jax.Array,
                       targets: jax.Array) -> jax.Array:
     """log softmax(lm_logits(hidden))[targets]: hidden [B, C, D], targets [B, C] -> [B, C]."""
-    logits = lm_logits(config, params, hidden)  # float32 [B, C, V]
-    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
+    return target_log_probs(lm_logits(config, params, hidden), targets)  # via [B, C, V]
 
 
 def log_probs_from_hidden(config: ModelConfig, params: Any, hidden: jax.Array,

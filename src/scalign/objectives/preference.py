@@ -32,8 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from scalign.models.config import ModelConfig
-from scalign.models.transformer import logits as model_logits
-from scalign.objectives.common import shifted, token_log_probs
+from scalign.objectives import logprobs
 from scalign.objectives.reward import concat_pair
 
 Metrics = dict[str, jax.Array]
@@ -253,12 +252,13 @@ def sequence_log_probs(config: ModelConfig, params: Any, tokens: jax.Array,
         logp[b] = sum_{t >= 1} m[b, t] log p(tokens[b, t] | tokens[b, < t])
 
     with m = `response_mask` aligned with `tokens` (1 on the response targets and eos, as
-    SFT's `loss_mask`): position t is scored by the logits at t - 1. One causal forward
-    (`models.transformer.logits`) on tokens[:, :-1]; see `response_lengths` for the counts.
+    SFT's `loss_mask`): position t is scored by the logits at t - 1. The per-token terms are
+    `objectives.logprobs.token_log_probs` (one causal forward on tokens[:, :-1], the LM head
+    applied in chunks, so [B, T, V] logits are never materialised); see `response_lengths`
+    for the counts.
     """
-    targets, mask = shifted(tokens, response_mask)
-    logits = model_logits(config, params, tokens[:, :-1])
-    return jnp.sum(token_log_probs(logits, targets) * mask, axis=-1)
+    lp = logprobs.token_log_probs(config, params, tokens)  # [B, T], column 0 = 0
+    return jnp.sum(lp * response_mask.astype(jnp.float32), axis=-1)
 
 
 def response_lengths(response_mask: jax.Array) -> jax.Array:

@@ -168,3 +168,105 @@ def test_win_rate_ties_half_and_bootstrap():
     assert win_rate(b, b)["mean"] == 0.5
     with pytest.raises(ValueError, match="differ"):
         win_rate(a, b[:2])
+
+
+# ------------------------------------------------------------------ the solver loop
+class _AppendToken:
+    """A domain evolver for token-id prompts: appends one random token (in-depth: longer)."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+        self.counts = collections.Counter()
+
+    def mutate(self, items, rng):
+        self.counts["accepted"] += len(items)
+        return [{"ids": it["ids"] + [int(rng.integers(1, self.vocab))]} for it in items]
+
+    def state_dict(self):
+        return {"counts": dict(self.counts)}
+
+    def load_state_dict(self, state):
+        self.counts = collections.Counter(state["counts"])
+
+
+def _eva_loop(tmp_path, loss_kind, evolve=True):
+    import jax
+
+    from scalign import parallel
+    from scalign.algorithms.eva import EvaConfig, EvaIteration
+    from scalign.algorithms.loop import OnlineLoop
+    from scalign.models import ModelConfig, init_params
+    from scalign.objectives.preference import make_preference_loss
+    from scalign.sampling import Sampler
+    from scalign.training.checkpoint import Checkpointer
+    from scalign.training.state import OptimizerConfig, make_optimizer
+
+    V, target = 32, 5
+    config = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                         head_dim=8, mlp_dim=64, tie_embeddings=False, family="llama")
+    params = init_params(config, jax.random.PRNGKey(0))
+    mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    pool = PromptPool.from_prompts([{"ids": rng.integers(1, V, 3).tolist()} for _ in range(8)])
+    hp = {"dpo": {"beta": 0.1}, "sppo": {"eta": 10.0}, "simpo": {}, "orpo": {}}[loss_kind]
+    loop = OnlineLoop.create(
+        config, params, mesh=mesh, sampler=Sampler(config, params, None, max_new_tokens=6),
+        optimizer=make_optimizer(OptimizerConfig(learning_rate=1e-2, total_steps=10)),
+        loss_fn=make_preference_loss(config, loss_kind, **hp), seed=1,
+        reference=loss_kind not in ("simpo", "orpo"), pool=pool, progress=False,
+        checkpointer=Checkpointer(tmp_path, save_every=1, keep=2))
+
+    def reward(items, out):  # share of the target token in each response
+        valid = np.arange(out.tokens.shape[-1]) < out.lengths[..., None]
+        return ((out.tokens == target) & valid).sum(-1) / np.maximum(out.lengths, 1)
+
+    cfg = EvaConfig(samples=4, max_new_tokens=6, fraction=0.25, evolutions=2, rows=8,
+                    width=24, evolve=evolve)
+    it = EvaIteration(cfg, encode=lambda item: item["ids"], reward=reward,
+                      evolver=_AppendToken(V) if evolve else None, loss_kind=loss_kind)
+    return loop, it
+
+
+@pytest.mark.parametrize("loss_kind", ["dpo", "sppo", "simpo", "orpo"])
+def test_eva_iterations_evolve_the_pool_and_train(tmp_path, loss_kind):
+    loop, it = _eva_loop(tmp_path, loss_kind)
+    history = loop.run(2, it)
+    pool = loop.pool
+    # 8 seeds; each iteration evolves round(0.25 * 8) = 2 prompts twice in a chain
+    assert len(pool) == 8 + 2 * 2 * 2
+    assert len(pool.active) == 8
+    # 80% of the next set is evolved (capped by the 4 evolved prompts of an iteration)
+    assert sum(pool[i].parent is not None for i in pool.active) == 4
+    child = next(i for i in range(8, len(pool)) if pool[pool[i].parent].parent is not None)
+    chain = pool.lineage(child)
+    assert len(chain) == 3 and chain[0] < 8
+    assert pool[child].data["ids"][:-1] == pool[chain[1]].data["ids"]
+    assert all(np.isfinite(h["loss"]) for h in history if "loss" in h)
+    assert all("gap" in pool[i].stats for i in pool.active)
+    loop.checkpointer.close()
+
+
+def test_eva_fixed_prompt_baseline_and_resume(tmp_path):
+    loop, it = _eva_loop(tmp_path / "fixed", "dpo", evolve=False)
+    loop.run(2, it)
+    assert len(loop.pool) == 8 and loop.pool.active == list(range(8))
+    loop.checkpointer.close()
+    # eva: killed after iteration 1, resumed, equals the straight run (pool, params, evolver)
+    from scalign.training.loop import Interrupted
+
+    a, it_a = _eva_loop(tmp_path / "a", "dpo")
+    a.run(3, it_a)
+    b, it_b = _eva_loop(tmp_path / "b", "dpo")
+    with pytest.raises(Interrupted):
+        b.run(3, it_b, stop_after=1)
+    b.checkpointer.close()
+    c, it_c = _eva_loop(tmp_path / "b", "dpo")
+    c.run(3, it_c)
+    assert c.pool.state_dict() == a.pool.state_dict()
+    assert it_c.evolver.counts == it_a.evolver.counts
+    import jax
+    for x, y in zip(jax.tree.leaves(jax.device_get(a.state)),
+                    jax.tree.leaves(jax.device_get(c.state)), strict=True):
+        assert np.array_equal(x, y)
+    a.checkpointer.close()
+    c.checkpointer.close()

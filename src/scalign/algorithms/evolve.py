@@ -140,6 +140,13 @@ class LLMEvolver:
             proposals.append(self._accept(name, item, row[0]))
         return proposals
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": sorted(self.seen), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen = set(state["seen"])
+        self.counts = collections.Counter(state["counts"])
+
     def _accept(self, name: str, item: Item, text: str) -> Item | None:
         text = text.strip()
         self.seen.add(_normalise(str(item[self.key_field])))

@@ -426,23 +426,29 @@ class OnlineLoop:
         return sizes
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, force: bool = True) -> bool:
-        """Checkpoint the loop state and the pool at the current iteration."""
+    def save(self, force: bool = True, iterate: Any = None) -> bool:
+        """Checkpoint the loop state, the pool (and `iterate.state_dict()`, the algorithm's
+        host state, if it has one) at the current iteration."""
         if self.checkpointer is None:
             raise ValueError("the loop has no checkpointer")
         k = int(self.state.iteration)
+        get = getattr(iterate, "state_dict", None)
         meta = {"stage": self.stage, "iteration": k, "pool": self.pool.state_dict(),
-                "history": self.history}
+                "history": self.history, "iterate": get() if callable(get) else None}
         return self.checkpointer.maybe_save(k, self.state, None, meta, force=force)
 
-    def restore(self) -> int | None:
-        """Restore the newest checkpoint if there is one; returns its iteration or None."""
+    def restore(self, iterate: Any = None) -> int | None:
+        """Restore the newest checkpoint if there is one (and `iterate.load_state_dict`);
+        returns its iteration or None."""
         if self.checkpointer is None or self.checkpointer.latest_step() is None:
             return None
         state, meta = self.checkpointer.restore(self.state)
         self.state = state
         self.pool = PromptPool.from_state_dict(meta["pool"])
         self.history = list(meta.get("history", []))
+        load = getattr(iterate, "load_state_dict", None)
+        if callable(load) and meta.get("iterate") is not None:
+            load(meta["iterate"])
         return int(state.iteration)
 
     # ------------------------------------------------------------------ the loop
@@ -455,7 +461,7 @@ class OnlineLoop:
         call (after their checkpoint): a deterministic crash for resume tests.
         Returns the per-iteration history (scalars, also written to `metrics`).
         """
-        resumed = self.restore()
+        resumed = self.restore(iterate)
         start = int(self.state.iteration)
         bar = progress_bar(total=num_iterations, initial=start, desc=self.stage,
                            enabled=self.progress)
@@ -474,7 +480,7 @@ class OnlineLoop:
                     self.metrics.write(self.stage, k + 1, scalars)
                 bar.update(1)
                 if self.checkpointer is not None:
-                    self.save(force=k + 1 == num_iterations)
+                    self.save(force=k + 1 == num_iterations, iterate=iterate)
                 done_here += 1
                 if stop_after is not None and done_here >= stop_after and k + 1 < num_iterations:
                     if self.checkpointer is not None:
@@ -486,3 +492,37 @@ class OnlineLoop:
         if self.checkpointer is not None:
             self.checkpointer.wait()
         return self.history
+
+
+def preference_batch(prompts: Sequence[Sequence[int]], completions: np.ndarray,
+                     lengths: np.ndarray, pairs: Sequence[tuple[int, int, int]], *,
+                     pad_id: int, width: int, rows: int) -> list[dict[str, np.ndarray]]:
+    """Preference batches (the layout of `objectives.preference.make_preference_loss`) from
+    sampled completions: pair (p, c, r) is prompt p's sample c (chosen) against sample r
+    (rejected). Pairs are cut into batches of exactly `rows` rows, the last one padded with
+    weight-0 copies of its first row, so every batch has one shape (no recompiles).
+
+    Each batch: chosen_tokens / rejected_tokens int32 [rows, width], chosen_mask /
+    rejected_mask float32 [rows, width] (1 on response tokens), weight float32 [rows],
+    pair_index int32 [rows] (index into `pairs`, -1 on padding).
+    """
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    packed = pack_rollout(prompts, completions, lengths, pad_id=pad_id, width=width)
+    N = np.asarray(completions).shape[1]
+    out = []
+    for s in range(0, len(pairs), rows):
+        chunk = list(pairs[s:s + rows])
+        real = len(chunk)
+        chunk += [chunk[0]] * (rows - real)
+        c_rows = np.asarray([p * N + c for p, c, _ in chunk])
+        r_rows = np.asarray([p * N + r for p, _, r in chunk])
+        out.append({
+            "chosen_tokens": packed["tokens"][c_rows],
+            "chosen_mask": packed["response_mask"][c_rows],
+            "rejected_tokens": packed["tokens"][r_rows],
+            "rejected_mask": packed["response_mask"][r_rows],
+            "weight": (np.arange(rows) < real).astype(np.float32),
+            "pair_index": np.where(np.arange(rows) < real, s + np.arange(rows), -1
+                                   ).astype(np.int32)})
+    return out

@@ -11,8 +11,7 @@ import pytest
 
 from scalign.kernels import cpu_attention
 
-pytestmark = pytest.mark.skipif(not cpu_attention.available(),
-                                reason=f"kernels unavailable: {cpu_attention.unavailable_reason()}")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # skip only without a compiler
 
 
 def _reference(q, keys, values, lo, hi, softcap):

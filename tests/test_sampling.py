@@ -476,6 +476,11 @@ def test_deleted_params_raise_a_clear_error(llama, tok):
     sampler.update_params(updated)
     out = sampler.generate_ids(prompts, max_new_tokens=4, stop_on_eos=False)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
+    holds_none = Sampler(config, None, tok)  # an online loop's sampler: params every call
+    with pytest.raises(RuntimeError, match="no params: pass params="):
+        holds_none.generate_ids(prompts, max_new_tokens=4)
+    out = holds_none.generate_ids(prompts, max_new_tokens=4, stop_on_eos=False, params=updated)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
 
 
 def test_generate_texts(llama, tok):

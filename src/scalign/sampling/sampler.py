@@ -38,7 +38,8 @@ holds a *reference* to the params it is given (no copy; under a mesh, the arrays
 plus, for a packed layout, its own packing of them: one extra copy of the matmul weights, which
 the layout needs. For an online loop (sample -> score -> update): either call
 `update_params(new_params)` after each update (packs once per update), or pass
-`generate_ids(..., params=new_params)` (packs per call, stores nothing). Same shapes, dtypes and
+`generate_ids(..., params=new_params)` (packs per call, stores nothing; with
+`Sampler(config, None, ...)` the sampler never holds any params). Same shapes, dtypes and
 shardings never recompile. A train step that donates its state deletes the arrays the sampler
 was given; using them afterwards raises a RuntimeError that says so (never a silent read).
 
@@ -110,7 +111,8 @@ class Sampler:
     Args:
       config, params: the model (params may carry a scalar head; it is ignored). The sampler
         keeps a reference to these arrays, not a copy (see "Params" in the module docstring);
-        replace them with `update_params`, or pass `params=` per call.
+        replace them with `update_params`, or pass `params=` per call. None: the sampler holds
+        no params, and every call passes them.
       tokenizer: a `Tokenizer`, needed for text prompts, stop strings and decoded texts; None
         for the id-only API (`generate_ids` without stop strings).
       mesh: a (data, fsdp, tensor) mesh to shard over, or None for the default device.
@@ -182,7 +184,8 @@ class Sampler:
                              else cache_phases)
         # how the decode step computes its products and attention (`models.ops`)
         self.decode_ops = decode_ops.decode_ops(self.weight_layout, self.attention)
-        self._params, self._decode_weights = self._prepare(params)
+        self._params, self._decode_weights = (self._prepare(params) if params is not None
+                                              else (None, None))
         self._stop_tables: dict[tuple[str, ...], Array] = {}
         self._prefill = _PREFILL
         self._decode, self._decode_phased = _DECODE, _DECODE_PHASED
@@ -327,7 +330,8 @@ class Sampler:
                if stop_on_eos and self.eos_ids else None)
         if params is None:
             if self._params is None:
-                raise RuntimeError("the sampler has no params: call update_params(params)")
+                raise RuntimeError("the sampler has no params: pass params=... to this call "
+                                   "or call update_params(params) first")
             params, weights = self._params, self._decode_weights
             _check_live(weights, "the sampler's params")
             if weights is not params:

@@ -18,3 +18,22 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                                    "jax-compilation-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cpu_kernels() -> None:
+    """Tests of the CPU FFI kernels: skipped where they cannot exist (no C++ compiler, or
+    switched off by SCALIGN_CPU_KERNELS=0), but FAILED where a compiler exists and the build or
+    load failed, so a broken kernel build never turns CI green with the kernels silently off."""
+    from scalign.kernels import library
+
+    if library.available():
+        return
+    reason = library.unavailable_reason()
+    if library.switched_off() is not None or library.compiler() is None:
+        pytest.skip(f"CPU kernels unavailable: {reason}")
+    pytest.fail(f"a C++ compiler ({library.compiler()}) is present but the CPU kernels are "
+                f"unavailable: {reason}")

@@ -397,16 +397,90 @@ def test_same_key_same_samples_and_n_equals_repeated_prompts(llama, tok):
                                atol=1e-5)
 
 
+def _cache_sizes(sampler: Sampler) -> tuple[int, ...]:
+    from scalign.kernels import decode_ops
+
+    packers = tuple(f._cache_size() for f in decode_ops._LEAF_PACKERS.values())
+    return (sampler._prefill._cache_size(), sampler._decode._cache_size(), *packers)
+
+
 def test_bucketing_and_traced_params_do_not_recompile(llama, tok):
+    """New prompt lengths in the same bucket, new temperatures and new params (by `params=` and
+    by `update_params`) reuse the compiled prefill, decode loop and pack."""
     config, params = llama
     sampler = Sampler(config, params, tok, min_prompt_bucket=8)
     kw = dict(max_new_tokens=4, key=jax.random.key(0), top_p=0.9, stop_on_eos=False)
     sampler.generate_ids(_prompts(config.vocab_size, (2, 7)), temperature=0.5, **kw)
-    sizes = (sampler._prefill._cache_size(), sampler._decode._cache_size())
+    sizes = _cache_sizes(sampler)
     sampler.generate_ids(_prompts(config.vocab_size, (5, 8), seed=3), temperature=1.5, **kw)
-    assert (sampler._prefill._cache_size(), sampler._decode._cache_size()) == sizes
+    other = _params(config, seed=5)
+    sampler.generate_ids(_prompts(config.vocab_size, (5, 8), seed=3), temperature=1.5,
+                         params=other, **kw)
+    sampler.update_params(other)
+    sampler.generate_ids(_prompts(config.vocab_size, (3, 6), seed=4), temperature=0.7, **kw)
+    assert _cache_sizes(sampler) == sizes
     assert sampler.prompt_bucket(9) == 16
     assert Sampler(config, params, tok, prompt_buckets=(12, 40)).prompt_bucket(13) == 40
+
+
+@pytest.mark.parametrize("weight_layout,attention", [("auto", "auto"), ("native", "xla")])
+def test_params_per_call_and_update_params_follow_a_params_change(llama, tok, weight_layout,
+                                                                  attention):
+    """The online loop's use: one sampler, params changed by hand between calls. Greedy output
+    follows the change (equal to a sampler built on the new params), through `params=` for one
+    call and through `update_params`, and nothing recompiles after the first call."""
+    config, params = llama
+    new = jax.tree.map(lambda x: x, params)  # same arrays, one weight changed by hand
+    new["lm_head"] = params["lm_head"][:, ::-1]  # a different greedy token at every step
+    prompts = _prompts(config.vocab_size, (4, 9))
+    kw = dict(max_new_tokens=M, stop_on_eos=False)
+    sampler = Sampler(config, params, tok, weight_layout=weight_layout, attention=attention)
+    before = sampler.generate_ids(prompts, **kw)
+    ref = Sampler(config, new, tok, weight_layout=weight_layout,
+                  attention=attention).generate_ids(prompts, **kw)
+    assert not np.array_equal(before.tokens, ref.tokens)
+    sizes = _cache_sizes(sampler)  # the second sampler shares the compiled programs
+
+    once = sampler.generate_ids(prompts, params=new, **kw)  # this call only
+    np.testing.assert_array_equal(once.tokens, ref.tokens)
+    np.testing.assert_allclose(once.model_logprobs, ref.model_logprobs, atol=1e-5)
+    np.testing.assert_array_equal(sampler.generate_ids(prompts, **kw).tokens, before.tokens)
+
+    sampler.update_params(new)  # from now on
+    np.testing.assert_array_equal(sampler.generate_ids(prompts, **kw).tokens, ref.tokens)
+    sampler.update_params(params)
+    np.testing.assert_array_equal(sampler.generate_ids(prompts, **kw).tokens, before.tokens)
+    assert _cache_sizes(sampler) == sizes
+
+
+def test_deleted_params_raise_a_clear_error(llama, tok):
+    """A train step that donates its state deletes the old params; a sampler still holding them
+    must say so, not read freed memory. update_params / params= recover."""
+    config, params = llama
+    mine = jax.tree.map(jnp.copy, params)
+    sampler = Sampler(config, mine, tok)
+    prompts = _prompts(config.vocab_size, (3,))
+    ref = sampler.generate_ids(prompts, max_new_tokens=4, stop_on_eos=False)
+    step = jax.jit(lambda p: jax.tree.map(lambda x: x * 1.0, p), donate_argnums=0)
+    updated = step(mine)
+    for x in jax.tree.leaves(mine):  # donation on CPU may be a no-op: delete by hand then
+        x.delete()
+    with pytest.raises(RuntimeError, match="deleted.*update_params"):
+        sampler.generate_ids(prompts, max_new_tokens=4, stop_on_eos=False)
+    with pytest.raises(RuntimeError, match="deleted"):
+        sampler.update_params(mine)
+    with pytest.raises(RuntimeError, match="deleted"):
+        sampler.generate_ids(prompts, max_new_tokens=4, params=mine)
+    out = sampler.generate_ids(prompts, max_new_tokens=4, stop_on_eos=False, params=updated)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    sampler.update_params(updated)
+    out = sampler.generate_ids(prompts, max_new_tokens=4, stop_on_eos=False)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    holds_none = Sampler(config, None, tok)  # an online loop's sampler: params every call
+    with pytest.raises(RuntimeError, match="no params: pass params="):
+        holds_none.generate_ids(prompts, max_new_tokens=4)
+    out = holds_none.generate_ids(prompts, max_new_tokens=4, stop_on_eos=False, params=updated)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
 
 
 def test_generate_texts(llama, tok):

@@ -14,7 +14,6 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from scalign import parallel  # noqa: E402
-from scalign.kernels import cpu_attention, cpu_matmul  # noqa: E402
 from scalign.models import ModelConfig, init_params  # noqa: E402
 from scalign.sampling import Sampler  # noqa: E402
 
@@ -47,10 +46,10 @@ def reference(params):
 @pytest.mark.parametrize("mesh_shape,attention", [
     ((8, 1, 1), "auto"), ((2, 2, 2), "auto"), ((1, 2, 4), "auto"), ((8, 1, 1), "cpu_kernel"),
     ((1, 2, 4), "cpu_kernel")])
-def test_sharded_sampler_matches_one_device(params, reference, mesh_shape, attention):
+def test_sharded_sampler_matches_one_device(request, params, reference, mesh_shape, attention):
     assert len(jax.devices()) == 8, "needs --xla_force_host_platform_device_count=8"
-    if attention == "cpu_kernel" and not cpu_attention.available():
-        pytest.skip(f"kernels unavailable: {cpu_attention.unavailable_reason()}")
+    if attention == "cpu_kernel":
+        request.getfixturevalue("cpu_kernels")  # skip only without a C++ compiler
     mesh = parallel.make_mesh(mesh_shape)
     # "auto" keeps XLA's attention under a mesh; the FFI kernel runs per device (shard_map)
     sampler = Sampler(CONFIG, params, mesh=mesh, eos_ids=(5,), attention=attention)
@@ -68,10 +67,14 @@ def test_sharded_sampler_matches_one_device(params, reference, mesh_shape, atten
         np.testing.assert_array_equal(out.stop_reason, ref.stop_reason)
         np.testing.assert_allclose(out.model_logprobs, ref.model_logprobs, atol=1e-4)
         np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-4)
+    # params per call (the online loop): placed on the mesh like the sampler's, no recompile
+    sizes = (sampler._prefill._cache_size(), sampler._decode._cache_size())
+    again = sampler.generate_ids(_prompts(), n=2, max_new_tokens=M, params=dict(params))
+    np.testing.assert_array_equal(again.tokens, reference[0].tokens)
+    assert (sampler._prefill._cache_size(), sampler._decode._cache_size()) == sizes
 
 
+@pytest.mark.usefixtures("cpu_kernels")
 def test_panel_weights_need_an_unsharded_sampler(params):
-    if not cpu_matmul.available():
-        pytest.skip(f"kernels unavailable: {cpu_matmul.unavailable_reason()}")
     with pytest.raises(ValueError, match="panels.*sharded"):
         Sampler(CONFIG, params, mesh=parallel.make_mesh((8, 1, 1)), weight_layout="panels")

@@ -11,8 +11,7 @@ import pytest
 
 from scalign.kernels import cpu_attention
 
-pytestmark = pytest.mark.skipif(not cpu_attention.available(),
-                                reason=f"kernels unavailable: {cpu_attention.unavailable_reason()}")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # skip only without a compiler
 
 
 def _reference(q, keys, values, lo, hi, softcap):
@@ -85,3 +84,21 @@ def test_a_missing_compiler_is_reported_not_raised(tmp_path):
                           timeout=120)
     lines = done.stdout.splitlines()
     assert lines[0] == "False" and "no-such-compiler" in lines[1], done.stdout + done.stderr
+
+
+def test_a_failed_build_with_a_compiler_fails_the_kernel_tests(tmp_path):
+    """With a compiler that exists but fails (`false`), the kernel tests must fail, not skip:
+    a broken C++ build may not turn CI green with the kernels silently off."""
+    fails = tmp_path / "broken-c++"
+    fails.write_text("#!/bin/sh\necho 'error: broken on purpose' >&2\nexit 1\n")
+    fails.chmod(0o755)
+    env = dict(os.environ, CXX=str(fails), JAX_PLATFORMS="cpu",
+               SCALIGN_KERNEL_CACHE=str(tmp_path / "cache"))
+    test = os.path.join(os.path.dirname(__file__), "test_cpu_matmul.py")
+    done = subprocess.run([sys.executable, "-m", "pytest", test, "-q", "-x", "-p",
+                           "no:cacheprovider", "-k", "test_no_rows"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    summary = done.stdout.strip().splitlines()[-1]
+    assert done.returncode != 0 and "error" in summary and "skipped" not in summary, out[-3000:]
+    assert "is present but the CPU kernels are unavailable" in out and "broken on purpose" in out

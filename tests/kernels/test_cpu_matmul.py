@@ -7,8 +7,7 @@ import pytest
 
 from scalign.kernels import cpu_matmul
 
-pytestmark = pytest.mark.skipif(not cpu_matmul.available(),
-                                reason=f"kernels unavailable: {cpu_matmul.unavailable_reason()}")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # skip only without a compiler
 
 
 # rows on and off the 4-row register tile (1, 3, 5, 33), one and several panels, reduction

@@ -3,7 +3,6 @@ RoPE tables for local/global layers, sliding windows through the KV cache, confi
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -13,18 +12,13 @@ import pytest
 
 from scalign.models.config import ModelConfig
 from scalign.models.transformer import (
-    DecodeKernels,
-    decode_kernels,
     forward,
-    from_output_major,
     init_cache,
     init_params,
     lm_logits,
     logits,
     rope_attention_factor,
     rope_inv_freq,
-    to_output_major,
-    to_panels,
 )
 
 
@@ -157,104 +151,3 @@ def test_rope_scaling_config_is_checked():
     assert ModelConfig.from_dict(c.to_dict()) == c
 
 
-def test_output_major_weights_round_trip_and_give_the_same_forward():
-    config = ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2,
-                         head_dim=8, mlp_dim=24, qkv_bias=True, qk_norm=True)
-    params = init_params(config, jax.random.PRNGKey(0))
-    packed = to_output_major(params)
-    attn, mlp = packed["layer_0"]["attn"], packed["layer_0"]["mlp"]
-    assert attn["q"].shape == (4 * 8, 16) and attn["k"].shape == (2 * 8, 16)  # [out, in]
-    assert attn["o"].shape == (16, 4 * 8) and mlp["down"].shape == (16, 24)
-    assert packed["lm_head"].shape == (40, 16) and packed["embedding"].shape == (40, 16)
-    assert attn["q_bias"].shape == (4, 8)  # not a matmul weight: unchanged
-    back = from_output_major(packed, params)
-    jax.tree.map(np.testing.assert_array_equal, back, params)
-    np.testing.assert_array_equal(np.asarray(packed["layer_1"]["mlp"]["gate"]),
-                                  np.asarray(params["layer_1"]["mlp"]["gate"]).T)
-
-    tokens = jnp.asarray(np.arange(12, dtype=np.int32).reshape(2, 6) % 40)
-
-    @jax.jit
-    def through_views(packed):
-        packed = jax.lax.optimization_barrier(packed)
-        return logits(config, from_output_major(packed, params), tokens)
-
-    np.testing.assert_allclose(np.asarray(through_views(packed)),
-                               np.asarray(logits(config, params, tokens)), atol=1e-5)
-
-
-@pytest.mark.parametrize("tie", [True, False])
-def test_weight_left_kernels_give_the_same_decode_step(tie):
-    """W x^T products on [out, in] views (the CPU decode loop's formulation) = the plain model."""
-    config = ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2,
-                         head_dim=8, mlp_dim=24, qkv_bias=True, qk_norm=True, tie_embeddings=tie)
-    params = init_params(config, jax.random.PRNGKey(0))
-    packed = to_output_major(params)
-    tokens = jnp.asarray(np.arange(12, dtype=np.int32).reshape(3, 4) % 40)
-    cache = init_cache(config, 3, 6)
-
-    def step(weights, kernels):
-        with decode_kernels(kernels):
-            h, c = forward(config, weights, tokens[:, :1], cache=cache, cache_index=2)
-            return lm_logits(config, weights, h[:, 0]), c
-
-    ref, ref_cache = step(params, DecodeKernels())
-    got, got_cache = jax.jit(lambda p: step(from_output_major(p, params),
-                                            DecodeKernels(weight_left=True)))(packed)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
-                                                         atol=1e-5), got_cache, ref_cache)
-    hidden = jax.random.normal(jax.random.PRNGKey(1), (5, 16))
-    with decode_kernels(DecodeKernels(weight_left=True)):  # on the stored layout too
-        left = lm_logits(config, params, hidden)
-    np.testing.assert_allclose(np.asarray(left), np.asarray(lm_logits(config, params, hidden)),
-                               atol=1e-5)
-
-
-@pytest.mark.parametrize("kind", ["llama", "window", "gemma"])
-def test_cpu_kernels_give_the_same_decode_steps(kind):
-    """Decode steps with the FFI attention kernels, and with them the panel-matmul kernels on
-    `to_panels` weights, = XLA's ops: ragged left padding, a sliding window shorter than the
-    sequence (which the kernels' slot ranges enforce alone without a soft-cap), soft-caps,
-    grouped queries (G = 2), a tied LM head (gemma), widths on and off the 16-column panels."""
-    from scalign.kernels import cpu_attention
-
-    if not cpu_attention.available():
-        pytest.skip(f"kernels unavailable: {cpu_attention.unavailable_reason()}")
-    extra = (dict(attn_softcap=5.0, qk_norm=True, sliding_window=3, norm_offset=1.0,
-                  layer_types=("local", "global")) if kind == "gemma"
-             else dict(sliding_window=3, layer_types=("local", "global")) if kind == "window"
-             else dict(qkv_bias=True))
-    config = ModelConfig(vocab_size=48, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2,
-                         head_dim=8, mlp_dim=24, tie_embeddings=kind == "gemma", **extra)
-    params = init_params(config, jax.random.PRNGKey(0))
-    params = jax.tree.map(lambda w: w * 4.0, params)  # peaked attention, not near-uniform
-    prompts = jnp.asarray(np.random.default_rng(0).integers(0, 40, (3, 5)), jnp.int32)
-    key_start = jnp.array([0, 2, 4], jnp.int32)
-
-    panels = jax.jit(to_panels)(params)
-    assert not np.array_equal(panels["layer_0"]["attn"]["q"], params["layer_0"]["attn"]["q"])
-    assert np.array_equal(panels["layer_0"]["mlp"]["up"], params["layer_0"]["mlp"]["up"])  # 24
-
-    @functools.partial(jax.jit, static_argnums=(0, 1))
-    def run(kernel, matmul):
-        _, cache = forward(config, params, prompts, cache=init_cache(config, 3, 9),
-                           cache_index=0, key_start=key_start)  # the prefill: stored weights
-        with decode_kernels(DecodeKernels(cpu_attention=kernel, cpu_matmul=matmul)):
-            weights = panels if matmul else params
-            hs, logits = [], []
-            for t in range(4):  # slots 5..8, the window slides past the padded starts
-                h, cache = forward(config, weights, prompts[:, t:t + 1], cache=cache,
-                                   cache_index=5 + t, key_start=key_start)
-                hs.append(h)
-                logits.append(lm_logits(config, weights, h[:, 0]))
-            return jnp.concatenate(hs, 1), jnp.stack(logits, 1), cache
-
-    ref, ref_logits, ref_cache = run(False, False)
-    for matmul in (False, True):
-        got, got_logits, got_cache = run(True, matmul)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, rtol=1e-5)
-        np.testing.assert_allclose(np.asarray(got_logits), np.asarray(ref_logits), atol=1e-4,
-                                   rtol=1e-5)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
-                                                             atol=2e-5), got_cache, ref_cache)

@@ -6,7 +6,7 @@ into panels of `PANEL` = 16 output columns with the reduction axis major inside 
 (`pack_panels`), and `panel_matmul` streams each panel once per call through a register tile of
 4 rows x 16 columns (FMA on 8-wide vectors), the panels split over XLA's intra-op threads.
 The packing is a permutation of the weight's elements, so a packed weight can travel in its
-parameter's place and shape (`models.transformer.to_panels`).
+parameter's place in the params tree as a `kernels.decode_ops.PanelWeight` (its own type).
 
 The kernel is built and registered with the package's others (`scalign.kernels.library`);
 where it cannot be, `available()` is False and the model keeps XLA's dots.

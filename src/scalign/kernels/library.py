@@ -36,8 +36,6 @@ _FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-w")
 _state: dict[str, object] = {}
 
 
-
-
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -64,8 +62,21 @@ def library_path() -> Path:
     return _cache_dir() / f"scalign_kernels_{key.hexdigest()[:16]}.so"
 
 
+def compiler() -> str | None:
+    """The C++ compiler the build uses ($CXX, else g++ or c++ on PATH), or None."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def switched_off() -> str | None:
+    """The environment variable that switches the kernels off (set to 0), or None."""
+    for var in ("SCALIGN_CPU_KERNELS", "SCALIGN_CPU_ATTENTION"):
+        if os.environ.get(var, "1") == "0":
+            return var
+    return None
+
+
 def _build(target: Path) -> None:
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++ / c++ / $CXX) on PATH")
     include = jax.ffi.include_dir()
@@ -84,9 +95,9 @@ def _build(target: Path) -> None:
 
 
 def _load() -> None:
-    for var in ("SCALIGN_CPU_KERNELS", "SCALIGN_CPU_ATTENTION"):
-        if os.environ.get(var, "1") == "0":
-            raise RuntimeError(f"switched off by {var}=0")
+    var = switched_off()
+    if var is not None:
+        raise RuntimeError(f"switched off by {var}=0")
     path = library_path()
     if not path.exists():
         _build(path)

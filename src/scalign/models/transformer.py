@@ -30,22 +30,16 @@ constrained by logical axes (`scalign.parallel.constrain`), so one rule table sh
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 import math
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
-from scalign import parallel
-from scalign.kernels import cpu_attention, cpu_matmul
 from scalign.models.config import ModelConfig
+from scalign.models.ops import XLA_OPS, Ops, PackedWeight
 from scalign.parallel import constrain
 
 Array = jax.Array
@@ -66,39 +60,20 @@ def _matmul(eq: str, x: Array, w: Array, dtype: jnp.dtype) -> Array:
     return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32).astype(dtype)
 
 
-def _project(x: Array, w: Array, dtype: jnp.dtype, out_dtype: Any = None) -> Array:
-    """x [..., in] @ w [in, out] in the compute dtype (float32 accumulation), in the formulation
-    the active `DecodeKernels` picks; the result in `out_dtype` (default: the compute dtype).
-    With `DecodeKernels.cpu_matmul`, a `packable` w holds its `to_panels` packing."""
-    kernels = _active_kernels()
-    if kernels.cpu_matmul and _panel_packed(w):
-        wp = w.reshape(w.shape[1] // cpu_matmul.PANEL, w.shape[0], cpu_matmul.PANEL)
-        y = cpu_matmul.panel_matmul(x.reshape(-1, x.shape[-1]), wp).astype(out_dtype or dtype)
-        return y.reshape(*x.shape[:-1], w.shape[-1])
-    if not kernels.weight_left:
-        return _matmul("...i,io->...o", x, w, dtype).astype(out_dtype or dtype)
-    return _project_out_in(x, w.T, dtype, out_dtype)
-
-
-def _project_out_in(x: Array, w_out_in: Array, dtype: jnp.dtype, out_dtype: Any = None) -> Array:
-    """x [..., in] @ w_out_in[out, in]^T as W x^T -> [out, rows], transposed back
-    (`DecodeKernels.weight_left`)."""
-    rows = x.reshape(-1, x.shape[-1]).astype(dtype)
-    y = jax.lax.dot_general(w_out_in.astype(dtype), rows, (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32)  # [out, rows]
-    # the barrier keeps XLA from folding the transpose back into a rows-major dot
-    y = jax.lax.optimization_barrier(y).T.astype(out_dtype or dtype)
-    return y.reshape(*x.shape[:-1], w_out_in.shape[0])
-
-
-def _panel_packed(w: Array) -> bool:
-    """Whether `to_panels` packs a float32 weight of 2-D shape [in, out]."""
-    return w.dtype == jnp.float32 and cpu_matmul.packable(w.shape)
-
-
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
            init: Any, dtype: jnp.dtype) -> Array:
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
+            init: Any, dtype: jnp.dtype) -> Any:
+    """A matmul weight: the stored array, or the injected op's own packing of it
+    (`ops.PackedWeight`), which only that op reads (Flax's shape check does not apply to it)."""
+    if module.has_variable("params", name):
+        w = module.get_variable("params", name)
+        if isinstance(w, PackedWeight):
+            return w
+    return _param(module, name, shape, axes, init, dtype)
 
 
 def _softcap(x: Array, cap: float | None) -> Array:
@@ -215,63 +190,6 @@ def attention_mask(q_slots: Array, num_slots: int, key_start: Array,
     return visible
 
 
-# ------------------------------------------------------------------------ decode kernels
-@dataclasses.dataclass(frozen=True)
-class DecodeKernels:
-    """How a decode step (a few rows, one token each) formulates its products for XLA. The math
-    is the same in every formulation; only the speed differs. Active inside `decode_kernels`.
-
-    weight_left: each projection as W[out, in] x^T -> [out, rows], transposed back (a small
-      activation copy). XLA:CPU runs this GEMM, with the weights as the M side, faster than
-      x W for few rows: the 56 projections of a `sample_llama_small` step (32 rows, 100 MB of
-      f32 weights) took 19-22 ms against 25-31 ms as x W^T and 34-41 ms as x W (an 8-layer
-      projection-only loop, alternating runs). It needs the weights as [out, in] buffers: the
-      sampler packs them once (`to_output_major`) and the decode loop hands in views
-      (`from_output_major`), so `w.T` here is that buffer. With the stored [in, out] layout
-      the same product is a transposed-A GEMM, 2-3x slower on CPU.
-      The LM head follows it too ([V, D] x hidden^T): for the 8 rows of `sample_gemma3_270m`
-      (262k x 640 head) as fast as the multiply-reduce fusion it replaces (49-50 tok/s).
-    cpu_attention: a one-token step (T = 1, float32 cache) computes its attention (scores,
-      soft-cap, softmax, weighted values) with the FFI kernel of `scalign.kernels.cpu_attention`
-      instead of XLA's batched GEMMs and reductions: one pass over each row's visible slots,
-      the (row, kv head) pairs split over XLA's intra-op threads.
-      Under a mesh each device runs it on its own rows and kv heads (`jax.shard_map`); the
-      sampler turns it on for CPU programs when the kernels are available
-      (`kernels.cpu_attention.available()`).
-    cpu_matmul: every float32 matmul weight whose output width is a multiple of 16 arrives
-      packed in 16-column panels (`to_panels`, made once per sampler) and its product runs
-      through `kernels.cpu_matmul.panel_matmul`: the weight streams once per step through a
-      4-row x 16-column FMA register tile, with no per-call re-packing. The 57 products of a
-      `sample_llama_small` step took 16-21 ms against 18-32 ms for XLA's W x^T (alternating,
-      one process); whole calls 5-10% faster. Unsharded programs only (a custom call has no
-      partitioning rule); other weights keep XLA's dot, a tied LM head the W x^T form. The
-      prefill keeps XLA's dots (for 2048 rows the kernel is no faster) and the stored weights:
-      under this policy a packable weight that is *not* packed would be misread.
-    """
-
-    weight_left: bool = False
-    cpu_attention: bool = False
-    cpu_matmul: bool = False
-
-
-_KERNELS = threading.local()
-
-
-@contextlib.contextmanager
-def decode_kernels(kernels: DecodeKernels) -> Iterator[None]:
-    """Use `kernels` for the model's products while tracing inside this context."""
-    prev = getattr(_KERNELS, "value", None)
-    _KERNELS.value = kernels
-    try:
-        yield
-    finally:
-        _KERNELS.value = prev
-
-
-def _active_kernels() -> DecodeKernels:
-    return getattr(_KERNELS, "value", None) or DecodeKernels()
-
-
 # ------------------------------------------------------------------------ modules
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * (offset + w), computed in float32 (Zhang & Sennrich 2019)."""
@@ -295,6 +213,7 @@ class Attention(nn.Module):
 
     config: ModelConfig
     layer: int
+    ops: Ops = XLA_OPS
 
     @nn.compact
     def __call__(self, x: Array, sin: Array, cos: Array, q_slots: Array, key_start: Array,
@@ -305,17 +224,15 @@ class Attention(nn.Module):
         dt, pdt = c.compute_dtype, c.params_dtype
         init = nn.initializers.normal(_INIT_STD)
         out_init = nn.initializers.normal(_INIT_STD / math.sqrt(2 * c.n_layers))
-        wq = _param(self, "q", (D, H, Dh), ("embed", "heads", "head_dim"), init, pdt)
-        wk = _param(self, "k", (D, K, Dh), ("embed", "kv_heads", "head_dim"), init, pdt)
-        wv = _param(self, "v", (D, K, Dh), ("embed", "kv_heads", "head_dim"), init, pdt)
-        wo = _param(self, "o", (H, Dh, D), ("heads", "head_dim", "embed"), out_init, pdt)
+        wq = _weight(self, "q", (D, H, Dh), ("embed", "heads", "head_dim"), init, pdt)
+        wk = _weight(self, "k", (D, K, Dh), ("embed", "kv_heads", "head_dim"), init, pdt)
+        wv = _weight(self, "v", (D, K, Dh), ("embed", "kv_heads", "head_dim"), init, pdt)
+        wo = _weight(self, "o", (H, Dh, D), ("heads", "head_dim", "embed"), out_init, pdt)
 
         B, T = x.shape[:2]
-        # 2-D weights in every projection ([D, N*Dh], [H*Dh, D]), so a weight handed in as a
-        # transposed view (`from_output_major`) folds into the dot with no copy
-        q = _project(x, wq.reshape(D, H * Dh), dt).reshape(B, T, H, Dh)
-        k = _project(x, wk.reshape(D, K * Dh), dt).reshape(B, T, K, Dh)
-        v = _project(x, wv.reshape(D, K * Dh), dt).reshape(B, T, K, Dh)
+        q = self.ops.project(x, wq, dt)  # [B, T, H, Dh]
+        k = self.ops.project(x, wk, dt)  # [B, T, K, Dh]
+        v = self.ops.project(x, wv, dt)
         if c.qkv_bias:
             zeros = nn.initializers.zeros
             q = q + _param(self, "q_bias", (H, Dh), ("heads", "head_dim"), zeros, pdt).astype(dt)
@@ -339,12 +256,15 @@ class Attention(nn.Module):
             k_all = constrain(k_all, CACHE_AXES["k"])
             v_all = constrain(v_all, CACHE_AXES["v"])
             new_cache = {"k": k_all, "v": v_all}
-            if (T == 1 and _active_kernels().cpu_attention and k_all.dtype == jnp.float32
-                    and v_all.dtype == jnp.float32):
-                out = self._kernel_attention(qg.reshape(B, K, G, Dh), k_all, v_all, q_slots,
-                                             key_start)
-                y = _project(out.reshape(B, T, H * Dh), wo.reshape(H * Dh, D), dt)
-                return y, new_cache
+            if T == 1:  # a decode step: the injected op may have its own one-token attention
+                window = c.window(self.layer)  # the visible slots of `attention_mask`
+                hi = q_slots[0]
+                lo = key_start if window is None else jnp.maximum(key_start, hi - window + 1)
+                out = self.ops.decode_attention(qg.reshape(B, K, G, Dh), k_all, v_all, lo, hi,
+                                                softcap=c.attn_softcap, dtype=dt)
+                if out is not None:
+                    y = self.ops.project(out.reshape(B, T, H, Dh), wo, dt, in_axes=2)
+                    return y, new_cache
             S, vs = k_all.shape[3], "bksd"  # keys [B, K, Dh, S], values [B, K, S, Dh]
             # q as the left operand, [B, K, G*T, Dh] x [B, K, Dh, S]: jnp.einsum put the cache on
             # the left, a transposed-A product that ran 1.4x slower than this one
@@ -366,35 +286,14 @@ class Attention(nn.Module):
         out = _matmul(f"bkgts,{vs}->bkgtd", probs, v_all, dt)
         out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
-        y = _project(out.reshape(B, T, H * Dh), wo.reshape(H * Dh, D), dt)
+        y = self.ops.project(out, wo, dt, in_axes=2)
         return y, new_cache
-
-    def _kernel_attention(self, q: Array, keys: Array, values: Array, q_slots: Array,
-                          key_start: Array) -> Array:
-        """One-token attention through `kernels.cpu_attention`: q [B, K, G, Dh] (scaled) ->
-        [B, K, G, Dh] in the compute dtype. The visible slots are those of `attention_mask`:
-        key_start[b] (and the window's start) up to the query's slot."""
-        c = self.config
-        window = c.window(self.layer)
-        hi = q_slots[0]
-        lo = key_start if window is None else jnp.maximum(key_start, hi - window + 1)
-        attend = functools.partial(cpu_attention.decode_attention, softcap=c.attn_softcap)
-        ctx = parallel.active_context()
-        if ctx is not None:  # a custom call has no sharding rule: run it on each device's block
-            mesh, rules = ctx
-            q_axes = ("act_batch", "act_kv_heads", None, None)
-            specs = [parallel.logical_to_spec(axes, x.shape, mesh, rules) for axes, x in
-                     ((q_axes, q), (CACHE_AXES["k"], keys), (CACHE_AXES["v"], values),
-                      (("act_batch",), lo))]
-            attend = jax.shard_map(attend, mesh=mesh, in_specs=(*specs, P()),
-                                   out_specs=specs[0], check_vma=False)
-        return attend(q, keys, values, lo, hi).astype(c.compute_dtype)
-
 
 class MLP(nn.Module):
     """Gated MLP: down(act(x W_gate) * (x W_up)) (SwiGLU / GeGLU, Shazeer 2020)."""
 
     config: ModelConfig
+    ops: Ops = XLA_OPS
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -402,30 +301,31 @@ class MLP(nn.Module):
         dt, pdt = c.compute_dtype, c.params_dtype
         init = nn.initializers.normal(_INIT_STD)
         out_init = nn.initializers.normal(_INIT_STD / math.sqrt(2 * c.n_layers))
-        wg = _param(self, "gate", (c.d_model, c.mlp_dim), ("embed", "mlp"), init, pdt)
-        wu = _param(self, "up", (c.d_model, c.mlp_dim), ("embed", "mlp"), init, pdt)
-        wd = _param(self, "down", (c.mlp_dim, c.d_model), ("mlp", "embed"), out_init, pdt)
-        g = _project(x, wg, dt)
-        u = _project(x, wu, dt)
+        wg = _weight(self, "gate", (c.d_model, c.mlp_dim), ("embed", "mlp"), init, pdt)
+        wu = _weight(self, "up", (c.d_model, c.mlp_dim), ("embed", "mlp"), init, pdt)
+        wd = _weight(self, "down", (c.mlp_dim, c.d_model), ("mlp", "embed"), out_init, pdt)
+        g = self.ops.project(x, wg, dt)
+        u = self.ops.project(x, wu, dt)
         h = (_activation(c.activation)(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(dt)
         h = constrain(h, ("act_batch", "act_length", "act_mlp"))
-        return _project(h, wd, dt)
+        return self.ops.project(h, wd, dt)
 
 
 class Block(nn.Module):
     config: ModelConfig
     layer: int
+    ops: Ops = XLA_OPS
 
     @nn.compact
     def __call__(self, x, sin, cos, q_slots, key_start, cache, cache_index):
         c = self.config
         norm = functools.partial(RMSNorm, c.norm_eps, c.norm_offset, c.params_dtype)
-        h, new_cache = Attention(c, self.layer, name="attn")(
+        h, new_cache = Attention(c, self.layer, self.ops, name="attn")(
             norm(name="pre_attn_norm")(x), sin, cos, q_slots, key_start, cache, cache_index)
         if c.post_norms:
             h = norm(name="post_attn_norm")(h)
         x = constrain(x + h, ("act_batch", "act_length", "act_embed"))
-        h = MLP(c, name="mlp")(norm(name="pre_mlp_norm")(x))
+        h = MLP(c, self.ops, name="mlp")(norm(name="pre_mlp_norm")(x))
         if c.post_norms:
             h = norm(name="post_mlp_norm")(h)
         x = constrain(x + h, ("act_batch", "act_length", "act_embed"))
@@ -439,9 +339,11 @@ _REMAT_POLICIES = {
 
 
 class Transformer(nn.Module):
-    """The decoder backbone plus its LM head (`logits` method)."""
+    """The decoder backbone plus its LM head (`logits` method). `ops` computes the weight
+    products and may supply a decode step's attention (`models.ops`; default: plain XLA)."""
 
     config: ModelConfig
+    ops: Ops = XLA_OPS
 
     def setup(self):
         c = self.config
@@ -450,10 +352,10 @@ class Transformer(nn.Module):
         block = Block
         if c.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat])
-        self.blocks = [block(c, i, name=f"layer_{i}") for i in range(c.n_layers)]
+        self.blocks = [block(c, i, self.ops, name=f"layer_{i}") for i in range(c.n_layers)]
         self.final_norm = RMSNorm(c.norm_eps, c.norm_offset, c.params_dtype)
         if not c.tie_embeddings:
-            self.lm_head = _param(self, "lm_head", (c.d_model, c.vocab_size), ("embed", "vocab"),
+            self.lm_head = _weight(self, "lm_head", (c.d_model, c.vocab_size), ("embed", "vocab"),
                                   nn.initializers.normal(_INIT_STD), c.params_dtype)
 
     def __call__(self, tokens: Array, positions: Array | None = None, *,
@@ -503,31 +405,21 @@ class Transformer(nn.Module):
         return self.final_norm(x), new_cache
 
     def logits(self, hidden: Array) -> Array:
-        """LM logits in float32 [..., V], with the final soft-cap. For hidden [R, D] the active
-        `DecodeKernels` may pick another formulation of the product (same math)."""
+        """LM logits in float32 [..., V], with the final soft-cap."""
         c = self.config
-        dt = c.compute_dtype
-        kernels = _active_kernels()
-        if hidden.ndim == 2 and (kernels.weight_left or kernels.cpu_matmul):
-            if c.tie_embeddings:  # the embedding [V, D] is never packed: W x^T reads it as is
-                out = _project_out_in(hidden, self.embedding, dt, jnp.float32)
-            else:
-                out = _project(hidden, self.lm_head, dt, jnp.float32)
-            return _softcap(out, c.final_softcap)
-        if c.tie_embeddings:
-            out = jnp.einsum("...d,vd->...v", hidden.astype(dt), self.embedding.astype(dt),
-                             preferred_element_type=jnp.float32)
+        if c.tie_embeddings:  # the embedding [V, D] read as the head
+            out = self.ops.project_out_in(hidden, self.embedding, c.compute_dtype,
+                                          out_dtype=jnp.float32)
         else:
-            out = jnp.einsum("...d,dv->...v", hidden.astype(dt), self.lm_head.astype(dt),
-                             preferred_element_type=jnp.float32)
+            out = self.ops.project(hidden, self.lm_head, c.compute_dtype, out_dtype=jnp.float32)
         if out.ndim == 3:
             out = constrain(out, ("act_batch", "act_length", "act_vocab"))
-        return _softcap(out.astype(jnp.float32), c.final_softcap)
+        return _softcap(out, c.final_softcap)
 
 
 # --------------------------------------------------------------- functional API
-def _module(config: ModelConfig) -> Transformer:
-    return Transformer(config)
+def _module(config: ModelConfig, ops: Ops | None = None) -> Transformer:
+    return Transformer(config, XLA_OPS if ops is None else ops)
 
 
 def _init_all(module: Transformer, tokens: Array) -> tuple[Array, Cache | None]:
@@ -560,17 +452,20 @@ def _backbone(params: dict[str, Any]) -> dict[str, Any]:
 
 def forward(config: ModelConfig, params: dict[str, Any], tokens: Array,
             positions: Array | None = None, *, cache: Cache | None = None,
-            cache_index: Array | int | None = None, key_start: Array | None = None
-            ) -> tuple[Array, Cache | None]:
-    """Hidden states [B, T, D] and updated cache; see `Transformer.__call__`."""
-    return _module(config).apply({"params": _backbone(params)}, tokens, positions, cache=cache,
-                                 cache_index=cache_index, key_start=key_start)
+            cache_index: Array | int | None = None, key_start: Array | None = None,
+            ops: Ops | None = None) -> tuple[Array, Cache | None]:
+    """Hidden states [B, T, D] and updated cache; see `Transformer.__call__`. `ops`: how the
+    weight products and a decode step's attention are computed (`models.ops`; default XLA);
+    params packed by an op (`ops.PackedWeight` leaves) need that op."""
+    return _module(config, ops).apply({"params": _backbone(params)}, tokens, positions,
+                                      cache=cache, cache_index=cache_index, key_start=key_start)
 
 
-def lm_logits(config: ModelConfig, params: dict[str, Any], hidden: Array) -> Array:
+def lm_logits(config: ModelConfig, params: dict[str, Any], hidden: Array,
+              ops: Ops | None = None) -> Array:
     """LM logits (float32) from hidden states of any leading shape."""
-    return _module(config).apply({"params": _backbone(params)}, hidden,
-                                 method=Transformer.logits)
+    return _module(config, ops).apply({"params": _backbone(params)}, hidden,
+                                      method=Transformer.logits)
 
 
 def logits(config: ModelConfig, params: dict[str, Any], tokens: Array) -> Array:
@@ -580,51 +475,10 @@ def logits(config: ModelConfig, params: dict[str, Any], tokens: Array) -> Array:
 
 
 # Matmul weights and how many of their leading axes are inputs (contracted with the
-# activations): w.reshape(prod(shape[:n]), -1) is the [in, out] matrix of each.
-_MATMUL_INPUT_AXES = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1,
-                      "lm_head": 1}
-
-
-def _leaf_name(path: tuple[Any, ...]) -> str:
-    return str(getattr(path[-1], "key", path[-1]))  # params are nested dicts: DictKey
-
-
-def to_output_major(params: dict[str, Any]) -> dict[str, Any]:
-    """Each matmul weight as an [out, in] matrix (the input axis minor, as in a PyTorch Linear);
-    other params unchanged. Use inside a jitted program behind `jax.lax.optimization_barrier`
-    (else XLA cancels the transposes), then hand `from_output_major(packed, params)` to
-    `forward` / `lm_logits`: the dots read the [out, in] buffers directly.
-
-    Why: XLA:CPU multiplies a few rows by an [out, in] weight faster than by an [in, out] one,
-    fastest as W x^T (`DecodeKernels.weight_left`), while the stored layout stays the one every
-    converter, sharding rule and optimizer state expects."""
-    def f(path, w):
-        n = _MATMUL_INPUT_AXES.get(_leaf_name(path))
-        return w if n is None else w.reshape(math.prod(w.shape[:n]), -1).T
-    return jax.tree_util.tree_map_with_path(f, params)
-
-
-def from_output_major(packed: dict[str, Any], like: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of `to_output_major`: views of the [out, in] matrices in the shapes of `like`
-    (a params tree or its shapes). Under jit the transposes fold into the model's dots."""
-    def f(path, p, ref):
-        return p if _MATMUL_INPUT_AXES.get(_leaf_name(path)) is None else p.T.reshape(ref.shape)
-    return jax.tree_util.tree_map_with_path(f, packed, like)
-
-
-def to_panels(params: dict[str, Any]) -> dict[str, Any]:
-    """Each float32 matmul weight whose output width is a multiple of 16, packed in 16-column
-    panels (`kernels.cpu_matmul.pack_panels` of its [in, out] matrix) and reshaped back to the
-    parameter's shape: a permutation of its elements that the model's dots read through
-    `DecodeKernels.cpu_matmul`. Other params unchanged. Use inside a jitted program (the
-    sampler packs once, `jax.jit(to_panels)`); its output is only for that kernel policy."""
-    def f(path, w):
-        n = _MATMUL_INPUT_AXES.get(_leaf_name(path))
-        if n is None:
-            return w
-        w2 = w.reshape(math.prod(w.shape[:n]), -1)
-        return cpu_matmul.pack_panels(w2).reshape(w.shape) if _panel_packed(w2) else w
-    return jax.tree_util.tree_map_with_path(f, params)
+# activations): w.reshape(prod(shape[:n]), -1) is the [in, out] matrix of each. What an op that
+# packs weights into its own layout (e.g. the CPU decode ops) packs.
+MATMUL_INPUT_AXES = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1,
+                     "lm_head": 1}
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int,
@@ -635,8 +489,3 @@ def init_cache(config: ModelConfig, batch: int, max_len: int,
     B, K, S, Dh = batch, config.n_kv_heads, max_len, config.head_dim
     return {f"layer_{i}": {"k": jnp.zeros((B, K, Dh, S), dtype),
                            "v": jnp.zeros((B, K, S, Dh), dtype)} for i in range(config.n_layers)}
-
-
-def cache_logical_axes(config: ModelConfig) -> Any:
-    k, v = P(*CACHE_AXES["k"]), P(*CACHE_AXES["v"])
-    return {f"layer_{i}": {"k": k, "v": v} for i in range(config.n_layers)}

@@ -28,12 +28,13 @@ changes, as one checkpointable object:
 Invariants (tested in `tests/algorithms/test_loop.py`):
 
 - Built once: the policy step, the value step and the log-prob program are jitted in the
-  constructor; the sampler is the caller's, built once, and receives the *current* params on
-  every call (`Sampler.generate_ids(..., params=...)`): after the first iteration no jit
-  cache grows (`cache_sizes()`).
-- No aliasing of donated buffers: the train step donates the policy state; the loop never
-  keeps a reference to pre-update params (the sampler reads `state.policy.params` at call
-  time and keeps no copy of it).
+  constructor; the sampler is the caller's, built once, and is handed the *current* params
+  whenever they changed (`Sampler.update_params`: the same shapes, so nothing recompiles;
+  a packed layout keeps one packed copy): after the first iteration no jit cache grows
+  (`cache_sizes()`).
+- No aliasing of donated buffers: the train step donates the policy state, which deletes the
+  pre-update params; the sampler is re-pointed at the new params before it samples again
+  (a sampler call on deleted buffers raises instead of reading garbage).
 - Resumable mid-run: all randomness derives from `fold_in(state.rng, k)` and the train steps'
   `fold_in(state.rng, step)`, the pool is restored from the checkpoint, so a run killed in
   iteration k and resumed reproduces the uninterrupted run bitwise (CPU).
@@ -278,6 +279,7 @@ class OnlineLoop:
         self.history: list[dict[str, float]] = []
         self._policy_step = policy_step
         self._value_step = value_step
+        self._sampler_source: Any = None  # first params leaf last handed to the sampler
         self._reference_in_loss = reference_in_loss
         bsh = parallel.batch_sharding(mesh)
         self._log_probs = make_eval_step(
@@ -362,8 +364,17 @@ class OnlineLoop:
 
     def sample(self, prompts: Sequence[Sequence[int]], n: int, *, key: jax.Array,
                **kwargs: Any) -> Any:
-        """`Sampler.generate_ids` with the *current* policy params (see `Sampler`)."""
-        return self.sampler.generate_ids(prompts, n, key=key, params=self.params, **kwargs)
+        """`Sampler.generate_ids` with the *current* policy params.
+
+        The sampler is handed new params (`Sampler.update_params`: one packing into its
+        layout) only when they changed since the last call — after an `update`, or after a
+        change of `state` by hand — so several sampling calls between two updates pack once.
+        """
+        first = jax.tree.leaves(self.params)[0]
+        if first is not self._sampler_source:  # identity: held, so never reused by another
+            self.sampler.update_params(self.params)
+            self._sampler_source = first
+        return self.sampler.generate_ids(prompts, n, key=key, **kwargs)
 
     def log_probs(self, tokens: np.ndarray, which: str | Any = "policy") -> np.ndarray:
         """Per-token log-probs float32 [R, T] of `tokens` [R, T] under the training forward

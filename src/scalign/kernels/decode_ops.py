@@ -265,6 +265,11 @@ _LEAF_PACKERS = {"panels": jax.jit(_pack_panel_leaves, static_argnames="in_axes"
                  "output_major": jax.jit(_pack_output_major_leaves, static_argnames="in_axes")}
 
 
+def packer(weight_layout: str) -> Any:
+    """The jitted pack of a layout (None for "native", which reads the params as stored)."""
+    return _LEAF_PACKERS.get(weight_layout)
+
+
 def pack_params(weight_layout: str, params: dict[str, Any]) -> dict[str, Any]:
     """What a decode loop with this layout reads: `params` with each matmul weight packed by a
     jitted pack ("panels": `pack_panel_params`, "output_major": `to_output_major`), every other

@@ -216,6 +216,17 @@ class Sampler:
             backbone = parallel.put_tree(backbone, shardings)
         return backbone, decode_ops.pack_params(self.weight_layout, backbone)
 
+    def cache_sizes(self) -> dict[str, int]:
+        """Compiled-program counts of the jits this sampler calls (prefill, the decode loops
+        and, with a packed layout, the pack). They are shared by every sampler of the process:
+        an online loop asserts they stop growing after its first iteration."""
+        sizes = {"prefill": self._prefill._cache_size(), "decode": self._decode._cache_size(),
+                 "decode_phased": self._decode_phased._cache_size()}
+        packer = decode_ops.packer(self.weight_layout)
+        if packer is not None:
+            sizes["pack"] = packer._cache_size()
+        return sizes
+
     # ------------------------------------------------------------------ helpers
     def prompt_bucket(self, length: int) -> int:
         """The padded prompt length used for a longest prompt of `length` tokens."""

@@ -10,10 +10,10 @@ import jax
 import ml_collections
 
 from scalign import parallel
-from scalign.experiment import Context, check_batch
 from scalign.models import presets
 from scalign.models.config import REMAT_POLICIES, ModelConfig
 from scalign.models.transformer import init_params, param_logical_axes
+from scalign.stages.base import Context, check_batch
 from scalign.training.checkpoint import Checkpointer
 from scalign.training.loop import LoopResult, train_loop
 from scalign.training.state import OptimizerConfig, learning_rate_schedule, make_optimizer

@@ -29,8 +29,8 @@ from etils import epath
 from scalign.data.domain import MathDomain, StepMathDomain, load_domain, solution_steps
 from scalign.data.records import ON_ERROR_VALUES
 from scalign.data.tokenizer import Tokenizer
-from scalign.experiment import Context, Stage, register_stage, require_block
 from scalign.reporting import markdown_table
+from scalign.stages.base import Context, Stage, register_stage, require_block
 
 DOMAINS = ("stepmath", "math")
 TOKENIZERS = ("train", "checkpoint")

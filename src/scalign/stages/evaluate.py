@@ -19,9 +19,9 @@ import numpy as np
 
 from scalign.evaluation.generation import Solutions, sample_solutions
 from scalign.evaluation.metrics import mean_pass_at_k, powers_of_two_upto
-from scalign.experiment import Context, Stage, register_stage, require_block
 from scalign.reporting import bar_plot, markdown_table
 from scalign.sampling import Sampler
+from scalign.stages.base import Context, Stage, register_stage, require_block
 
 
 def _groups(levels: tuple[int, ...], easy: tuple[int, ...]) -> dict[str, tuple[int, ...]]:

@@ -33,9 +33,9 @@ from scalign.evaluation.rerank import (
     table1_methods,
 )
 from scalign.evaluation.scoring import SequenceScorer
-from scalign.experiment import Context, Stage, register_stage, require_block
 from scalign.reporting import markdown_table, panels_plot
 from scalign.sampling import Sampler
+from scalign.stages.base import Context, Stage, register_stage, require_block
 
 
 @dataclasses.dataclass

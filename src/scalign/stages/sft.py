@@ -18,10 +18,10 @@ import jax
 import ml_collections
 
 from scalign.data.pipeline import make_sft_iterator
-from scalign.experiment import Context, Stage, register_stage
 from scalign.models.config import ModelConfig
 from scalign.objectives.sft import make_sft_loss
 from scalign.reporting import line_plot, markdown_table
+from scalign.stages.base import Context, Stage, register_stage
 from scalign.stages.common import (
     model_config,
     run_training,

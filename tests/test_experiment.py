@@ -114,3 +114,57 @@ def test_launcher_validate_only_and_errors():
     bad = _launch(f"--config={DEMO}", "--validate_only", "--config.sft.batch_size=0")
     assert bad.returncode == 2
     assert "config.sft.batch_size=0 must be positive" in bad.stderr
+
+
+# ---------------------------------------------------------------- issue 16: workdir ownership
+def _count_cfg(**extra):
+    return ml_collections.ConfigDict({"seed": 0, "stages": ("test_count",),
+                                      "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+                                      "block": {"n_train": 10, "log_every": 5}, **extra})
+
+
+def test_resume_refuses_a_changed_config_listing_the_keys(tmp_path):
+    experiment.run(_count_cfg(), tmp_path / "w")
+    marker = json.loads((tmp_path / "w" / experiment.MARKER).read_text())
+    assert marker["config_hash"] == experiment.config_hash(_count_cfg())
+    changed = _count_cfg()
+    changed.block.n_train = 20
+    changed.seed = 1
+    with pytest.raises(ConfigError, match=r"block\.n_train: 10 -> 20.*seed: 0 -> 1"
+                                          r".*--accept_config_changes"):
+        experiment.run(changed, tmp_path / "w", resume=True)
+    # the stored config is untouched by the refused resume
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["block"]["n_train"] == 10
+    # keys that do not change results may differ
+    cosmetic = _count_cfg()
+    cosmetic.block.log_every = 1
+    experiment.run(cosmetic, tmp_path / "w", resume=True)
+    # an explicit flag accepts the change and records it
+    experiment.run(changed, tmp_path / "w", resume=True, accept_config_changes=True)
+    marker = json.loads((tmp_path / "w" / experiment.MARKER).read_text())
+    assert marker["config_hash"] == experiment.config_hash(changed)
+    assert any("block.n_train" in c for c in marker["accepted_changes"][0]["changes"])
+
+
+def test_resume_of_an_empty_or_foreign_folder(tmp_path, capsys):
+    _CountStage.runs = 0
+    experiment.run(_count_cfg(), tmp_path / "new", resume=True)  # nothing to resume: says so
+    assert "holds no run yet" in capsys.readouterr().err and _CountStage.runs == 1
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    with pytest.raises(ConfigError, match="not a scalign workdir"):
+        experiment.run(_count_cfg(), foreign, resume=True)
+
+
+def test_overwrite_refuses_a_folder_scalign_did_not_make(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    with pytest.raises(ConfigError, match=r"not a scalign workdir.*--overwrite would delete"):
+        experiment.run(_count_cfg(), foreign, overwrite=True)
+    assert (foreign / "thesis.tex").read_text() == "years of work"
+    experiment.run(_count_cfg(), tmp_path / "w")
+    (tmp_path / "w" / "extra.txt").write_text("x")
+    experiment.run(_count_cfg(), tmp_path / "w", overwrite=True)  # its own workdir: allowed
+    assert not (tmp_path / "w" / "extra.txt").exists()

@@ -99,6 +99,8 @@ class Context:
     report: Report
     artifacts: dict[str, Any] = dataclasses.field(default_factory=dict)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: `experiment.config_hash(config)`: saved in checkpoint metadata
+    config_hash: str = ""
 
     def stage_dir(self, stage: str) -> epath.Path:
         path = self.workdir / "stages" / stage

@@ -46,7 +46,7 @@ def flip_bytes(step_dir, n: int = 64) -> None:
 
 def _save(tmp_path, steps, *, keep=5, values=None, data_iter=None):
     ckpt = Checkpointer(tmp_path / "ckpt", save_every=1, keep=keep)
-    for i, s in enumerate(steps):
+    for s in steps:
         ckpt.maybe_save(s, _state(s, (values or {}).get(s, float(s))), data_iter)
     ckpt.wait()
     return ckpt

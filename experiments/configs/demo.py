@@ -6,6 +6,7 @@ Sized for a 2-core CPU in a few minutes. Later issues append stages (reward mode
 """
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ConfigDict:
@@ -17,7 +18,7 @@ def get_config() -> ConfigDict:
 
     c.data = ConfigDict()
     c.data.domain = "stepmath"
-    c.data.design = None  # stepmath.DEFAULT_DESIGN
+    c.data.design = placeholder(str)  # None: stepmath.DEFAULT_DESIGN
     c.data.levels = (1, 2, 3, 4, 5)
     c.data.n_train = 4000
     c.data.n_test = 200
@@ -89,5 +90,5 @@ def get_config() -> ConfigDict:
     c.rerank.aggregations = ("min", "prod", "mean", "max", "last")
     c.rerank.plot_aggregation = "prod"
 
-    c.debug = ConfigDict({"stop_after_steps": None})
+    c.debug = ConfigDict({"stop_after_steps": placeholder(int), "nan_at_step": placeholder(int)})
     return c

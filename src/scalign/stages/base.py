@@ -174,3 +174,28 @@ def require_block(config: ml_collections.ConfigDict, block: str, keys: tuple[str
         return None
     errors.extend(f"config.{block}.{k} is missing" for k in keys if k not in cfg)
     return cfg
+
+
+def check_levels(config: ml_collections.ConfigDict, key: str, errors: list[str]) -> None:
+    """`config.<key>` (dotted) must be a non-empty subset of `config.data.levels`: the data
+    stage builds only those levels, and a stage asking for another fails only when it runs."""
+    cfg: Any = config
+    for part in key.split("."):
+        if not isinstance(cfg, ml_collections.ConfigDict) or part not in cfg:
+            return
+        cfg = cfg[part]
+    if cfg is None:
+        return
+    data = config.get("data")
+    if data is None or data.get("levels") is None:
+        return
+    levels = tuple(cfg) if isinstance(cfg, (tuple, list)) else (cfg,)
+    if not levels:
+        errors.append(f"config.{key} is empty; use some of config.data.levels "
+                      f"{tuple(data.levels)}")
+        return
+    missing = [lv for lv in levels if lv not in tuple(data.levels)]
+    if missing:
+        errors.append(f"config.{key} has {missing}, which config.data.levels "
+                      f"{tuple(data.levels)} does not build; use levels from it (or add them "
+                      f"to config.data.levels)")

@@ -20,6 +20,8 @@ from scalign.training.state import OptimizerConfig, learning_rate_schedule, make
 from scalign.training.step import init_train_state, make_train_step
 
 TRAIN_KEYS = ("steps", "batch_size", "seq_len", "optimizer")
+#: the longest seq_len accepted for a preset model that declares no `max_position_embeddings`
+UNDECLARED_MAX_LEN = 32768
 
 
 def model_config(cfg: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
@@ -31,6 +33,24 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int | None = None) 
         return presets.get(cfg.preset, **overrides)
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"config.model: {e}") from e
+
+
+def preset_length_limit(config: ml_collections.ConfigDict) -> tuple[int, str] | None:
+    """(longest supported length, why) of a policy built from `config.model` (not a loaded
+    checkpoint); None when the model comes from a checkpoint or its preset is invalid (that
+    error is reported by the stage that builds it)."""
+    if "checkpoint" in tuple(config.get("stages", ())) or "model" not in config \
+            or config.model.get("preset") is None:
+        return None
+    try:
+        model = model_config(config.model)
+    except ValueError:
+        return None
+    if model.max_position_embeddings:
+        return model.max_position_embeddings, (f"max_position_embeddings="
+                                               f"{model.max_position_embeddings}")
+    return UNDECLARED_MAX_LEN, (f"preset {config.model.preset!r} declares no "
+                                f"max_position_embeddings; up to {UNDECLARED_MAX_LEN} is accepted")
 
 
 def training_model(model: ModelConfig, cfg: ml_collections.ConfigDict) -> ModelConfig:
@@ -73,6 +93,11 @@ def validate_training(config: ml_collections.ConfigDict, key: str, mesh_shape: d
             return
     if cfg.seq_len < 2:
         errors.append(f"config.{key}.seq_len={cfg.seq_len} must be >= 2")
+    limit = preset_length_limit(config)
+    if limit is not None and cfg.seq_len > limit[0]:
+        errors.append(f"config.{key}.seq_len={cfg.seq_len} is longer than the model supports "
+                      f"({limit[1]}); lower it, or declare a longer context with "
+                      f"config.model.overrides.max_position_embeddings")
     check_batch(errors, f"{key}.batch_size", cfg.batch_size, mesh_shape,
                 accum=int(cfg.get("grad_accum_steps", 1)))
     policy = cfg.get("on_nonfinite", "stop")

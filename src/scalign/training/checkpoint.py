@@ -338,10 +338,20 @@ def state_integrity(state: Any) -> dict[str, Any]:
             if isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)]
     if not flat:
         return {"checksums": {}, "finite": True, "nonfinite_leaves": []}
-    sums, finite = _leaf_checks([jnp.asarray(x) if isinstance(x, np.ndarray) else x
-                                 for _, x in flat])
-    sums = [int(_host(s)) for s in sums]
-    finite = [bool(_host(f)) for f in finite]
+    # one jitted reduction per device set (a state may mix, e.g. a step counter on one device
+    # with params on the mesh; one jit call cannot take both)
+    groups: dict[Any, list[int]] = {}
+    arrays = [jnp.asarray(x) if isinstance(x, np.ndarray) else x for _, x in flat]
+    for i, x in enumerate(arrays):
+        key = (tuple(sorted(d.id for d in x.sharding.device_set))
+               if getattr(x, "committed", True) else None)
+        groups.setdefault(key, []).append(i)
+    sums: list[int] = [0] * len(flat)
+    finite: list[bool] = [True] * len(flat)
+    for idx in groups.values():
+        g_sums, g_finite = _leaf_checks([arrays[i] for i in idx])
+        for i, s_, f_ in zip(idx, g_sums, g_finite, strict=True):
+            sums[i], finite[i] = int(_host(s_)), bool(_host(f_))
     bad = [name for (name, _), ok in zip(flat, finite, strict=True) if not ok]
     return {"checksums": {name: s for (name, _), s in zip(flat, sums, strict=True)},
             "finite": not bad, "nonfinite_leaves": bad}

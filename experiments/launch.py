@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -94,7 +95,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
         detail = max(causes, key=len)
         if isinstance(e, (KeyError, AttributeError)) or "Did you mean" in detail:
             overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-            _fail("config error", f"no such config key in {' '.join(overrides)}: {detail}")
+            quoted = re.findall(r"'([^']+)'", detail)
+            named = [o for o in overrides if quoted and quoted[0] in o.split(".")[1:]]
+            _fail("config error", f"no such config key in {' '.join(named or overrides)}: "
+                                  f"{detail}")
         _fail("flag error", detail)
     try:
         FLAGS.config.get("stages")  # a config file that failed to load raises here

@@ -140,6 +140,8 @@ def train_loop(step_fn: Callable[[TrainState, Any], tuple[TrainState, dict[str, 
     def check(done: int) -> int:
         """Raise if the guard says stop; return the skipped count so far."""
         got = {k: int(v) for k, v in jax.device_get(acc).items()}
+        if (on_nonfinite == "stop" and got["first"] >= 0) or got["stop"] >= 0:
+            bar.close()
         if on_nonfinite == "stop" and got["first"] >= 0:
             raise NonFiniteError(
                 f"{stage}: non-finite loss or gradient norm at step {got['first']} (checked at "

@@ -248,3 +248,14 @@ def test_launcher_run_errors_are_one_line(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "not a scalign workdir" in lines[0], out.stderr
     assert (work / "notes.txt").read_text() == "mine"
+
+
+def test_stages_do_not_import_the_experiment_module():
+    """Issue 14: no registry cycle: stage modules import `scalign.stages.base`, and the
+    names they use stay importable from `scalign.experiment`."""
+    stages = ROOT / "src" / "scalign" / "stages"
+    offenders = [p.name for p in stages.glob("*.py") if "scalign.experiment" in p.read_text()]
+    assert not offenders
+    from scalign.stages import base
+    assert experiment.Stage is base.Stage and experiment.ConfigError is base.ConfigError
+    assert experiment.registered_stages()["sft"].__module__ == "scalign.stages.sft"

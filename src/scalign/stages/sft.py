@@ -138,9 +138,14 @@ class SFTStage(Stage):
             {"metric": "median_tokens_per_s", "value": steady * tokens_per_step},
             {"metric": "seconds", "value": result.seconds},
         ]
+        if cfg.get("on_nonfinite", "stop") == "skip":
+            rows.append({"metric": "skipped_nonfinite_steps", "value": result.skipped_steps})
         ctx.results.set_rows(self.name, rows)
         resumed = (f" Resumed from step {result.resumed_from}." if result.resumed_from
                    else "")
+        if result.checkpoint_fallbacks:
+            resumed += (" Skipped bad checkpoint step(s) "
+                        f"{[f['step'] for f in result.checkpoint_fallbacks]} (moved aside).")
         init = ("fine-tuned from the checkpoint's policy"
                 if cfg.get("init", "scratch") == "checkpoint" else "trained from scratch")
         md = [f"## SFT on levels {list(levels)}", "",

@@ -18,7 +18,7 @@ that cannot be read (a damaged `_METADATA`, a truncated iterator JSON, a TensorS
 whose checksums differ (flipped bytes), or whose state is non-finite is *bad*: with the default
 `step=None` the restore logs a warning naming the step and the problem, moves the step aside to
 `<directory>.corrupt/<step>` (never deleted: it stays for inspection) and falls back to the
-next newer-to-older step; `fallbacks` lists what was skipped. Retention keeps the `keep` newest
+next older step; `fallbacks` lists what was skipped. Retention keeps the `keep` newest
 steps *and* the newest step known good (saved from a finite state, not found bad), so a run that
 goes wrong never deletes its last good checkpoint.
 
@@ -171,7 +171,8 @@ class Checkpointer:
                 log.warning("%s; moved it to %s and falling back to an older checkpoint",
                             e, moved)
         raise CheckpointCorruptError(
-            f"no good checkpoint in {self.directory}; every step was bad:\n  "
+            f"no good checkpoint in {self.directory}; every step was bad (each moved to "
+            f"{self.directory}.corrupt/; restoring again finds none and starts over):\n  "
             + "\n  ".join(problems))
 
     def _restore_verified(self, step: int, state_template: Any,

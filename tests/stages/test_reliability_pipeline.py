@@ -51,3 +51,5 @@ def test_nan_drill_stop_then_resume_skipping(tmp_path):
     sft = {r["step"]: r for r in rows if r.get("stage") == "sft"}
     assert sft[8]["skipped_steps"] == 1.0 and sft[12]["skipped_steps"] == 1.0
     assert sft[12]["loss"] == sft[12]["loss"]  # finite after the skipped update
+    rows = json.loads((work / "results.json").read_text())["sft"]["rows"]
+    assert {"metric": "skipped_nonfinite_steps", "value": 1} in rows

@@ -139,7 +139,8 @@ def train_loop(step_fn: Callable[[TrainState, Any], tuple[TrainState, dict[str, 
 
     def check(done: int) -> int:
         """Raise if the guard says stop; return the skipped count so far."""
-        got = {k: int(v) for k, v in jax.device_get(acc).items()}
+        # replicated scalars: this process' copy (device_get would need every process' shard)
+        got = {k: int(v.addressable_data(0)) for k, v in acc.items()}
         if (on_nonfinite == "stop" and got["first"] >= 0) or got["stop"] >= 0:
             bar.close()
         if on_nonfinite == "stop" and got["first"] >= 0:

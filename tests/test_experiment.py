@@ -248,6 +248,11 @@ def test_launcher_run_errors_are_one_line(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "not a scalign workdir" in lines[0], out.stderr
     assert (work / "notes.txt").read_text() == "mine"
+    (work / experiment.MARKER).write_text("{}")  # a scalign run: neither flag -> one line
+    out = _launch(f"--config={DEMO}", f"--workdir={work}")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert "is not empty: pass --resume" in lines[0]
 
 
 def test_stages_do_not_import_the_experiment_module():

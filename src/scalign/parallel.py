@@ -23,7 +23,6 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,11 +140,6 @@ def tree_shardings(logical_tree: Any, abstract_tree: Any, mesh: Mesh,
         return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, rules))
     return jax.tree.map(one, logical_tree, abstract_tree,
                         is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
-
-
-def logical_axes_of_boxed(boxed: Any) -> Any:
-    """Tree of logical-axis PartitionSpecs from a tree with `nn.LogicallyPartitioned` leaves."""
-    return nn.get_partition_spec(boxed)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -65,6 +65,27 @@ def test_positions_point_at_delimiters_and_answer(tok):
     assert pos.final_position == pos.answer_position
 
 
+def test_each_evaluator_reads_its_solution_score_positions(tok):
+    """ORM: the final read-out only; PRM and OPRM (one meaning): every step, then the answer."""
+    p = stepmath.generate(3, 1, seed=1)[0]
+    pos = score_positions(tok.token_bytes(), tok.encode(p.prompt, add_bos=True),
+                          tok.encode(p.solution) + [tok.eos_id], p.solution,
+                          stepmath.split_solution(p.solution))
+    assert pos.reads("orm") == (pos.final_position,)
+    want = (*pos.step_positions, pos.answer_position)
+    assert len(want) == p.num_steps + 1
+    assert pos.reads("prm") == want and pos.reads("oprm") == want
+    # without an answer the steps alone; ORM falls back to the last token
+    text = p.steps[0] + "\n\n" + p.steps[1]
+    cut = score_positions(tok.token_bytes(), tok.encode(p.prompt, add_bos=True),
+                          tok.encode(text), text, stepmath.split_solution(text))
+    assert cut.answer_position is None
+    assert cut.reads("oprm") == cut.step_positions and len(cut.step_positions) == 2
+    assert cut.reads("orm") == (len(cut.tokens) - 1,)
+    with pytest.raises(ValueError, match="evaluator kind"):
+        pos.reads("bt")
+
+
 def test_truncated_solution_reads_last_token(tok):
     p = stepmath.generate(2, 1, seed=2)[0]
     text = p.steps[0]  # one step, no delimiter, no answer

@@ -146,8 +146,19 @@ def _cases():
         yield pytest.param("rule", a, b, False, id=f"ne[{a}|{b}]")
 
 
-def test_table_is_large_enough():
-    assert len(EQUIVALENT) + len(NOT_EQUIVALENT) >= 80
+def test_boxed_solutions_grade_like_their_answers():
+    """Grading a whole solution (extract_answer, then is_equiv against the gold answer) gives
+    each rule-decidable table verdict: extraction from the boxed text keeps what decides it."""
+    wrong = []
+    for kind, gold, pred, expected in ([(k, a, b, True) for k, a, b in EQUIVALENT]
+                                       + [("rule", a, b, False) for a, b in NOT_EQUIVALENT]):
+        if kind != "rule":
+            continue
+        for g, p in ((gold, pred), (pred, gold)):
+            text = f"We simplify step by step.\n\nSo the answer is $\\boxed{{{p}}}$."
+            if is_equiv(g, extract_answer(text), symbolic=False) is not expected:
+                wrong.append((g, p, expected))
+    assert not wrong
 
 
 @pytest.mark.parametrize("kind,a,b,expected", list(_cases()))

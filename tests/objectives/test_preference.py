@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from scalign import parallel
@@ -124,9 +126,13 @@ def test_orpo_hand_computed():
     assert float(m["nll"]) == pytest.approx(1.0)
     assert float(m["or_loss"]) == pytest.approx(0.23818302641382824, rel=1e-5)
     assert float(m["log_odds_ratio"]) == pytest.approx(1.3132616875182228, rel=1e-5)
-    # the NLL is a token mean over the batch: (2 + 9) / (2 + 3)
+    # the NLL is a mean over pairs of each response's token mean (Hong et al. eq. 6):
+    # (2/2 + 9/3) / 2, not the batch token mean (2 + 9) / (2 + 3)
     _, m2 = orpo_loss(a(-2.0, -9.0), a(-6.0, -6.0), a(2.0, 3.0), a(3.0, 3.0))
-    assert float(m2["nll"]) == pytest.approx(11.0 / 5.0)
+    assert float(m2["nll"]) == pytest.approx(2.0)
+    _, m3 = orpo_loss(a(-2.0, -9.0), a(-6.0, -6.0), a(2.0, 3.0), a(3.0, 3.0),
+                      weights=a(1.0, 0.0))
+    assert float(m3["nll"]) == pytest.approx(1.0)
 
 
 def test_orpo_is_finite_at_probability_one():
@@ -144,6 +150,14 @@ def test_sppo_hand_computed():
     # win rates 0.75 / 0.25 -> targets 0.5 / -0.5: 0 + 1.5^2
     loss, _ = sppo_loss(*args, eta=2.0, chosen_win_rate=0.75, rejected_win_rate=0.25)
     assert float(loss) == pytest.approx(2.25)
+
+
+def test_sppo_default_eta_is_the_practical_one():
+    # eta = 1/beta = 1e3 (the SPPO authors' beta = 1e-3): hard-label targets are +-500, so at
+    # policy == reference the loss is 2 * 500^2
+    assert inspect.signature(sppo_loss).parameters["eta"].default == 1e3
+    loss, _ = sppo_loss(a(-3.0), a(-4.0), a(-3.0), a(-4.0))
+    assert float(loss) == pytest.approx(5e5)
 
 
 # ----------------------------------------------------------------------------- model side
@@ -206,6 +220,13 @@ def forward_results(tiny):
                    ref_rejected_logps=sequence_log_probs(config, r, b["rejected_tokens"],
                                                          b["rejected_mask"]))
         out["precomputed"], _ = loss_fn(p, pre, None, None)  # batch keys, no frozen params
+        out["pairs"] = {k: sequence_log_probs(config, q, b[f"{side}_tokens"], b[f"{side}_mask"])
+                        for k, q, side in (("pc", p, "chosen"), ("pr", p, "rejected"),
+                                           ("rc", r, "chosen"), ("rr", r, "rejected"))}
+        out["ipo_default"], _ = make_preference_loss(config, "ipo", beta=0.5)(p, b, None, r)
+        out["ipo_length"], _ = make_preference_loss(config, "ipo", beta=0.5,
+                                                    length_normalize=True)(p, b, None, r)
+        out["sppo_default"], _ = make_preference_loss(config, "sppo")(p, b, None, p)
         return out
 
     return jax.device_get(run(state.params, batch, ref))
@@ -235,12 +256,68 @@ def test_make_preference_loss_reference_sources_agree(tiny, forward_results):
         jax.eval_shape(lambda p, b: loss_fn(p, b, None, None), state.params, batch)
 
 
+def test_make_preference_loss_defaults_mean_what_the_functions_mean(tiny, forward_results):
+    """"ipo" through the factory is `ipo_loss`'s summed form unless length_normalize=True;
+    "sppo" through the factory uses `sppo_loss`'s eta."""
+    r, batch = forward_results, tiny[-1]
+    pc, pr, rc, rr = (r["pairs"][k] for k in ("pc", "pr", "rc", "rr"))
+    summed, _ = ipo_loss(pc, pr, rc, rr, beta=0.5)
+    lengths = (response_lengths(jnp.asarray(batch["chosen_mask"])),
+               response_lengths(jnp.asarray(batch["rejected_mask"])))
+    averaged, _ = ipo_loss(pc, pr, rc, rr, beta=0.5, chosen_lengths=lengths[0],
+                           rejected_lengths=lengths[1])
+    assert float(r["ipo_default"]) == pytest.approx(float(summed), rel=1e-5)
+    assert float(r["ipo_length"]) == pytest.approx(float(averaged), rel=1e-5)
+    assert abs(float(summed) - float(averaged)) > 1e-3     # the two forms differ here
+    assert float(r["sppo_default"]) == pytest.approx(5e5, rel=1e-6)
+
+
 def test_make_preference_loss_validates_arguments():
     config = _tiny_config()
     with pytest.raises(ValueError, match="unknown preference loss 'kto'"):
         make_preference_loss(config, "kto")
     with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) \['gamma'\]"):
         make_preference_loss(config, "dpo", gamma=1.0)
+
+
+def test_every_kind_is_exact_under_gradient_accumulation(tiny):
+    """make_train_step(grad_accum_steps=2) == grad_accum_steps=1 for all six losses, on a batch
+    with a padding row (`weight` 0) and ragged response lengths, so the two micro-batches carry
+    different weights and token counts. Plain SGD (lr 1) so that the parameter update IS the
+    gradient (Adam's first step would hide a wrong gradient scale)."""
+    config, mesh, _, state0, _, ref, batch = tiny
+    batch = dict(batch, weight=np.asarray([1.0, 1.0, 1.0, 0.0], np.float32),
+                 chosen_win_rate=np.asarray([0.9, 0.6, 0.8, 0.5], np.float32),
+                 rejected_win_rate=np.asarray([0.1, 0.3, 0.4, 0.5], np.float32))
+    opt = optax.sgd(1.0)
+    state, st_sh = init_train_state(functools.partial(init_params, config),
+                                    param_logical_axes(config), opt, mesh, seed=0,
+                                    params=state0.params)
+    hparams = dict(KIND_HPARAMS, ipo={"beta": 0.5, "length_normalize": True})
+    fns = {k: make_preference_loss(config, k, **h) for k, h in hparams.items()}
+
+    def loss_fn(params, b, rng, frozen):
+        total, metrics = 0.0, {}
+        for kind, fn in fns.items():
+            value, m = fn(params, b, rng, frozen)
+            total = total + value
+            metrics[f"{kind}_loss"] = value
+        metrics["weight"] = m["weight"]
+        return total, metrics
+
+    results = {}
+    for accum in (1, 2):
+        step = make_train_step(loss_fn, opt, mesh, state_sharding=st_sh, use_frozen=True,
+                               clip_norm=None, grad_accum_steps=accum, donate=False)
+        new_state, metrics = step(state, batch, ref)
+        results[accum] = jax.device_get((new_state.params, metrics))
+    (p1, m1), (p2, m2) = results[1], results[2]
+    assert m1["weight"] == 3.0 and m2["weight"] == 3.0
+    for kind in KIND_HPARAMS:
+        assert m2[f"{kind}_loss"] == pytest.approx(m1[f"{kind}_loss"], rel=1e-5, abs=1e-6), kind
+    assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-5)
+    for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
 
 
 def test_every_kind_plugs_into_the_train_step(tiny):

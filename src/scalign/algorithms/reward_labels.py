@@ -64,6 +64,23 @@ class ScoredPositions:
     answer_position: int | None
     final_position: int
 
+    def reads(self, kind: str) -> tuple[int, ...]:
+        """The positions whose scores make up evaluator `kind`'s solution score.
+
+        ORM: (final_position,) -- its score is the score there. PRM and OPRM: every step's
+        position, then the answer's (the answer segment is the final step) -- their solution
+        score is an aggregation of these step scores (`evaluation.rerank.aggregate`: min,
+        prod, ...; "last" = the answer-token score). An OPRM is read like a PRM: it is
+        trained on the PRM and ORM examples together, and Sun et al. (2024) re-rank with
+        both through the same step aggregations.
+        """
+        if kind == "orm":
+            return (self.final_position,)
+        if kind in ("prm", "oprm"):
+            answer = () if self.answer_position is None else (self.answer_position,)
+            return tuple(self.step_positions) + answer
+        raise ValueError(f"evaluator kind must be 'orm', 'prm' or 'oprm', got {kind!r}")
+
 
 def score_positions(token_bytes: Sequence[bytes], prompt_ids: Sequence[int],
                     response_ids: Sequence[int], text: str, parsed: Any) -> ScoredPositions:

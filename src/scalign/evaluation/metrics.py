@@ -30,11 +30,6 @@ def mean_pass_at_k(correct: Sequence[Sequence[bool]], k: int) -> float:
     return float(np.mean(vals)) if vals else math.nan
 
 
-def binomial_stderr(p: float, n: int) -> float:
-    """Standard error of a proportion p over n independent trials."""
-    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else math.nan
-
-
 def powers_of_two_upto(n: int) -> list[int]:
     out, k = [], 1
     while k <= n:

@@ -4,6 +4,12 @@ Sequences of any length are right-padded to a bucket (power of two >= 32) and gr
 fixed-size batches, so a whole evaluation compiles a handful of programs. Scores are
 sigmoid probabilities p = sigma(logit) at requested positions (Sun et al. 2024 read step
 scores as p_i = sigma(v_i)).
+
+Multi-process (multi-host) use: every process calls `score` with the same sequences (the
+stages run the same code on every host); each batch becomes one global array on the batch
+sharding, of which each process places only the rows its devices hold
+(`jax.make_array_from_process_local_data`), and the batch-sharded scores come back to every
+process through `multihost_utils.process_allgather`.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from scalign import parallel
@@ -49,8 +56,9 @@ class SequenceScorer:
         def fn(p, tokens):
             return jax.nn.sigmoid(scalar_values(model, p, tokens))
 
-        self._fn = make_eval_step(fn, mesh, in_shardings=(p_sh, parallel.batch_sharding(mesh)),
-                                  out_shardings=parallel.batch_sharding(mesh))
+        self._batch_sharding = parallel.batch_sharding(mesh)
+        self._fn = make_eval_step(fn, mesh, in_shardings=(p_sh, self._batch_sharding),
+                                  out_shardings=self._batch_sharding)
 
     def bucket(self, length: int) -> int:
         b = self.min_bucket
@@ -60,7 +68,10 @@ class SequenceScorer:
 
     def score(self, sequences: Sequence[np.ndarray], *, desc: str = "scoring",
               progress: bool = True) -> list[np.ndarray]:
-        """Probabilities [len(seq)] for each sequence (order preserved)."""
+        """Probabilities [len(seq)] for each sequence (order preserved).
+
+        Every process must pass the same `sequences`; every process gets all the scores.
+        """
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         out: list[np.ndarray | None] = [None] * len(sequences)
         bar = progress_bar(total=len(sequences), desc=desc, enabled=progress, unit="seq")
@@ -70,7 +81,10 @@ class SequenceScorer:
             batch = np.full((self.batch_size, T), self.pad_id, np.int32)
             for r, i in enumerate(idx):
                 batch[r, :len(sequences[i])] = sequences[i]
-            probs = np.asarray(jax.device_get(self._fn(self.params, batch)))
+            # the same full batch on every process: each places only its devices' rows
+            tokens = jax.make_array_from_process_local_data(self._batch_sharding, batch,
+                                                            batch.shape)
+            probs = multihost_utils.process_allgather(self._fn(self.params, tokens), tiled=True)
             for r, i in enumerate(idx):
                 out[i] = probs[r, :len(sequences[i])]
             bar.update(len(idx))

@@ -1,4 +1,8 @@
-"""Shared pieces of the objectives: token log-probs and masked means."""
+"""Shared pieces of the objectives: log-probs of targets under given logits, next-token targets.
+
+(`objectives.logprobs.token_log_probs` is the model-side function: per-token log-probs of a
+sequence under a model, without materialising [B, T, V] logits.)
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 
-def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+def target_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """log p(targets) under softmax(logits): [B, T, V], [B, T] -> float32 [B, T].
 
     Computed as logit[target] - logsumexp(logits), without materialising log_softmax.
@@ -20,8 +24,3 @@ def shifted(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Targets and their mask for next-token prediction: position t predicts token t+1."""
     return tokens[:, 1:], mask[:, 1:].astype(jnp.float32)
 
-
-def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """sum(x * mask) / max(sum(mask), 1)."""
-    mask = mask.astype(jnp.float32)
-    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)

@@ -32,8 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from scalign.models.config import ModelConfig
-from scalign.models.transformer import logits as model_logits
-from scalign.objectives.common import shifted, token_log_probs
+from scalign.objectives import logprobs
 from scalign.objectives.reward import concat_pair
 
 Metrics = dict[str, jax.Array]
@@ -115,15 +114,17 @@ def ipo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
     """Identity Preference Optimization (Azar et al. 2023, "A General Theoretical Paradigm to
     Understand Learning from Human Preferences", eq. 17):
 
-        h = (pi_c - ref_c) / |y_c| - (pi_r - ref_r) / |y_r|
+        h = (pi_c - ref_c) - (pi_r - ref_r)
         L = mean_b (h - 1 / (2 beta))^2
 
     beta (the paper's tau) is the regularisation strength: h is regressed to 1/(2 beta).
-    The per-sequence log-probs are *averaged over tokens* when `chosen_lengths` /
-    `rejected_lengths` (response token counts, [B]) are given -- the practical IPO recipe
-    (e.g. TRL's IPO averages log-probs over completion tokens); without them the summed
-    log-probs of the paper's formula are used (|y| = 1). Implicit rewards:
-    beta (pi - ref) / |y|.
+    "IPO" in scalign means this, the paper's loss on *summed* sequence log-probs -- here and
+    in `make_preference_loss("ipo")` alike. The length-normalised variant (TRL's IPO
+    convention: log-probs averaged over completion tokens, h = (pi_c - ref_c) / |y_c| -
+    (pi_r - ref_r) / |y_r|) is an explicit opt-in: pass `chosen_lengths` / `rejected_lengths`
+    (response token counts, [B]) here, or `length_normalize=True` to `make_preference_loss`;
+    beta then targets a per-token gap, so it needs retuning. Implicit rewards: beta (pi - ref),
+    divided by |y| in the length-normalised variant.
     """
     if beta <= 0:
         raise ValueError(f"ipo_loss: beta must be positive, got {beta}")
@@ -182,14 +183,17 @@ def orpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
         l(y)     = pi(y) / |y|                     (mean token log-prob; P(y|x) = exp l)
         log odds = log( P / (1 - P) ) = l - log(1 - exp l)
         L_OR     = -log sigma( log odds(y_c) - log odds(y_r) )
-        L_NLL    = -sum_b pi_c[b] / sum_b |y_c[b]|   (token-mean NLL of the chosen responses)
-        L        = L_NLL + lam * mean_b L_OR
+        L_SFT    = -l(y_c)                         (the chosen response's token-mean NLL)
+        L        = mean_b [ L_SFT + lam * L_OR ]
 
-    The NLL term is computed from the explicit inputs `policy_chosen_logps` (summed log-probs)
-    and `chosen_lengths` (token counts), i.e. the usual SFT cross-entropy over all chosen
-    tokens of the batch (with `weights`: sum_b w pi_c / sum_b w |y_c|). lam = 0.1 is the
+    as the paper's eq. 6, L_ORPO = E_(x, y_w, y_l)[L_SFT + lam L_OR], with L_SFT its eq. 1
+    (the NLL averaged over the response's tokens): every term is a mean over *pairs*. (The
+    authors' code and TRL instead average the NLL over all chosen tokens of the batch, which
+    weights long responses more and is not a per-pair mean, so a train step that accumulates
+    micro-batches weighted by their pair counts could not reproduce it; this form it
+    reproduces exactly.) With `weights` every mean is sum_b w x / sum_b w. lam = 0.1 is the
     paper's default. l is capped at -1e-6 so that the odds stay finite. Implicit rewards: l
-    (mean token log-prob). Extra metrics: `nll`, `or_loss`, `log_odds_ratio`.
+    (mean token log-prob). Extra metrics: `nll` (= mean_b L_SFT), `or_loss`, `log_odds_ratio`.
     """
     pc, pr = _f32(policy_chosen_logps), _f32(policy_rejected_logps)
     len_c = jnp.maximum(_f32(chosen_lengths), 1.0)
@@ -198,9 +202,7 @@ def orpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
     mean_r = jnp.minimum(pr / len_r, _ORPO_MAX_MEAN_LOGP)
     log_odds = (mean_c - _log1mexp(mean_c)) - (mean_r - _log1mexp(mean_r))
     or_losses = -jax.nn.log_sigmoid(log_odds)
-    w = jnp.ones_like(pc) if weights is None else _f32(weights)
-    token_total = jnp.sum(w * len_c)
-    nll = -jnp.sum(w * pc) / jnp.where(token_total > 0, token_total, 1.0)
+    nll = _mean(-pc / len_c, weights)
     or_loss = _mean(or_losses, weights)
     metrics = _reward_metrics(pc / len_c, pr / len_r, weights)
     metrics.update(nll=nll, or_loss=or_loss, log_odds_ratio=_mean(log_odds, weights))
@@ -208,7 +210,7 @@ def orpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
 
 
 def sppo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
-              ref_chosen_logps: jax.Array, ref_rejected_logps: jax.Array, eta: float = 1.0,
+              ref_chosen_logps: jax.Array, ref_rejected_logps: jax.Array, eta: float = 1e3,
               chosen_win_rate: jax.Array | float = 1.0,
               rejected_win_rate: jax.Array | float = 0.0,
               weights: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
@@ -219,8 +221,10 @@ def sppo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
     where ref is the previous iterate pi_t, and P_y = P-hat(y > pi_t | x) is the estimated
     probability that y beats a response drawn from pi_t (e.g. its mean preference over the K
     samples of its prompt). The defaults P_c = 1, P_r = 0 give the hard-label variant
-    (targets +eta/2 and -eta/2 for the log-ratios; common implementations write eta = 1/beta).
-    eta is the paper's step size of the underlying multiplicative-weights update. Implicit
+    (targets +eta/2 and -eta/2 for the log-ratios: TRL's `sppo_hard`, which writes eta as
+    1/beta). eta is the paper's step size of the underlying multiplicative-weights update; the
+    default eta = 1e3 is the value used in practice (the authors' released SPPO code runs
+    beta = 1/eta = 1e-3), so the log-ratio targets are +-500 nats for hard labels. Implicit
     rewards: the log-ratios pi - ref.
     """
     lr_c, lr_r = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
@@ -248,12 +252,13 @@ def sequence_log_probs(config: ModelConfig, params: Any, tokens: jax.Array,
         logp[b] = sum_{t >= 1} m[b, t] log p(tokens[b, t] | tokens[b, < t])
 
     with m = `response_mask` aligned with `tokens` (1 on the response targets and eos, as
-    SFT's `loss_mask`): position t is scored by the logits at t - 1. One causal forward
-    (`models.transformer.logits`) on tokens[:, :-1]; see `response_lengths` for the counts.
+    SFT's `loss_mask`): position t is scored by the logits at t - 1. The per-token terms are
+    `objectives.logprobs.token_log_probs` (one causal forward on tokens[:, :-1], the LM head
+    applied in chunks, so [B, T, V] logits are never materialised); see `response_lengths`
+    for the counts.
     """
-    targets, mask = shifted(tokens, response_mask)
-    logits = model_logits(config, params, tokens[:, :-1])
-    return jnp.sum(token_log_probs(logits, targets) * mask, axis=-1)
+    lp = logprobs.token_log_probs(config, params, tokens)  # [B, T], column 0 = 0
+    return jnp.sum(lp * response_mask.astype(jnp.float32), axis=-1)
 
 
 def response_lengths(response_mask: jax.Array) -> jax.Array:
@@ -280,7 +285,8 @@ def make_preference_loss(config: ModelConfig, kind: str, **hparams: Any):
       kind: "dpo" | "ipo" | "hinge" | "simpo" | "orpo" | "sppo".
       **hparams: that loss's hyperparameters (e.g. beta=0.1, label_smoothing=0.1 for DPO;
         beta, gamma for SimPO; lam for ORPO; eta for SPPO). For IPO, `length_normalize=True`
-        (the default) averages log-probs over response tokens (see `ipo_loss`).
+        averages log-probs over response tokens (TRL's convention); the default False is the
+        paper's summed form, as `ipo_loss` without lengths (see `ipo_loss`).
 
     The batch holds `chosen_tokens`, `chosen_mask`, `rejected_tokens`, `rejected_mask`
     (see the module docstring) and optionally: `ref_chosen_logps` / `ref_rejected_logps` [B]
@@ -290,13 +296,14 @@ def make_preference_loss(config: ModelConfig, kind: str, **hparams: Any):
     (`make_train_step(..., use_frozen=True)`).
 
     Metrics: the loss's metrics, `logps/chosen`, `logps/rejected` (mean policy log-probs),
-    `num_pairs` and `weight` (= number of real pairs; the train step weights micro-batches by
-    it, which is exact for every loss here except ORPO's token-mean NLL term).
+    `num_pairs` and `weight` (= number of real pairs). Every loss here is a (weighted) mean
+    over pairs, so the train step's gradient accumulation, which weights micro-batches by
+    `weight`, reproduces the full-batch gradient exactly.
     """
     if kind not in LOSSES:
         raise ValueError(f"unknown preference loss {kind!r}; known: {sorted(LOSSES)}")
     loss = LOSSES[kind]
-    length_normalize = bool(hparams.pop("length_normalize", True)) if kind == "ipo" else False
+    length_normalize = bool(hparams.pop("length_normalize", False)) if kind == "ipo" else False
     allowed = {name for name, p in inspect.signature(loss).parameters.items()
                if p.default is not inspect.Parameter.empty
                and not name.endswith(("_lengths", "_win_rate")) and name != "weights"}

@@ -19,8 +19,12 @@ Beyond Human Supervision", differ only in *where* the labels are placed:
 - ORM (outcome reward model; Cobbe et al. 2021, Uesato et al. 2022): the outcome (final answer
   correct or not) at the final answer token, optionally at every response token
   (`orm_example(every_token=True)`, Uesato et al.'s token-level ORM).
-- OPRM: trained on the union of the PRM and the ORM data sets (`oprm_records`); its solution
-  score is the answer-token score.
+- OPRM: trained on the union of the PRM and the ORM data sets (`oprm_records`). It is *read
+  like a PRM*: one score per step at the step's end token plus the answer token as the final
+  step, and its solution score aggregates them (min / prod / mean / max, or "last" = the
+  answer-token score alone; `evaluation.rerank.aggregate`), as Sun et al. re-rank with PRMs
+  and OPRMs alike. `algorithms.reward_labels.ScoredPositions.reads(kind)` is the one
+  definition of which positions each evaluator's solution score reads.
 
 A batch is `{"tokens": int32[B, T], "labels": float32[B, T], "label_mask": float32[B, T]}`;
 `RewardFeaturizer` builds it from records with `scalign.data.pipeline.make_batch_iterator`.

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from scalign.models.config import ModelConfig
 from scalign.models.transformer import logits as model_logits
-from scalign.objectives.common import shifted, token_log_probs
+from scalign.objectives.common import shifted, target_log_probs
 
 
 def sft_loss(config: ModelConfig, params: Any, batch: dict[str, jax.Array],
@@ -31,7 +31,7 @@ def sft_loss(config: ModelConfig, params: Any, batch: dict[str, jax.Array],
     tokens = batch["tokens"]
     targets, mask = shifted(tokens, batch["loss_mask"])
     logits = model_logits(config, params, tokens[:, :-1])
-    logp = token_log_probs(logits, targets)
+    logp = target_log_probs(logits, targets)
     count = jnp.sum(mask)
     denom = jnp.maximum(count, 1.0)
     loss = -jnp.sum(logp * mask) / denom

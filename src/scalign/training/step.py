@@ -49,7 +49,7 @@ def _loss_grads(loss_fn: LossFn, params: Any, batch: Any, rng: jax.Array, frozen
     return grads, metrics, weight
 
 
-def _split_micro(batch: Any, steps: int, mesh: Mesh) -> Any:
+def _split_micro(batch: Any, steps: int) -> Any:
     """[B, ...] -> [A, B/A, ...] with micro-batch a = rows a, a+A, a+2A, ... (balanced shards)."""
     def split(x):
         if x.shape[0] % steps:
@@ -60,7 +60,7 @@ def _split_micro(batch: Any, steps: int, mesh: Mesh) -> Any:
 
 def _accumulate(loss_fn: LossFn, params: Any, batch: Any, rng: jax.Array, frozen: Any,
                 steps: int, mesh: Mesh):
-    micro = _split_micro(batch, steps, mesh)
+    micro = _split_micro(batch, steps)
     bsh = parallel.batch_sharding(mesh)
     first = jax.tree.map(lambda x: x[0], micro)
     _, metric_shapes, _ = jax.eval_shape(functools.partial(_loss_grads, loss_fn),
@@ -103,8 +103,12 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
         the model's activation constraints apply.
       state_sharding: `TrainState` of NamedShardings (see `init_train_state`).
       batch_sharding: sharding of every batch leaf (default: leading dim over data x fsdp).
-      frozen_sharding / use_frozen: pass `use_frozen=True` to get the 3-argument step; its
-        `frozen` pytree is placed with `frozen_sharding` (default: replicated).
+      frozen_sharding / use_frozen: pass `use_frozen=True` to get the 3-argument step. Its
+        `frozen` pytree (a reference or reward model) is read where it lies by default
+        (`frozen_sharding=None`): place it like the params (`parallel.put_tree` with
+        `tree_shardings(param_logical_axes(...))`, as `algorithms.loop.OnlineLoop` does) and a
+        7B reference is sharded over the mesh like the policy, never copied to every chip.
+        Pass a tree of shardings to force a placement (arrays elsewhere are moved).
       clip_norm: global-norm clip threshold (None disables clipping).
       grad_accum_steps: micro-batches per step (the batch's leading dim must divide).
       lr_schedule: reported as metric `lr` when given.
@@ -149,8 +153,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
 
     if use_frozen:
         fn = step
-        in_sh = (state_sharding, batch_sharding, frozen_sharding if frozen_sharding is not None
-                 else rep)
+        in_sh = (state_sharding, batch_sharding, frozen_sharding)  # None: as placed
     else:
         def fn(state, batch):
             return step(state, batch, None)

@@ -1,0 +1,166 @@
+"""Evolvers: eva's creator turns selected prompts into new ones (Ye et al. 2024, section 3).
+
+One protocol, `Evolver.mutate(items, rng) -> [item | None]`: one proposal per input item, or
+None when the proposal was rejected (empty, duplicate, over-long, not understood by the
+domain); rejections are counted in `evolver.counts`. `evolve_chain` applies it `steps` times
+in a chain — evolution s + 1 rewrites evolution s, as EvolInstruct does (Xu et al. 2023,
+*WizardLM*) — and adds *every* intermediate to the `PromptPool` with its parent, so each
+prompt's lineage leads back to a seed prompt. A chain whose proposal is rejected stops there.
+
+`LLMEvolver` rewrites prompts with a creator language model through the project's `Sampler`
+(the paper uses GPT-4 at temperature 0.88; any causal LM loaded with `load_hf` / `load_gguf`
+works here). Its instructions (`EVOLVE_TEMPLATES`) are the project's own wording of the
+EvolInstruct operations: in-depth (add a constraint, deepen, concretise, ask for more reasoning
+steps) and in-breadth (a new prompt of the same domain and difficulty).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+
+from scalign.algorithms.loop import PromptPool
+
+Item = dict[str, Any]
+
+
+class Evolver(Protocol):
+    counts: collections.Counter
+
+    def mutate(self, items: Sequence[Item], rng: np.random.Generator) -> list[Item | None]:
+        """One proposal per item (None: rejected, counted in `counts`)."""
+        ...
+
+
+def evolve_chain(pool: PromptPool, ids: Sequence[int], evolver: Evolver, steps: int,
+                 rng: np.random.Generator, *, iteration: int) -> list[int]:
+    """Evolve each prompt `steps` times in a chain; every intermediate joins the pool with its
+    parent. Returns the new ids (chain order: all first evolutions, then all second, ...)."""
+    if steps < 1:
+        raise ValueError(f"evolution steps must be >= 1, got {steps}")
+    new: list[int] = []
+    frontier = [int(i) for i in ids]
+    for _ in range(steps):
+        if not frontier:
+            break
+        proposals = evolver.mutate([pool[i].data for i in frontier], rng)
+        if len(proposals) != len(frontier):
+            raise ValueError(f"{type(evolver).__name__}.mutate returned {len(proposals)} "
+                             f"proposals for {len(frontier)} prompts")
+        nxt = []
+        for parent, item in zip(frontier, proposals, strict=True):
+            if item is None:
+                continue
+            child = pool.add(item, parent=parent, iteration=iteration)
+            new.append(child)
+            nxt.append(child)
+        frontier = nxt
+    return new
+
+
+# ============================================================================ LLM evolver
+EVOLVE_TEMPLATES: dict[str, str] = {
+    "constraints": ("Rewrite the task below so that it adds exactly one new requirement or "
+                    "constraint. Keep it self-contained and answerable. Reply with the new "
+                    "task only.\n\nTask:\n{prompt}\n\nNew task:\n"),
+    "deepen": ("Rewrite the task below so that answering it needs deeper knowledge or a "
+               "broader view of the topic. Keep it self-contained. Reply with the new task "
+               "only.\n\nTask:\n{prompt}\n\nNew task:\n"),
+    "concretise": ("Rewrite the task below, replacing general notions with specific, concrete "
+                   "ones. Keep it self-contained. Reply with the new task only.\n\nTask:\n"
+                   "{prompt}\n\nNew task:\n"),
+    "reasoning": ("Rewrite the task below so that it clearly requires several steps of "
+                  "reasoning to answer. Keep it self-contained. Reply with the new task only."
+                  "\n\nTask:\n{prompt}\n\nNew task:\n"),
+    "breadth": ("Write one new task of the same domain and about the same difficulty as the "
+                "task below, but on a different, less common topic. Reply with the new task "
+                "only.\n\nTask:\n{prompt}\n\nNew task:\n"),
+}
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+@dataclasses.dataclass
+class LLMEvolver:
+    """EvolInstruct-style rewriting by a creator LM (see the module docstring).
+
+    Args:
+      sampler: a `Sampler` of the creator model (with its tokenizer).
+      params: the creator's params (passed per call: the sampler keeps no copy).
+      render: prompt text -> the text fed to the creator (e.g. a chat template applied by the
+        caller); default: the instruction as is.
+      templates: names of `EVOLVE_TEMPLATES` to draw from uniformly (one per item).
+      key_field: the item field holding the prompt text.
+      temperature / top_p / max_new_tokens: creator decoding.
+      max_chars: proposals longer than this are rejected ("too_long").
+      stop_strings: where a rewrite ends (default: a blank line, i.e. one paragraph).
+    """
+
+    sampler: Any
+    params: Any = None
+    render: Callable[[str], str] = lambda s: s
+    templates: Sequence[str] = tuple(EVOLVE_TEMPLATES)
+    key_field: str = "prompt"
+    temperature: float = 0.88
+    top_p: float = 1.0
+    max_new_tokens: int = 96
+    max_chars: int = 600
+    stop_strings: Sequence[str] = ("\n\n",)
+    seen: set[str] = dataclasses.field(default_factory=set)
+    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def __post_init__(self):
+        unknown = [t for t in self.templates if t not in EVOLVE_TEMPLATES]
+        if unknown or not self.templates:
+            raise ValueError(f"unknown evolve templates {unknown}; known: "
+                             f"{sorted(EVOLVE_TEMPLATES)}")
+
+    def mutate(self, items: Sequence[Item], rng: np.random.Generator) -> list[Item | None]:
+        if not items:
+            return []
+        names = [self.templates[int(i)] for i in rng.integers(0, len(self.templates),
+                                                              len(items))]
+        texts = [self.render(EVOLVE_TEMPLATES[n].format(prompt=it[self.key_field]))
+                 for n, it in zip(names, items, strict=True)]
+        key = jax.random.PRNGKey(int(rng.integers(0, 2**31 - 1)))
+        kw = {} if self.params is None else {"params": self.params}
+        out = self.sampler.generate(texts, 1, key=key, temperature=self.temperature,
+                                    top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                                    stop_strings=tuple(self.stop_strings),
+                                    include_stop_string=False, **kw)
+        proposals: list[Item | None] = []
+        for name, item, row in zip(names, items, out.texts, strict=True):
+            proposals.append(self._accept(name, item, row[0]))
+        return proposals
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": sorted(self.seen), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen = set(state["seen"])
+        self.counts = collections.Counter(state["counts"])
+
+    def _accept(self, name: str, item: Item, text: str) -> Item | None:
+        text = text.strip()
+        self.seen.add(_normalise(str(item[self.key_field])))
+        if not text:
+            self.counts["empty"] += 1
+            return None
+        if len(text) > self.max_chars:
+            self.counts["too_long"] += 1
+            return None
+        norm = _normalise(text)
+        if norm in self.seen:
+            self.counts["duplicate"] += 1
+            return None
+        self.seen.add(norm)
+        self.counts["accepted"] += 1
+        return {**{k: v for k, v in item.items() if k != self.key_field},
+                self.key_field: text, "evolution": name}

@@ -1,0 +1,528 @@
+"""The online loop that RL (PPO, GRPO, ReST-EM, iterative DPO) and eva's self-play share:
+
+    for k in iterations:                       key_k = fold_in(state.rng, k)
+        prompts  = pool / problem set          (host; PromptPool keeps statistics + lineage)
+        samples  = sampler(policy params, prompts, key_k)
+        scores   = reward(samples)             (verifier, reward model, PRM, judge ...)
+        batch    = algorithm's batch            (advantages, pairs, filtered SFT data ...)
+        state    = step(state, batch[, frozen]) (the ONE jitted train step factory)
+
+    loop = OnlineLoop.create(config, sft_params, mesh=mesh, sampler=sampler,
+                             optimizer=opt, loss_fn=loss, seed=0, reference=True,
+                             checkpointer=Checkpointer(workdir / "loop", save_every=1, keep=3))
+    history = loop.run(num_iterations, iterate)      # iterate(loop, k, key_k) -> metrics
+
+`iterate` is the algorithm: it calls the loop's verbs — `sample`, `log_probs`, `update`,
+`update_value`, `pool` — and returns scalar metrics. The loop owns everything an iteration
+changes, as one checkpointable object:
+
+- `LoopState` (device pytree): iteration counter, root RNG, the policy's `TrainState`, an
+  optional value `TrainState` (its own optimizer and learning rate, e.g. PPO's critic
+  initialised from the reward model), and the frozen reference params (frozen *within* an
+  iteration; iterative DPO may refresh it between iterations, so it is saved too).
+- `PromptPool` (host, JSON): prompts with per-prompt statistics and lineage (eva's evolved
+  prompts point at their parents), saved in the checkpoint's metadata.
+- a read-only `reward` object (a scorer, a reward model's params): not checkpointed; the
+  caller builds it from its own artifact on resume.
+
+Invariants (tested in `tests/algorithms/test_loop.py`):
+
+- Built once: the policy step, the value step and the log-prob program are jitted in the
+  constructor; the sampler is the caller's, built once, and receives the *current* params on
+  every call (`Sampler.generate_ids(..., params=...)`): after the first iteration no jit
+  cache grows (`cache_sizes()`).
+- No aliasing of donated buffers: the train step donates the policy state; the loop never
+  keeps a reference to pre-update params (the sampler reads `state.policy.params` at call
+  time and keeps no copy of it).
+- Resumable mid-run: all randomness derives from `fold_in(state.rng, k)` and the train steps'
+  `fold_in(state.rng, step)`, the pool is restored from the checkpoint, so a run killed in
+  iteration k and resumed reproduces the uninterrupted run bitwise (CPU).
+- Ratios and KL terms use `log_probs`, the *training* forward (`objectives.logprobs`), not the
+  sampler's decode-time log-probs, so a bf16 or kernel-formulated decode cannot bias PPO.
+- Multi-process: sampling returns every row on every process; `log_probs` and batch
+  placement work on global arrays and bring results to the host with `process_allgather`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from scalign import parallel
+from scalign.models.config import ModelConfig
+from scalign.models.transformer import param_logical_axes
+from scalign.objectives.logprobs import token_log_probs
+from scalign.training.checkpoint import Checkpointer
+from scalign.training.loop import Interrupted
+from scalign.training.metrics import MetricsWriter, to_scalars
+from scalign.training.state import TrainState
+from scalign.training.step import init_train_state, make_eval_step, make_train_step
+from scalign.utils import progress_bar
+
+Iterate = Callable[["OnlineLoop", int, jax.Array], "dict[str, Any] | None"]
+
+
+# ============================================================================ prompt pool
+@dataclasses.dataclass
+class PromptEntry:
+    """One prompt of the pool.
+
+    Attributes:
+      id: stable index in the pool (never reused).
+      data: JSON-serialisable payload (e.g. {"prompt": ..., "answer": ..., "level": ...}).
+      parent: id of the prompt this one was evolved from (None for a seed prompt).
+      iteration: the loop iteration that created it.
+      stats: latest per-prompt statistics by name (e.g. eva's informativeness, mean reward).
+    """
+
+    id: int
+    data: dict[str, Any]
+    parent: int | None = None
+    iteration: int = 0
+    stats: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class PromptPool:
+    """Prompts with per-prompt statistics and lineage; the host half of the loop's state.
+
+    `active` is the prompt set the next iteration draws from (eva replaces it by a mix of
+    evolved and current prompts); every entry ever added stays, so lineage is complete.
+    The whole pool round-trips through JSON (`state_dict` / `from_state_dict`), which is how
+    the loop checkpoints it.
+    """
+
+    def __init__(self, entries: Sequence[PromptEntry] = (), active: Sequence[int] | None = None):
+        self.entries: list[PromptEntry] = list(entries)
+        for i, e in enumerate(self.entries):
+            if e.id != i:
+                raise ValueError(f"prompt pool entry {i} has id {e.id}; ids must be 0..n-1")
+        self.active: list[int] = (list(range(len(self.entries))) if active is None
+                                  else [int(i) for i in active])
+
+    @classmethod
+    def from_prompts(cls, prompts: Sequence[dict[str, Any]]) -> PromptPool:
+        return cls([PromptEntry(i, dict(p)) for i, p in enumerate(prompts)])
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> PromptEntry:
+        return self.entries[i]
+
+    def add(self, data: dict[str, Any], *, parent: int | None = None, iteration: int = 0
+            ) -> int:
+        """Append a prompt (not activated); returns its id."""
+        if parent is not None and not 0 <= parent < len(self.entries):
+            raise ValueError(f"parent {parent} is not in the pool (size {len(self.entries)})")
+        self.entries.append(PromptEntry(len(self.entries), dict(data), parent, int(iteration)))
+        return len(self.entries) - 1
+
+    def set_active(self, ids: Sequence[int]) -> None:
+        bad = [i for i in ids if not 0 <= int(i) < len(self.entries)]
+        if bad:
+            raise ValueError(f"prompt ids {bad[:5]} are not in the pool (size {len(self)})")
+        self.active = [int(i) for i in ids]
+
+    def record(self, ids: Sequence[int], name: str, values: Sequence[float] | np.ndarray
+               ) -> None:
+        """Set statistic `name` of each prompt in `ids` (latest value wins)."""
+        values = np.asarray(values, np.float64).reshape(-1)
+        if len(ids) != values.size:
+            raise ValueError(f"record({name!r}): {len(ids)} ids but {values.size} values")
+        for i, v in zip(ids, values, strict=True):
+            self.entries[int(i)].stats[name] = float(v)
+
+    def stat(self, ids: Sequence[int], name: str, default: float = float("nan")) -> np.ndarray:
+        return np.asarray([self.entries[int(i)].stats.get(name, default) for i in ids],
+                          np.float64)
+
+    def lineage(self, i: int) -> list[int]:
+        """Ids from the seed prompt down to `i`."""
+        chain = [int(i)]
+        while self.entries[chain[-1]].parent is not None:
+            chain.append(self.entries[chain[-1]].parent)
+        return chain[::-1]
+
+    def sample(self, n: int, rng: np.random.Generator, *, weights: np.ndarray | None = None,
+               replace: bool = False) -> list[int]:
+        """`n` ids from the active set, uniformly or with probabilities ∝ `weights`
+        (one weight per active prompt)."""
+        pool = np.asarray(self.active, np.int64)
+        if not replace and n > pool.size:
+            raise ValueError(f"cannot draw {n} prompts without replacement from {pool.size}")
+        p = None
+        if weights is not None:
+            w = np.asarray(weights, np.float64)
+            if w.shape != pool.shape or (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+                raise ValueError("weights must be finite, >= 0, not all 0, one per active prompt")
+            p = w / w.sum()
+        return [int(i) for i in rng.choice(pool, size=n, replace=replace, p=p)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"entries": [dataclasses.asdict(e) for e in self.entries],
+                "active": list(self.active)}
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, Any]) -> PromptPool:
+        return cls([PromptEntry(**e) for e in d["entries"]], d["active"])
+
+
+def host_rng(key: jax.Array) -> np.random.Generator:
+    """A numpy Generator determined by a JAX key (host-side choices of an iteration)."""
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    return np.random.default_rng(np.asarray(jax.device_get(data), np.uint32).tolist())
+
+
+# ============================================================================ rollouts
+def pack_rollout(prompts: Sequence[Sequence[int]], completions: np.ndarray,
+                 lengths: np.ndarray, *, pad_id: int, width: int | None = None
+                 ) -> dict[str, np.ndarray]:
+    """Prompt + completion rows for the training forward.
+
+    Args:
+      prompts: P token-id sequences.
+      completions: int [P, N, M] sampled tokens (`SampleOutput.tokens`).
+      lengths: int [P, N] completion lengths (`SampleOutput.lengths`).
+      pad_id: id written after each row's end (right padding: causal attention makes it
+        invisible to the real positions).
+      width: row length T (default: longest prompt + M); rows are never cut.
+
+    Returns numpy arrays with R = P * N rows (row r = p * N + j):
+      tokens int32 [R, T]; response_mask float32 [R, T] (1 on completion tokens, aligned with
+      `tokens`, as `token_log_probs` and SFT's loss mask are); prompt_index int32 [R];
+      response_start int32 [R] (position of the first completion token).
+    """
+    completions = np.asarray(completions)
+    lengths = np.asarray(lengths)
+    P, N, M = completions.shape
+    if len(prompts) != P:
+        raise ValueError(f"{len(prompts)} prompts but completions for {P}")
+    longest = max(len(p) for p in prompts)
+    T = int(width if width is not None else longest + M)
+    if T < longest + int(lengths.max(initial=0)):
+        raise ValueError(f"width {T} cannot hold the longest prompt + completion "
+                         f"({longest} + {int(lengths.max())})")
+    R = P * N
+    tokens = np.full((R, T), pad_id, np.int32)
+    mask = np.zeros((R, T), np.float32)
+    start = np.zeros((R,), np.int32)
+    for p, prompt in enumerate(prompts):
+        Lp = len(prompt)
+        for j in range(N):
+            r, L = p * N + j, int(lengths[p, j])
+            tokens[r, :Lp] = prompt
+            tokens[r, Lp:Lp + L] = completions[p, j, :L]
+            mask[r, Lp:Lp + L] = 1.0
+            start[r] = Lp
+    return {"tokens": tokens, "response_mask": mask,
+            "prompt_index": np.repeat(np.arange(P, dtype=np.int32), N), "response_start": start}
+
+
+def to_host(x: Any) -> Any:
+    """Global arrays -> numpy on every process (`process_allgather` with several processes)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(x, tiled=True)
+    return jax.device_get(x)
+
+
+# ============================================================================ loop state
+@flax.struct.dataclass
+class LoopState:
+    """Everything on device that an iteration changes (see the module docstring)."""
+
+    iteration: jax.Array  # int32 scalar: iterations completed
+    rng: jax.Array        # raw uint32[2] root key; iteration k uses fold_in(rng, k)
+    policy: TrainState
+    value: TrainState | None = None
+    reference: Any = None
+
+
+class OnlineLoop:
+    """sample -> score -> update, with steps built once and state checkpointed per iteration.
+
+    Build it with `OnlineLoop.create` (which initialises the train states on their shardings
+    and jits the steps once), then `run(num_iterations, iterate)`.
+    """
+
+    def __init__(self, config: ModelConfig, *, mesh: Mesh, sampler: Any, state: LoopState,
+                 state_sharding: LoopState, policy_step: Callable, value_step: Callable | None,
+                 reference_in_loss: bool = False, reward: Any = None,
+                 pool: PromptPool | None = None, checkpointer: Checkpointer | None = None,
+                 metrics: MetricsWriter | None = None, stage: str = "online",
+                 logprob_chunk: int | None = None, rules: parallel.Rules = parallel.DEFAULT_RULES,
+                 progress: bool = True):
+        if reference_in_loss and state.reference is None:
+            raise ValueError("reference_in_loss=True needs a reference model (reference=True)")
+        self.config = config
+        self.mesh = mesh
+        self.sampler = sampler
+        self.state = state
+        self.state_sharding = state_sharding
+        self.reward = reward
+        self.pool = pool if pool is not None else PromptPool()
+        self.checkpointer = checkpointer
+        self.metrics = metrics
+        self.stage = stage
+        self.progress = progress
+        self.history: list[dict[str, float]] = []
+        self._policy_step = policy_step
+        self._value_step = value_step
+        self._reference_in_loss = reference_in_loss
+        bsh = parallel.batch_sharding(mesh)
+        self._log_probs = make_eval_step(
+            functools.partial(token_log_probs, config, chunk=logprob_chunk), mesh,
+            in_shardings=(state_sharding.policy.params, bsh), out_shardings=bsh, rules=rules)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(cls, config: ModelConfig, params: Any, *, mesh: Mesh, sampler: Any,
+               optimizer: optax.GradientTransformation, loss_fn: Callable, seed: int,
+               reference: bool | Any = False, reference_in_loss: bool = False,
+               value_params: Any = None, value_logical_axes: Any = None,
+               value_optimizer: optax.GradientTransformation | None = None,
+               value_loss_fn: Callable | None = None, clip_norm: float | None = 1.0,
+               value_clip_norm: float | None = 1.0, grad_accum_steps: int = 1,
+               lr_schedule: optax.Schedule | None = None,
+               rules: parallel.Rules = parallel.DEFAULT_RULES, **kwargs: Any) -> OnlineLoop:
+        """Initialise states on their shardings and jit every step once.
+
+        Args:
+          config, params: the policy (e.g. an SFT checkpoint); resharded by the rule table.
+          sampler: a `Sampler` for `config` (built once by the caller, any layout).
+          optimizer / loss_fn: the policy's optax transformation and its
+            `(params, batch, rng, frozen) -> (loss, metrics)` (see `training.step`).
+          seed: root seed; the loop's rng is PRNGKey(seed) folded with "loop".
+          reference: True to freeze a copy of `params` as the reference, or a params tree;
+            placed with the policy's param shardings (never replicated).
+          reference_in_loss: hand the reference to `loss_fn` as `frozen` (DPO computing
+            reference log-probs inside the step); otherwise the step takes no frozen tree and
+            algorithms precompute reference terms with `log_probs(..., "reference")`.
+          value_params / value_logical_axes / value_optimizer / value_loss_fn: an optional
+            value model with its own optimizer (e.g. PPO's critic from the reward model).
+          clip_norm / value_clip_norm / grad_accum_steps / lr_schedule: as `make_train_step`.
+          **kwargs: passed to the constructor (reward, pool, checkpointer, metrics, stage,
+            logprob_chunk, progress).
+        """
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x6C6F6F70)  # "loop"
+        axes = param_logical_axes(config)
+        policy, policy_sh = init_train_state(lambda k: params, axes, optimizer, mesh,
+                                             seed=seed, rules=rules, params=params)
+        policy_step = make_train_step(loss_fn, optimizer, mesh, state_sharding=policy_sh,
+                                      use_frozen=reference_in_loss,
+                                      frozen_sharding=policy_sh.params if reference_in_loss
+                                      else None,
+                                      clip_norm=clip_norm, grad_accum_steps=grad_accum_steps,
+                                      lr_schedule=lr_schedule, rules=rules)
+        ref = None
+        if reference is not False and reference is not None:
+            src = params if reference is True else reference
+            # a copy on the policy's shardings (device_put of the caller's arrays could alias
+            # them; the policy state is donated every step)
+            ref = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                          out_shardings=policy_sh.params)(src)
+        value = value_sh = value_step = None
+        if value_params is not None:
+            if value_optimizer is None or value_loss_fn is None:
+                raise ValueError("a value model needs value_optimizer and value_loss_fn")
+            if value_logical_axes is None:
+                raise ValueError("value_params need value_logical_axes (e.g. the backbone's "
+                                 "axes plus scalar_head_logical_axes())")
+            value, value_sh = init_train_state(lambda k: value_params, value_logical_axes,
+                                               value_optimizer, mesh, seed=seed + 1, rules=rules,
+                                               params=value_params)
+            value_step = make_train_step(value_loss_fn, value_optimizer, mesh,
+                                         state_sharding=value_sh, clip_norm=value_clip_norm,
+                                         grad_accum_steps=grad_accum_steps, rules=rules)
+        rep = parallel.replicated(mesh)
+        state = LoopState(iteration=jax.device_put(jnp.zeros((), jnp.int32), rep),
+                          rng=jax.device_put(key, rep), policy=policy, value=value,
+                          reference=ref)
+        sharding = LoopState(iteration=rep, rng=rep, policy=policy_sh, value=value_sh,
+                             reference=policy_sh.params if ref is not None else None)
+        return cls(config, mesh=mesh, sampler=sampler, state=state, state_sharding=sharding,
+                   policy_step=policy_step, value_step=value_step,
+                   reference_in_loss=reference_in_loss, rules=rules, **kwargs)
+
+    # ------------------------------------------------------------------ verbs
+    @property
+    def params(self) -> Any:
+        """The current policy params (do not hold on to them across an `update`: donated)."""
+        return self.state.policy.params
+
+    def sample(self, prompts: Sequence[Sequence[int]], n: int, *, key: jax.Array,
+               **kwargs: Any) -> Any:
+        """`Sampler.generate_ids` with the *current* policy params (see `Sampler`)."""
+        return self.sampler.generate_ids(prompts, n, key=key, params=self.params, **kwargs)
+
+    def log_probs(self, tokens: np.ndarray, which: str | Any = "policy") -> np.ndarray:
+        """Per-token log-probs float32 [R, T] of `tokens` [R, T] under the training forward
+        (`objectives.logprobs.token_log_probs`; column 0 is 0), as numpy on every process.
+
+        `which`: "policy", "reference", or a params tree shaped like the policy's. R must be
+        a multiple of data x fsdp (pad rows if needed).
+        """
+        if isinstance(which, str):
+            if which == "reference" and self.state.reference is None:
+                raise ValueError("the loop has no reference model (create(..., reference=True))")
+            params = {"policy": self.params, "reference": self.state.reference}.get(which)
+            if params is None:
+                raise ValueError(f"which must be 'policy', 'reference' or params, got {which!r}")
+        else:
+            params = which
+        tokens = parallel.shard_batch({"t": np.asarray(tokens, np.int32)}, self.mesh,
+                                      global_batch=True)["t"]
+        return np.asarray(to_host(self._log_probs(params, tokens)))
+
+    def update(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
+        """One policy step on a host batch (identical on every process); device metrics."""
+        device_batch = parallel.shard_batch(batch, self.mesh, global_batch=True)
+        if self._reference_in_loss:
+            policy, metrics = self._policy_step(self.state.policy, device_batch,
+                                                self.state.reference)
+        else:
+            policy, metrics = self._policy_step(self.state.policy, device_batch)
+        self.state = self.state.replace(policy=policy)
+        return metrics
+
+    def update_value(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
+        """One value-model step (its own optimizer); device metrics."""
+        if self._value_step is None:
+            raise ValueError("the loop has no value model (create(..., value_params=...))")
+        value, metrics = self._value_step(self.state.value,
+                                          parallel.shard_batch(batch, self.mesh,
+                                                               global_batch=True))
+        self.state = self.state.replace(value=value)
+        return metrics
+
+    def refresh_reference(self) -> None:
+        """Reference <- a copy of the current policy (iterative DPO's per-iteration reset)."""
+        if self.state.reference is None:
+            raise ValueError("the loop has no reference model")
+        ref = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                      out_shardings=self.state_sharding.reference)(self.params)
+        self.state = self.state.replace(reference=ref)
+
+    def cache_sizes(self) -> dict[str, int]:
+        """Compiled-program counts of the loop's jitted pieces (and the sampler's, if it tells):
+        constant after the first iteration of a loop whose shapes do not change."""
+        sizes = {"policy_step": self._policy_step._cache_size(),
+                 "log_probs": self._log_probs._cache_size()}
+        if self._value_step is not None:
+            sizes["value_step"] = self._value_step._cache_size()
+        sampler_sizes = getattr(self.sampler, "cache_sizes", None)
+        if callable(sampler_sizes):
+            sizes.update({f"sampler.{k}": v for k, v in sampler_sizes().items()})
+        return sizes
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, force: bool = True, iterate: Any = None) -> bool:
+        """Checkpoint the loop state, the pool (and `iterate.state_dict()`, the algorithm's
+        host state, if it has one) at the current iteration."""
+        if self.checkpointer is None:
+            raise ValueError("the loop has no checkpointer")
+        k = int(self.state.iteration)
+        get = getattr(iterate, "state_dict", None)
+        meta = {"stage": self.stage, "iteration": k, "pool": self.pool.state_dict(),
+                "history": self.history, "iterate": get() if callable(get) else None}
+        return self.checkpointer.maybe_save(k, self.state, None, meta, force=force)
+
+    def restore(self, iterate: Any = None) -> int | None:
+        """Restore the newest checkpoint if there is one (and `iterate.load_state_dict`);
+        returns its iteration or None."""
+        if self.checkpointer is None or self.checkpointer.latest_step() is None:
+            return None
+        state, meta = self.checkpointer.restore(self.state)
+        self.state = state
+        self.pool = PromptPool.from_state_dict(meta["pool"])
+        self.history = list(meta.get("history", []))
+        load = getattr(iterate, "load_state_dict", None)
+        if callable(load) and meta.get("iterate") is not None:
+            load(meta["iterate"])
+        return int(state.iteration)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, num_iterations: int, iterate: Iterate, *, stop_after: int | None = None
+            ) -> list[dict[str, float]]:
+        """Run iterations until `num_iterations` are complete (resuming from the newest
+        checkpoint first). `iterate(loop, k, key_k) -> metrics | None` is one iteration of the
+        algorithm. Saves every `checkpointer.save_every` iterations and at the end.
+        `stop_after`: raise `training.loop.Interrupted` after that many iterations of this
+        call (after their checkpoint): a deterministic crash for resume tests.
+        Returns the per-iteration history (scalars, also written to `metrics`).
+        """
+        resumed = self.restore(iterate)
+        start = int(self.state.iteration)
+        bar = progress_bar(total=num_iterations, initial=start, desc=self.stage,
+                           enabled=self.progress)
+        done_here = 0
+        try:
+            for k in range(start, num_iterations):
+                t0 = time.perf_counter()
+                key = jax.random.fold_in(self.state.rng, k)
+                out = iterate(self, k, key) or {}
+                scalars = to_scalars(out)
+                scalars["iteration_s"] = time.perf_counter() - t0
+                self.state = self.state.replace(iteration=jax.device_put(
+                    jnp.asarray(k + 1, jnp.int32), self.state_sharding.iteration))
+                self.history.append({"iteration": k + 1, **scalars})
+                if self.metrics is not None:
+                    self.metrics.write(self.stage, k + 1, scalars)
+                bar.update(1)
+                if self.checkpointer is not None:
+                    self.save(force=k + 1 == num_iterations, iterate=iterate)
+                done_here += 1
+                if stop_after is not None and done_here >= stop_after and k + 1 < num_iterations:
+                    if self.checkpointer is not None:
+                        self.checkpointer.wait()
+                    raise Interrupted(f"{self.stage}: stopped after iteration {k + 1} "
+                                      f"(stop_after={stop_after}; resumed from {resumed})")
+        finally:
+            bar.close()
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
+        return self.history
+
+
+def preference_batch(prompts: Sequence[Sequence[int]], completions: np.ndarray,
+                     lengths: np.ndarray, pairs: Sequence[tuple[int, int, int]], *,
+                     pad_id: int, width: int, rows: int) -> list[dict[str, np.ndarray]]:
+    """Preference batches (the layout of `objectives.preference.make_preference_loss`) from
+    sampled completions: pair (p, c, r) is prompt p's sample c (chosen) against sample r
+    (rejected). Pairs are cut into batches of exactly `rows` rows, the last one padded with
+    weight-0 copies of its first row, so every batch has one shape (no recompiles).
+
+    Each batch: chosen_tokens / rejected_tokens int32 [rows, width], chosen_mask /
+    rejected_mask float32 [rows, width] (1 on response tokens), weight float32 [rows],
+    pair_index int32 [rows] (index into `pairs`, -1 on padding).
+    """
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    packed = pack_rollout(prompts, completions, lengths, pad_id=pad_id, width=width)
+    N = np.asarray(completions).shape[1]
+    out = []
+    for s in range(0, len(pairs), rows):
+        chunk = list(pairs[s:s + rows])
+        real = len(chunk)
+        chunk += [chunk[0]] * (rows - real)
+        c_rows = np.asarray([p * N + c for p, c, _ in chunk])
+        r_rows = np.asarray([p * N + r for p, _, r in chunk])
+        out.append({
+            "chosen_tokens": packed["tokens"][c_rows],
+            "chosen_mask": packed["response_mask"][c_rows],
+            "rejected_tokens": packed["tokens"][r_rows],
+            "rejected_mask": packed["response_mask"][r_rows],
+            "weight": (np.arange(rows) < real).astype(np.float32),
+            "pair_index": np.where(np.arange(rows) < real, s + np.arange(rows), -1
+                                   ).astype(np.int32)})
+    return out

@@ -20,7 +20,9 @@ validated before anything compiles. Stages, their order and their artifacts are 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -31,7 +33,11 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (get_con
 flags.DEFINE_string("workdir", None, "Output directory (local path or gs://).")
 flags.DEFINE_bool("resume", False, "Continue the run in --workdir (finished stages are kept, "
                   "the interrupted one resumes from its newest checkpoint).")
-flags.DEFINE_bool("overwrite", False, "Delete --workdir first.")
+flags.DEFINE_bool("overwrite", False, "Delete --workdir first (only a scalign workdir: one with "
+                  "scalign_workdir.json).")
+flags.DEFINE_bool("accept_config_changes", False, "With --resume: continue although the config "
+                  "differs from the run's in keys that change results (they are listed and "
+                  "recorded in scalign_workdir.json).")
 flags.DEFINE_list("seeds", None, "Run the config once per seed into WORKDIR/seed_<s>/ and "
                   "aggregate (mean ± std over seeds) into WORKDIR.")
 flags.DEFINE_bool("validate_only", False, "Validate the config and exit.")
@@ -62,30 +68,78 @@ def _setup_jax() -> None:
         jax.distributed.initialize()
 
 
+def _fail(kind: str, error: BaseException | str, code: int = 2) -> None:
+    """One line on stderr (no traceback), then exit with `code`."""
+    text = " ".join(str(error).split()) if isinstance(error, BaseException) else error
+    print(f"{kind}: {text}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _clean(text: str) -> str:
+    text = " ".join(text.replace("\\n", " ").replace("\\'", "'").split())
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]
+    return text
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, but a bad flag, a missing config file or an unknown / untyped override
+    key is one line and exit code 2."""
+    try:
+        rest = FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - every parse problem is the user's input
+        causes, cause = [], e
+        while cause is not None and len(causes) < 4:
+            causes.append(_clean(str(cause)))
+            cause = cause.__cause__ or cause.__context__
+        detail = max(causes, key=len)
+        if isinstance(e, (KeyError, AttributeError)) or "Did you mean" in detail:
+            overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+            quoted = re.findall(r"'([^']+)'", detail)
+            named = [o for o in overrides if quoted and quoted[0] in o.split(".")[1:]]
+            _fail("config error", f"no such config key in {' '.join(named or overrides)}: "
+                                  f"{detail}")
+        _fail("flag error", detail)
+    try:
+        FLAGS.config.get("stages")  # a config file that failed to load raises here
+    except OSError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        path = FLAGS["config"].config_filename if hasattr(FLAGS["config"], "config_filename") \
+            else None
+        _fail("file not found", f"config file {path or ''}: {lines[-1] if lines else e}")
+    return rest
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        _fail("flag error", f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax/absl INFO lines drown the progress bars
     _setup_jax()
     from scalign import experiment
+    from scalign.training.checkpoint import CheckpointCorruptError
+    from scalign.training.loop import NonFiniteError
 
     config = FLAGS.config
     try:
         mesh_shape = experiment.validate(config)
+        if FLAGS.validate_only:
+            print(f"config OK; mesh {mesh_shape}; stages {list(config.stages)}")
+            return
+        if not FLAGS.workdir:
+            raise experiment.ConfigError("--workdir is required (or pass --validate_only)")
+        if FLAGS.seeds:
+            _run_seeds(config, [int(s) for s in FLAGS.seeds])
+            return
+        ctx = experiment.run(config, FLAGS.workdir, resume=FLAGS.resume,
+                             overwrite=FLAGS.overwrite,
+                             accept_config_changes=FLAGS.accept_config_changes)
     except experiment.ConfigError as e:
-        logging.error("%s", e)
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if FLAGS.validate_only:
-        print(f"config OK; mesh {mesh_shape}; stages {list(config.stages)}")
-        return
-    if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required")
-    if FLAGS.seeds:
-        _run_seeds(config, [int(s) for s in FLAGS.seeds])
-        return
-    ctx = experiment.run(config, FLAGS.workdir, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
+        _fail("config error", e)
+    except FileNotFoundError as e:
+        _fail("file not found", e)
+    except (NonFiniteError, CheckpointCorruptError) as e:
+        _fail("run stopped", e, code=1)
     report = ctx.workdir / "report.md"
     print(f"done: {ctx.workdir}/results.json" + (f", {report}" if report.exists() else ""))
 
@@ -97,8 +151,16 @@ def _run_seeds(config, seeds: list[int]) -> None:
     from scalign import aggregate, experiment
 
     root = epath.Path(os.path.abspath(FLAGS.workdir))
+    if root.exists() and any(root.iterdir()) and not experiment.is_scalign_workdir(root):
+        raise experiment.ConfigError(
+            f"workdir {root} is not empty and is not a scalign --seeds workdir (no "
+            f"{experiment.MARKER}); choose another --workdir or empty it yourself")
     if FLAGS.overwrite and root.exists():
         root.rmtree()
+    root.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (root / experiment.MARKER).write_text(json.dumps({"scalign_workdir": 1,
+                                                          "kind": "seeds", "seeds": seeds}))
     run_dirs = []
     for seed in seeds:
         cfg = config.copy_and_resolve_references()
@@ -106,10 +168,11 @@ def _run_seeds(config, seeds: list[int]) -> None:
             cfg.seed = seed
         run_dir = root / f"seed_{seed}"
         if (run_dir / "results.json").exists() and not FLAGS.resume:
-            raise app.UsageError(f"{run_dir} has a finished run; pass --resume to keep it or "
-                                 f"--overwrite to start over")
+            raise experiment.ConfigError(f"{run_dir} has a finished run; pass --resume to keep "
+                                         f"it or --overwrite to start over")
         print(f"== seed {seed}: {run_dir}", flush=True)
-        experiment.run(cfg, run_dir, resume=FLAGS.resume and run_dir.exists())
+        experiment.run(cfg, run_dir, resume=FLAGS.resume and run_dir.exists(),
+                       accept_config_changes=FLAGS.accept_config_changes)
         run_dirs.append(run_dir)
     if jax.process_index() == 0:
         aggregate.aggregate_runs(run_dirs, root, title=f"{config.get('name', 'scalign run')}: "
@@ -120,4 +183,4 @@ def _run_seeds(config, seeds: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

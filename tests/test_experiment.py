@@ -114,3 +114,153 @@ def test_launcher_validate_only_and_errors():
     bad = _launch(f"--config={DEMO}", "--validate_only", "--config.sft.batch_size=0")
     assert bad.returncode == 2
     assert "config.sft.batch_size=0 must be positive" in bad.stderr
+
+
+# ---------------------------------------------------------------- issue 16: workdir ownership
+def _count_cfg(**extra):
+    return ml_collections.ConfigDict({"seed": 0, "stages": ("test_count",),
+                                      "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+                                      "block": {"n_train": 10, "log_every": 5}, **extra})
+
+
+def test_resume_refuses_a_changed_config_listing_the_keys(tmp_path):
+    experiment.run(_count_cfg(), tmp_path / "w")
+    marker = json.loads((tmp_path / "w" / experiment.MARKER).read_text())
+    assert marker["config_hash"] == experiment.config_hash(_count_cfg())
+    changed = _count_cfg()
+    changed.block.n_train = 20
+    changed.seed = 1
+    with pytest.raises(ConfigError, match=r"block\.n_train: 10 -> 20.*seed: 0 -> 1"
+                                          r".*--accept_config_changes"):
+        experiment.run(changed, tmp_path / "w", resume=True)
+    # the stored config is untouched by the refused resume
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["block"]["n_train"] == 10
+    # keys that do not change results may differ
+    cosmetic = _count_cfg()
+    cosmetic.block.log_every = 1
+    experiment.run(cosmetic, tmp_path / "w", resume=True)
+    # an explicit flag accepts the change and records it
+    experiment.run(changed, tmp_path / "w", resume=True, accept_config_changes=True)
+    marker = json.loads((tmp_path / "w" / experiment.MARKER).read_text())
+    assert marker["config_hash"] == experiment.config_hash(changed)
+    assert any("block.n_train" in c for c in marker["accepted_changes"][0]["changes"])
+
+
+def test_resume_of_an_empty_or_foreign_folder(tmp_path, capsys):
+    _CountStage.runs = 0
+    experiment.run(_count_cfg(), tmp_path / "new", resume=True)  # nothing to resume: says so
+    assert "holds no run yet" in capsys.readouterr().err and _CountStage.runs == 1
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    with pytest.raises(ConfigError, match="not a scalign workdir"):
+        experiment.run(_count_cfg(), foreign, resume=True)
+
+
+def test_overwrite_refuses_a_folder_scalign_did_not_make(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    with pytest.raises(ConfigError, match=r"not a scalign workdir.*--overwrite would delete"):
+        experiment.run(_count_cfg(), foreign, overwrite=True)
+    assert (foreign / "thesis.tex").read_text() == "years of work"
+    experiment.run(_count_cfg(), tmp_path / "w")
+    (tmp_path / "w" / "extra.txt").write_text("x")
+    experiment.run(_count_cfg(), tmp_path / "w", overwrite=True)  # its own workdir: allowed
+    assert not (tmp_path / "w" / "extra.txt").exists()
+
+
+# ------------------------------------------------- issue 16: --validate_only validates everything
+@pytest.mark.parametrize("key,value,message", [
+    ("model.preset", "nope", r"config\.model: .*nope"),
+    ("evaluate.levels", (9,), r"config\.evaluate\.levels has \[9\]"),
+    ("rerank.levels", (1, 6), r"config\.rerank\.levels has \[6\]"),
+    ("sft.levels", (0,), r"config\.sft\.levels has \[0\]"),
+    ("sft.optimizer.learning_rate", -1.0, r"config\.sft\.optimizer: learning_rate=-1\.0 must be"),
+    ("reward_models.train.optimizer.learning_rate", 0.0,
+     r"config\.reward_models\.train\.optimizer: learning_rate=0\.0"),
+    ("sft.seq_len", 100000, r"config\.sft\.seq_len=100000 is longer than the model supports"),
+    ("sft.on_nonfinite", "ignore", r"config\.sft\.on_nonfinite must be one of"),
+])
+def test_validation_catches_what_used_to_fail_late(key, value, message):
+    cfg = _demo()
+    *path, leaf = key.split(".")
+    node = cfg
+    for part in path:
+        node = node[part]
+    with node.unlocked():
+        node[leaf] = value
+    with pytest.raises(ConfigError, match=message):
+        experiment.validate(cfg, num_devices=1)
+
+
+# ------------------------------------------------ issue 16: one-line launcher errors, exit code 2
+def test_none_default_keys_are_typed_and_overridable():
+    """Every key a shipped config leaves None is declared with a type (`placeholder`), so
+    `--config.<key>=...` works (absl cannot override an untyped None)."""
+    import importlib.util
+
+    untyped = []
+    for path in sorted((ROOT / "experiments" / "configs").glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"cfg_{path.stem}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+
+        def walk(node, prefix, path=path):
+            for key in node.keys():
+                value = node[key]
+                if isinstance(value, ml_collections.ConfigDict):
+                    walk(value, f"{prefix}{key}.")
+                elif value is None and node.get_type(key) is type(None):
+                    untyped.append(f"{path.name}: {prefix}{key}")
+        walk(mod.get_config(), "")
+    assert not untyped, f"None without a declared type: {untyped}"
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--config.data.design=graded99"], 0, "config OK"),
+    (["--config.data.design=bogus"], 2, "config error: invalid config: config.data.design: "
+                                        "unknown stepmath design 'bogus'"),
+    (["--config.sft.stepz=3"], 2, 'config error: no such config key in --config.sft.stepz: '
+                                  "'stepz' Did you mean \"steps\""),
+    (["--config.evaluate.levels=(9,)"], 2, "config.evaluate.levels has [9]"),
+    (["--config=experiments/configs/missing.py"], 2,
+     "file not found: config file experiments/configs/missing.py"),
+])
+def test_launcher_errors_are_one_line_with_exit_code_2(args, code, message):
+    if not args[0].startswith("--config="):
+        args = [f"--config={DEMO}", *args]
+    out = _launch(*args, "--validate_only")
+    assert out.returncode == code, out.stderr
+    if code:
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], out.stderr
+    else:
+        assert message in out.stdout
+
+
+def test_launcher_run_errors_are_one_line(tmp_path):
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    out = _launch(f"--config={DEMO}", f"--workdir={work}", "--overwrite")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not a scalign workdir" in lines[0], out.stderr
+    assert (work / "notes.txt").read_text() == "mine"
+    (work / experiment.MARKER).write_text("{}")  # a scalign run: neither flag -> one line
+    out = _launch(f"--config={DEMO}", f"--workdir={work}")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert "is not empty: pass --resume" in lines[0]
+
+
+def test_stages_do_not_import_the_experiment_module():
+    """Issue 14: no registry cycle: stage modules import `scalign.stages.base`, and the
+    names they use stay importable from `scalign.experiment`."""
+    stages = ROOT / "src" / "scalign" / "stages"
+    offenders = [p.name for p in stages.glob("*.py") if "scalign.experiment" in p.read_text()]
+    assert not offenders
+    from scalign.stages import base
+    assert experiment.Stage is base.Stage and experiment.ConfigError is base.ConfigError
+    assert experiment.registered_stages()["sft"].__module__ == "scalign.stages.sft"

@@ -6,6 +6,7 @@ Sized for a 2-core CPU in a few minutes. Later issues append stages (reward mode
 """
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ConfigDict:
@@ -17,7 +18,7 @@ def get_config() -> ConfigDict:
 
     c.data = ConfigDict()
     c.data.domain = "stepmath"
-    c.data.design = None  # stepmath.DEFAULT_DESIGN
+    c.data.design = placeholder(str)  # None: stepmath.DEFAULT_DESIGN
     c.data.levels = (1, 2, 3, 4, 5)
     c.data.n_train = 4000
     c.data.n_test = 200
@@ -41,6 +42,8 @@ def get_config() -> ConfigDict:
     c.sft.log_every = 50
     c.sft.checkpoint_every = 400
     c.sft.keep_checkpoints = 2
+    c.sft.on_nonfinite = "stop"       # or "skip": NaN/inf updates skipped and counted
+    c.sft.max_consecutive_skips = 3   # with "skip": stop after this many in a row
     c.sft.optimizer = ConfigDict({"learning_rate": 1e-3, "warmup_steps": 50,
                                   "min_lr_ratio": 0.05, "weight_decay": 0.0})
 
@@ -72,6 +75,8 @@ def get_config() -> ConfigDict:
     c.reward_models.train.seq_len = 72  # prompt (<= 26 tokens) + up to max_new_tokens
     c.reward_models.train.log_every = 25
     c.reward_models.train.checkpoint_every = 150
+    c.reward_models.train.on_nonfinite = "stop"
+    c.reward_models.train.max_consecutive_skips = 3
     c.reward_models.train.optimizer = ConfigDict({"learning_rate": 2e-3, "warmup_steps": 15,
                                                   "min_lr_ratio": 0.1, "weight_decay": 0.0})
 
@@ -89,5 +94,5 @@ def get_config() -> ConfigDict:
     c.rerank.aggregations = ("min", "prod", "mean", "max", "last")
     c.rerank.plot_aggregation = "prod"
 
-    c.debug = ConfigDict({"stop_after_steps": None})
+    c.debug = ConfigDict({"stop_after_steps": placeholder(int), "nan_at_step": placeholder(int)})
     return c

@@ -40,6 +40,7 @@ demonstrations at batch 128 (150 steps), length 768.
 """
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 BUCKET = "gs://YOUR_BUCKET"  # placeholder: where the model, data and runs live
 BATCH = 128
@@ -58,8 +59,8 @@ def get_config() -> ConfigDict:
     c.checkpoint = ConfigDict()
     c.checkpoint.source = "hf"
     c.checkpoint.path = f"{BUCKET}/llemma_7b"  # config.json + *.safetensors + tokenizer.model
-    c.checkpoint.tokenizer = None              # default: <path>/tokenizer.model
-    c.checkpoint.cache_dir = None
+    c.checkpoint.tokenizer = placeholder(str)              # default: <path>/tokenizer.model
+    c.checkpoint.cache_dir = placeholder(str)
     c.checkpoint.dtype = "float32"             # master weights for AdamW
     c.checkpoint.compute_dtype = "bfloat16"    # activations and matmul inputs
 
@@ -73,8 +74,8 @@ def get_config() -> ConfigDict:
     c.data.math_train = f"{BUCKET}/prm800k/math_splits/train.jsonl"
     c.data.math_test = f"{BUCKET}/prm800k/math_splits/test.jsonl"  # MATH500
     c.data.levels = (1, 2, 3, 4, 5)
-    c.data.n_train = None        # all (a cap per level also limits which PRM800K problems count)
-    c.data.n_test = None
+    c.data.n_train = placeholder(int)        # all (a cap per level also limits which PRM800K problems count)
+    c.data.n_test = placeholder(int)
     c.data.on_error = "raise"
     c.data.grading_timeout_s = 2.0
     c.data.tokenizer = "checkpoint"  # Llemma's SentencePiece model
@@ -133,5 +134,5 @@ def get_config() -> ConfigDict:
     c.rerank.aggregations = ("min", "prod", "mean", "max", "last")
     c.rerank.plot_aggregation = "min"
 
-    c.debug = ConfigDict({"stop_after_steps": None})
+    c.debug = ConfigDict({"stop_after_steps": placeholder(int), "nan_at_step": placeholder(int)})
     return c

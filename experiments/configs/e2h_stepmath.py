@@ -24,6 +24,7 @@ import importlib.util
 import os
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 _DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
 
@@ -43,7 +44,7 @@ def get_config() -> ConfigDict:
 
     c.reward_models.problems_per_level = 1500
     c.reward_models.samples_per_problem = 8
-    c.reward_models.train.steps = None
+    c.reward_models.train.steps = placeholder(int)  # None: derived from epochs
     c.reward_models.train.epochs = 2.0  # Sun et al. (2024): 2 epochs per evaluator
     c.reward_models.train.batch_size = 64
     c.reward_models.train.log_every = 50

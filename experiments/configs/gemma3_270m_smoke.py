@@ -15,6 +15,7 @@ model, so the chat prompt's reply is not expected to be helpful.
 """
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ConfigDict:
@@ -26,24 +27,24 @@ def get_config() -> ConfigDict:
 
     c.checkpoint = ConfigDict()
     c.checkpoint.source = "gguf_package"
-    c.checkpoint.path = None       # for source "gguf" (a file) or "hf" (a folder)
-    c.checkpoint.cache_dir = None  # default: <workdir>/stages/checkpoint/
-    c.checkpoint.tokenizer = None  # default: rebuilt from the GGUF metadata
+    c.checkpoint.path = placeholder(str)       # for source "gguf" (a file) or "hf" (a folder)
+    c.checkpoint.cache_dir = placeholder(str)  # default: <workdir>/stages/checkpoint/
+    c.checkpoint.tokenizer = placeholder(str)  # default: rebuilt from the GGUF metadata
     c.checkpoint.dtype = "float32"
-    c.checkpoint.compute_dtype = None  # "bfloat16" is faster on CPU; the HF check stays f32
+    c.checkpoint.compute_dtype = placeholder(str)  # "bfloat16" is faster on CPU; the HF check stays f32
 
     c.smoke = ConfigDict()
     c.smoke.prompts = ("The capital of France is", "def fibonacci(n):\n    ",
                        "Easy-to-hard generalization means that")
     c.smoke.chat_prompts = ("What is 2 + 2? Answer in one word.",)
-    c.smoke.chat_template = None  # default: the model family's (Gemma turn markers)
+    c.smoke.chat_template = placeholder(str)  # default: the model family's (Gemma turn markers)
     c.smoke.num_samples = 4
     c.smoke.temperature = 0.8
     c.smoke.top_p = 1.0          # < 1 sorts the 262144-entry vocabulary per token: slow on CPU
     c.smoke.max_new_tokens = 24
     c.smoke.batch_size = 4       # rows of the SFT and the reward-model batch
     c.smoke.learning_rate = 1e-5
-    c.smoke.train_dtype = None   # default: the checkpoint's dtype (float32)
+    c.smoke.train_dtype = placeholder(str)   # default: the checkpoint's dtype (float32)
     c.smoke.hf_check = True      # needs transformers + torch (dev dependencies); skipped if absent
     c.smoke.hf_atol = 2e-3
     c.smoke.show_chars = 120

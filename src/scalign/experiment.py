@@ -9,6 +9,8 @@ leaves its own artifacts, result rows and report section there. Adding a stage (
 re-ranking, RL, eva) means adding a module under `scalign.stages`; the launcher never changes.
 
 Workdir layout:
+    scalign_workdir.json the marker: this folder is a scalign run (its flat config and hash);
+                         `--overwrite` deletes only folders with it, `--resume` compares configs
     config.json          the resolved config
     metrics.jsonl        every logged training metric ({"stage", "step", ...})
     tensorboard/         the same metrics as TensorBoard events
@@ -19,153 +21,41 @@ Workdir layout:
 
 Resume: with `resume=True`, finished stages (those with `done.json`) are not rerun; their
 `load()` rehydrates the artifacts later stages need. An unfinished training stage resumes from
-its newest checkpoint.
+its newest good checkpoint (verified on restore; see `scalign.training.checkpoint`). A resume
+with a config that differs in a key that changes results is refused, listing the keys, unless
+`accept_config_changes=True`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import importlib
 import json
+import logging
 import os
+import sys
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import ml_collections
 from etils import epath
-from jax.sharding import Mesh
 
 from scalign import parallel
+from scalign.stages.base import (  # noqa: F401  (re-exported: the public names stay here)
+    _REGISTRY,
+    ConfigError,
+    Context,
+    Report,
+    Results,
+    Stage,
+    check_batch,
+    register_stage,
+    require_block,
+)
 from scalign.training.metrics import MetricsWriter
-from scalign.utils import is_main_process, stage_key
-
-
-class ConfigError(ValueError):
-    """A config problem; the message names the key and the fix."""
-
-
-# ----------------------------------------------------------------------- results
-class Results:
-    """`results.json`: {stage: {"rows": [...]}}, rewritten atomically after each change."""
-
-    def __init__(self, path: epath.Path):
-        self.path = path
-        self.data: dict[str, dict[str, list[dict[str, Any]]]] = {}
-        if path.exists():
-            self.data = json.loads(path.read_text())
-
-    def set_rows(self, stage: str, rows: list[dict[str, Any]]) -> None:
-        for i, row in enumerate(rows):
-            bad = {k: type(v).__name__ for k, v in row.items()
-                   if not isinstance(v, (str, int, float, bool, type(None)))}
-            if bad:
-                raise TypeError(f"results row {i} of stage {stage!r} has non-scalar fields {bad}; "
-                                f"rows must be flat records")
-        self.data[stage] = {"rows": list(rows)}
-        self.save()
-
-    def rows(self, stage: str) -> list[dict[str, Any]]:
-        return list(self.data.get(stage, {}).get("rows", []))
-
-    def save(self) -> None:
-        if not is_main_process():
-            return
-        tmp = self.path.parent / (self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=False))
-        tmp.replace(self.path)
-
-
-# ------------------------------------------------------------------------ report
-class Report:
-    """Report sections (markdown) per stage, stored on disk so a resumed run keeps them."""
-
-    def __init__(self, workdir: epath.Path):
-        self.workdir = workdir
-        self.figures = workdir / "figures"
-
-    def section_path(self, stage: str) -> epath.Path:
-        return self.workdir / "stages" / stage / "report.md"
-
-    def set_section(self, stage: str, markdown: str) -> None:
-        if is_main_process():
-            path = self.section_path(stage)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(markdown.rstrip() + "\n")
-
-    def section(self, stage: str) -> str | None:
-        path = self.section_path(stage)
-        return path.read_text() if path.exists() else None
-
-    def figure_path(self, name: str) -> epath.Path:
-        self.figures.mkdir(parents=True, exist_ok=True)
-        return self.figures / name
-
-    def rel(self, path: epath.Path) -> str:
-        return str(path.relative_to(self.workdir))
-
-
-# ----------------------------------------------------------------------- context
-@dataclasses.dataclass
-class Context:
-    """What a stage sees: config, workdir, mesh, sinks and the artifacts of earlier stages."""
-
-    config: ml_collections.ConfigDict
-    workdir: epath.Path
-    mesh: Mesh
-    resume: bool
-    metrics: MetricsWriter
-    results: Results
-    report: Report
-    artifacts: dict[str, Any] = dataclasses.field(default_factory=dict)
-    timings: dict[str, float] = dataclasses.field(default_factory=dict)
-
-    def stage_dir(self, stage: str) -> epath.Path:
-        path = self.workdir / "stages" / stage
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def key(self, *names: str | int) -> jax.Array:
-        """A PRNG key from the root seed and names: same config + seed => same key."""
-        return stage_key(int(self.config.seed), *names)
-
-    def need(self, name: str) -> Any:
-        """An artifact of an earlier stage (validation guarantees a producer ran)."""
-        if name not in self.artifacts:
-            raise ConfigError(f"artifact {name!r} is missing; available: {sorted(self.artifacts)}")
-        return self.artifacts[name]
-
-
-# ------------------------------------------------------------------------ stages
-class Stage:
-    """Base class of a stage. Subclasses set `name` and implement `run` (and `load`)."""
-
-    name: ClassVar[str] = ""
-    #: artifacts this stage reads -> the stages that can produce them (checked up front)
-    requires: ClassVar[dict[str, tuple[str, ...]]] = {}
-
-    def validate(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
-                 errors: list[str]) -> None:
-        """Append config problems to `errors` (each naming its key). Runs before compiling."""
-
-    def run(self, ctx: Context) -> None:
-        raise NotImplementedError
-
-    def load(self, ctx: Context) -> None:
-        """Rehydrate this stage's artifacts from its directory (resume of a finished stage)."""
-
-
-_REGISTRY: dict[str, type[Stage]] = {}
-
-
-def register_stage(cls: type[Stage]) -> type[Stage]:
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} must set a stage name")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"stage {cls.name!r} is registered twice ({_REGISTRY[cls.name]}, {cls})")
-    _REGISTRY[cls.name] = cls
-    return cls
+from scalign.utils import is_main_process
 
 
 def registered_stages() -> dict[str, type[Stage]]:
@@ -208,32 +98,6 @@ def mesh_shape_of(config: ml_collections.ConfigDict, num_devices: int) -> dict[s
     return dims
 
 
-def check_batch(errors: list[str], key: str, batch: int, mesh_shape: dict[str, int],
-                *, accum: int = 1) -> None:
-    """Global batch must split over data*fsdp, processes and gradient-accumulation steps."""
-    div = mesh_shape["data"] * mesh_shape["fsdp"]
-    if batch <= 0:
-        errors.append(f"config.{key}={batch} must be positive")
-        return
-    if batch % (div * accum):
-        errors.append(f"config.{key}={batch} must be divisible by data*fsdp*grad_accum_steps="
-                      f"{div}*{accum}; use a multiple of {div * accum}")
-    if batch % jax.process_count():
-        errors.append(f"config.{key}={batch} must be divisible by the process count "
-                      f"{jax.process_count()}")
-
-
-def require_block(config: ml_collections.ConfigDict, block: str, keys: tuple[str, ...],
-                  errors: list[str]) -> ml_collections.ConfigDict | None:
-    """`config.<block>` if present, appending an error for it or each missing key otherwise."""
-    cfg = config.get(block)
-    if cfg is None:
-        errors.append(f"config.{block} is missing")
-        return None
-    errors.extend(f"config.{block}.{k} is missing" for k in keys if k not in cfg)
-    return cfg
-
-
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None
              ) -> dict[str, int]:
     """Check the whole config before anything compiles; raise ConfigError listing all problems."""
@@ -264,15 +128,126 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None
 
 
 # --------------------------------------------------------------------------- run
-def _prepare_workdir(workdir: epath.Path, resume: bool, overwrite: bool) -> None:
-    if workdir.exists() and any(workdir.iterdir()):
-        if overwrite:
-            if is_main_process():
-                workdir.rmtree()
-        elif not resume:
-            raise ConfigError(f"workdir {workdir} is not empty: pass --resume to continue that "
-                              f"run or --overwrite to start over")
+MARKER = "scalign_workdir.json"
+
+#: config keys that do not change a run's numbers: they may differ on --resume. A key matches
+#: when it equals an entry or its last part does (e.g. "sft.log_every" matches "log_every").
+NON_RESULT_KEYS = ("name", "debug", "plugins", "log_every", "checkpoint_every",
+                   "keep_checkpoints", "on_nonfinite", "max_consecutive_skips", "show_samples")
+
+
+def flat_config(config: ml_collections.ConfigDict | dict[str, Any]) -> dict[str, Any]:
+    """{"a.b.c": value} of a config, values as JSON gives them back (tuples -> lists)."""
+    data = (json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort")
+            else config)
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = node
+    walk("", data)
+    return out
+
+
+def _result_keys(flat: dict[str, Any]) -> dict[str, Any]:
+    def free(key: str) -> bool:
+        parts = key.split(".")
+        return key in NON_RESULT_KEYS or parts[0] in NON_RESULT_KEYS or parts[-1] in NON_RESULT_KEYS
+    return {k: v for k, v in flat.items() if not free(k)}
+
+
+def config_hash(config: ml_collections.ConfigDict | dict[str, Any]) -> str:
+    """sha256 (16 hex digits) of the config keys that change results (`NON_RESULT_KEYS` out)."""
+    relevant = _result_keys(flat_config(config))
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'key: old -> new' for every result-changing key that differs (flat configs)."""
+    old, new = _result_keys(old), _result_keys(new)
+    missing = object()
+    return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+            for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
+
+
+def is_scalign_workdir(workdir: epath.Path) -> bool:
+    """Made by scalign: it has the marker (or, from before markers, config.json + stages/)."""
+    return (workdir / MARKER).exists() or (
+        (workdir / "config.json").exists() and (workdir / "stages").is_dir())
+
+
+def _stored_config(workdir: epath.Path) -> dict[str, Any] | None:
+    marker = workdir / MARKER
+    try:
+        if marker.exists():
+            return json.loads(marker.read_text())["config"]
+        if (workdir / "config.json").exists():
+            return flat_config(json.loads((workdir / "config.json").read_text()))
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"{marker} cannot be read ({e}); this workdir's config is unknown: "
+                          f"use --overwrite to start over") from e
+    return None
+
+
+def _prepare_workdir(workdir: epath.Path, config: ml_collections.ConfigDict, resume: bool,
+                     overwrite: bool, accept_config_changes: bool = False) -> list[str]:
+    """Check the workdir against the flags and the config; returns accepted config changes."""
+    if overwrite and resume:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one")
+    nonempty = workdir.exists() and any(workdir.iterdir())
+    if nonempty and not is_scalign_workdir(workdir):
+        what = "--overwrite would delete" if overwrite else "it holds"
+        raise ConfigError(f"workdir {workdir} is not empty and is not a scalign workdir (no "
+                          f"{MARKER}); {what} files scalign did not write: choose another "
+                          f"--workdir or empty it yourself")
+    changes: list[str] = []
+    if nonempty and overwrite:
+        if is_main_process():
+            workdir.rmtree()
+    elif nonempty and not resume:
+        raise ConfigError(f"workdir {workdir} is not empty: pass --resume to continue that "
+                          f"run or --overwrite to start over")
+    elif nonempty:  # resume: the config must be the one the run was started with
+        stored = _stored_config(workdir)
+        if stored is not None:
+            changes = config_diff(stored, flat_config(config))
+            if changes and not accept_config_changes:
+                raise ConfigError(
+                    f"--resume in {workdir}: the config differs from the run's in keys that "
+                    f"change results: {'; '.join(changes)}. Resume with the run's config, or "
+                    f"pass --accept_config_changes to continue with the new values")
+            if changes:
+                logging.warning("resume in %s with accepted config changes: %s", workdir,
+                                "; ".join(changes))
+    elif resume:
+        logging.warning("--resume: %s holds no run yet; starting a fresh one", workdir)
+        print(f"note: --resume: {workdir} holds no run yet; starting a fresh one",
+              file=sys.stderr)
     workdir.mkdir(parents=True, exist_ok=True)
+    return changes
+
+
+def _write_marker(workdir: epath.Path, config: ml_collections.ConfigDict,
+                  changes: list[str]) -> None:
+    if not is_main_process():
+        return
+    marker = workdir / MARKER
+    history: list[dict[str, Any]] = []
+    if marker.exists():
+        try:
+            history = json.loads(marker.read_text()).get("accepted_changes", [])
+        except ValueError:
+            history = []
+    if changes:
+        history.append({"time": time.time(), "changes": changes})
+    data = {"scalign_workdir": 1, "config_hash": config_hash(config),
+            "accepted_changes": history, "config": flat_config(config)}
+    tmp = workdir / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(marker)
 
 
 def _absolute(workdir: str | epath.PathLike) -> epath.Path:
@@ -282,18 +257,26 @@ def _absolute(workdir: str | epath.PathLike) -> epath.Path:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
-        resume: bool = False, overwrite: bool = False,
+        resume: bool = False, overwrite: bool = False, accept_config_changes: bool = False,
         on_stage_done: Callable[[str, Context], None] | None = None) -> Context:
-    """Validate, then run `config.stages` in order in `workdir`. Returns the final Context."""
+    """Validate, then run `config.stages` in order in `workdir`. Returns the final Context.
+
+    The workdir is owned through `scalign_workdir.json` (the marker, with the config and its
+    hash): `overwrite` deletes only a folder with it; `resume` refuses a config that differs
+    from the run's in a key that changes results (listing them) unless
+    `accept_config_changes`; `resume` of an empty or missing folder starts a fresh run (and
+    says so).
+    """
     workdir = _absolute(workdir)
     mesh_shape = validate(config)
-    _prepare_workdir(workdir, resume, overwrite)
+    changes = _prepare_workdir(workdir, config, resume, overwrite, accept_config_changes)
     if is_main_process():
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    _write_marker(workdir, config, changes)
     mesh = parallel.make_mesh(mesh_shape)
     ctx = Context(config=config, workdir=workdir, mesh=mesh, resume=resume,
                   metrics=MetricsWriter(workdir), results=Results(workdir / "results.json"),
-                  report=Report(workdir))
+                  report=Report(workdir), config_hash=config_hash(config))
     stages = registered_stages()
     try:
         for name in config.stages:

@@ -1,15 +1,19 @@
 """Built-in experiment stages; importing this package registers them.
 
-| stage      | reads                      | writes                                 |
-|------------|----------------------------|----------------------------------------|
-| data       | -                          | tokenizer, domain                      |
-| checkpoint | - (a released model)       | policy, tokenizer                      |
-| sft        | tokenizer, domain          | policy                                 |
-| evaluate   | tokenizer, domain, policy  | accuracy by level (greedy, pass@N)     |
-| smoke      | tokenizer, policy          | samples, checks, timings (real model)  |
-| report     | every section              | report.md                              |
+| stage         | reads (artifacts)                               | writes (artifacts / outputs)              |
+|---------------|-------------------------------------------------|-------------------------------------------|
+| data          | -                                               | `tokenizer`, `domain`                     |
+| checkpoint    | - (a released model: GGUF or HF folder)         | `policy`, `tokenizer`                     |
+| sft           | `tokenizer`, `domain`                           | `policy`                                  |
+| evaluate      | `policy`, `tokenizer`, `domain`                 | accuracy by level (greedy, pass@N)        |
+| reward_models | `policy`, `tokenizer`, `domain`                 | `reward_models` (ORM / PRM / OPRM)        |
+| rerank        | `policy`, `reward_models`, `tokenizer`, `domain`| re-ranking accuracy by level, N, method   |
+| smoke         | `policy`, `tokenizer`                           | samples, checks, timings (real model)     |
+| report        | every stage's report section                    | `report.md`                               |
 
-`policy` / `tokenizer` may come from `sft` / `data` or from `checkpoint`.
+`policy` / `tokenizer` may come from `sft` / `data` or from `checkpoint`. Each stage declares
+what it reads in its `requires` (checked before anything runs); the base class, the registry
+and `Context` live in `scalign.stages.base` (stages never import the experiment runner).
 """
 
 from scalign.stages import (  # noqa: F401

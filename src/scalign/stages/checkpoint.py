@@ -36,10 +36,10 @@ import ml_collections
 from etils import epath
 
 from scalign.data.tokenizer import Tokenizer
-from scalign.experiment import Context, Stage, register_stage, require_block
 from scalign.models.config import ModelConfig
 from scalign.models.convert import load_gguf, load_hf
 from scalign.reporting import markdown_table
+from scalign.stages.base import Context, Stage, register_stage, require_block
 from scalign.stages.common import shardings_for
 
 SOURCES = ("gguf_package", "gguf", "hf")

@@ -29,8 +29,8 @@ from etils import epath
 from scalign.data.domain import MathDomain, StepMathDomain, load_domain, solution_steps
 from scalign.data.records import ON_ERROR_VALUES
 from scalign.data.tokenizer import Tokenizer
-from scalign.experiment import Context, Stage, register_stage, require_block
 from scalign.reporting import markdown_table
+from scalign.stages.base import Context, Stage, register_stage, require_block
 
 DOMAINS = ("stepmath", "math")
 TOKENIZERS = ("train", "checkpoint")
@@ -90,6 +90,16 @@ class DataStage(Stage):
         if domain == "stepmath":
             errors.extend(f"config.data.{k} is missing" for k in ("n_train", "n_test")
                           if k not in cfg)
+            from scalign.data import stepmath
+            try:
+                known = stepmath.levels(cfg.get("design"))
+            except ValueError as e:
+                errors.append(f"config.data.design: {e}")
+            else:
+                bad = [lv for lv in cfg.levels if lv not in known]
+                if bad:
+                    errors.append(f"config.data.levels has {bad}; the stepmath design has "
+                                  f"levels {list(known)}")
         else:
             for key in ("math_train", "math_test"):
                 if not math_paths(cfg, key):

@@ -19,9 +19,9 @@ import numpy as np
 
 from scalign.evaluation.generation import Solutions, sample_solutions
 from scalign.evaluation.metrics import mean_pass_at_k, powers_of_two_upto
-from scalign.experiment import Context, Stage, register_stage, require_block
 from scalign.reporting import bar_plot, markdown_table
 from scalign.sampling import Sampler
+from scalign.stages.base import Context, Stage, check_levels, register_stage, require_block
 
 
 def _groups(levels: tuple[int, ...], easy: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
@@ -49,6 +49,7 @@ class EvaluateStage(Stage):
             "max_new_tokens", "batch_size"), errors)
         if cfg is None:
             return
+        check_levels(config, "evaluate.levels", errors)
         if "pass_n" in cfg and cfg.pass_n < 1:
             errors.append(f"config.evaluate.pass_n={cfg.pass_n} must be >= 1")
         if "temperature" in cfg and cfg.temperature <= 0:

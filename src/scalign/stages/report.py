@@ -6,8 +6,8 @@ import datetime
 
 import jax
 
-from scalign.experiment import Context, Stage, register_stage
 from scalign.reporting import markdown_table
+from scalign.stages.base import Context, Stage, register_stage
 
 
 def write_report(ctx: Context) -> str:

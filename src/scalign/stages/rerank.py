@@ -33,9 +33,9 @@ from scalign.evaluation.rerank import (
     table1_methods,
 )
 from scalign.evaluation.scoring import SequenceScorer
-from scalign.experiment import Context, Stage, register_stage, require_block
 from scalign.reporting import markdown_table, panels_plot
 from scalign.sampling import Sampler
+from scalign.stages.base import Context, Stage, check_levels, register_stage, require_block
 
 
 @dataclasses.dataclass
@@ -69,6 +69,7 @@ class RerankStage(Stage):
             "max_new_tokens"), errors)
         if cfg is None:
             return
+        check_levels(config, "rerank.levels", errors)
         if cfg.get("max_n", 1) < 1:
             errors.append(f"config.rerank.max_n={cfg.max_n} must be >= 1")
         bad = [a for a in cfg.get("aggregations", AGGREGATIONS) if a not in AGGREGATIONS]

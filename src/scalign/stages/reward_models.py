@@ -52,12 +52,12 @@ from scalign.data.math import read_prm800k
 from scalign.data.pipeline import make_batch_iterator
 from scalign.data.records import ON_ERROR_VALUES
 from scalign.evaluation.generation import sample_solutions
-from scalign.experiment import Context, Stage, register_stage, require_block
 from scalign.models.heads import SCALAR_HEAD, add_scalar_head, scalar_head_logical_axes
 from scalign.models.transformer import param_logical_axes
 from scalign.objectives.reward import RewardFeaturizer, make_reward_loss
 from scalign.reporting import line_plot, markdown_table
 from scalign.sampling import Sampler
+from scalign.stages.base import Context, Stage, check_levels, register_stage, require_block
 from scalign.stages.common import run_training, training_model, validate_training
 from scalign.stages.data import check_paths_exist, math_paths
 from scalign.training.checkpoint import load_model, save_model
@@ -108,6 +108,7 @@ class RewardModelsStage(Stage):
         elif source == "verifier":
             errors.extend(f"config.reward_models.{k} is missing" for k in SAMPLING_KEYS
                           if k not in cfg)
+            check_levels(config, "reward_models.levels", errors)
         else:
             if not math_paths(cfg, "prm800k"):
                 errors.append("config.reward_models.prm800k is missing (PRM800K label JSONL "

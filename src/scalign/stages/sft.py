@@ -18,10 +18,10 @@ import jax
 import ml_collections
 
 from scalign.data.pipeline import make_sft_iterator
-from scalign.experiment import Context, Stage, register_stage
 from scalign.models.config import ModelConfig
 from scalign.objectives.sft import make_sft_loss
 from scalign.reporting import line_plot, markdown_table
+from scalign.stages.base import Context, Stage, check_levels, register_stage
 from scalign.stages.common import (
     model_config,
     run_training,
@@ -59,6 +59,8 @@ class SFTStage(Stage):
     def validate(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
                  errors: list[str]) -> None:
         validate_training(config, "sft", mesh_shape, errors)
+        check_levels(config, "sft.levels", errors)
+        check_levels(config, "data.tokenizer_levels", errors)
         init = config.get("sft", {}).get("init", "scratch")
         stages = list(config.get("stages", ()))
         if init not in INITS:
@@ -70,6 +72,11 @@ class SFTStage(Stage):
         elif "model" not in config or "preset" not in config.model:
             errors.append("config.model.preset is missing (e.g. 'tiny'), or set "
                           "config.sft.init='checkpoint'")
+        else:
+            try:
+                model_config(config.model)
+            except ValueError as e:
+                errors.append(str(e))
 
     def run(self, ctx: Context) -> None:
         cfg = ctx.config.sft
@@ -131,9 +138,14 @@ class SFTStage(Stage):
             {"metric": "median_tokens_per_s", "value": steady * tokens_per_step},
             {"metric": "seconds", "value": result.seconds},
         ]
+        if cfg.get("on_nonfinite", "stop") == "skip":
+            rows.append({"metric": "skipped_nonfinite_steps", "value": result.skipped_steps})
         ctx.results.set_rows(self.name, rows)
         resumed = (f" Resumed from step {result.resumed_from}." if result.resumed_from
                    else "")
+        if result.checkpoint_fallbacks:
+            resumed += (" Skipped bad checkpoint step(s) "
+                        f"{[f['step'] for f in result.checkpoint_fallbacks]} (moved aside).")
         init = ("fine-tuned from the checkpoint's policy"
                 if cfg.get("init", "scratch") == "checkpoint" else "trained from scratch")
         md = [f"## SFT on levels {list(levels)}", "",

@@ -63,7 +63,6 @@ from scalign import parallel
 from scalign.data.pipeline import make_batch_iterator, make_sft_iterator
 from scalign.data.tokenizer import Tokenizer
 from scalign.evaluation.scoring import SequenceScorer
-from scalign.experiment import Context, Stage, check_batch, register_stage, require_block
 from scalign.models.chat import render_chat, template_for
 from scalign.models.config import ModelConfig
 from scalign.models.convert import save_hf
@@ -73,6 +72,7 @@ from scalign.objectives.reward import RewardFeaturizer, make_reward_loss
 from scalign.objectives.sft import make_sft_loss
 from scalign.reporting import markdown_table
 from scalign.sampling import SampleOutput, Sampler
+from scalign.stages.base import Context, Stage, check_batch, register_stage, require_block
 from scalign.training.checkpoint import load_model, save_model
 from scalign.training.state import OptimizerConfig, make_optimizer
 from scalign.training.step import init_train_state, make_train_step

@@ -1,35 +1,58 @@
 """Checkpointing: orbax `CheckpointManager` for the train state, data iterator and metadata.
 
-One checkpoint step directory holds three items:
+One checkpoint step directory holds four items:
 
-- `state`: the `TrainState` pytree (`ocp.args.StandardSave`), written asynchronously; the
-  device-to-host copy happens before `maybe_save` returns, so the caller may donate or
-  overwrite the state right after.
+- `state`: the state pytree (`ocp.args.StandardSave`; any pytree of arrays, e.g. a
+  `TrainState` or an online loop's state), written asynchronously; the device-to-host copy
+  happens before `maybe_save` returns, so the caller may donate or overwrite the state right
+  after.
 - `data_iter`: the grain iterator state of *this* process (`grain.checkpoint.CheckpointSave`
   writes `process_<i>-of-<n>.json`), captured synchronously at save time.
 - `meta`: a small JSON dict (config hash, stage name, counters...), identical on all
   processes (`ocp.args.JsonSave`).
+- `integrity`: per-leaf checksums of `state` and whether every floating leaf was finite,
+  computed on device at save time (`state_integrity`).
+
+Integrity: `restore` recomputes the checksums of what it read and checks finiteness. A step
+that cannot be read (a damaged `_METADATA`, a truncated iterator JSON, a TensorStore error),
+whose checksums differ (flipped bytes), or whose state is non-finite is *bad*: with the default
+`step=None` the restore logs a warning naming the step and the problem, moves the step aside to
+`<directory>.corrupt/<step>` (never deleted: it stays for inspection) and falls back to the
+next older step; `fallbacks` lists what was skipped. Retention keeps the `keep` newest
+steps *and* the newest step known good (saved from a finite state, not found bad), so a run that
+goes wrong never deletes its last good checkpoint.
 
 Multi-host rule (Levanter's hang on save is the cautionary tale): every process calls
 `maybe_save` / `restore` with the same step; orbax coordinates which process writes what.
-There is no `if process_index == 0` around any call here.
+There is no `if process_index == 0` around any call here (except moving a bad step aside,
+which process 0 does between two barriers).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-_STATE, _DATA, _META = "state", "data_iter", "meta"
+_STATE, _DATA, _META, _INTEGRITY = "state", "data_iter", "meta", "integrity"
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointCorruptError(RuntimeError):
+    """A checkpoint step that cannot be restored as saved (unreadable, changed or non-finite)."""
 
 
 class Checkpointer:
-    """Save every `save_every` steps, keep the `keep` newest, restore onto given shardings.
+    """Save every `save_every` steps, keep the `keep` newest (and the newest good one), restore
+    onto given shardings with verification and fall-back.
 
     Usage::
 
@@ -44,7 +67,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | epath.PathLike, *, save_every: int, keep: int,
-                 async_save: bool = True):
+                 async_save: bool = True, check_finite: bool = True):
         if save_every <= 0:
             raise ValueError(f"checkpoint save_every must be positive, got {save_every}")
         if keep <= 0:
@@ -52,12 +75,14 @@ class Checkpointer:
         self.directory = epath.Path(directory)
         self.save_every = int(save_every)
         self.keep = int(keep)
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.LatestN(self.keep),
-            enable_async_checkpointing=async_save,
-            create=True,
-        )
+        self.check_finite = bool(check_finite)
+        #: steps skipped by `restore` because they were bad: [{"step", "path", "error"}]
+        self.fallbacks: list[dict[str, Any]] = []
+        # retention is ours (see `_prune`): orbax keeps every step it is given
+        options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save,
+                                               create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._finite: dict[int, bool] = {}  # step -> state was finite when saved (this process)
 
     # ------------------------------------------------------------------ save
 
@@ -70,7 +95,8 @@ class Checkpointer:
         """Save `state` (and the iterator state, and `meta`) at `step` if `should_save`.
 
         Call on every process. Returns whether a save was started. With async saving the
-        write continues in the background; `wait()` blocks until it is durable.
+        write continues in the background; `wait()` blocks until it is durable. The state's
+        checksums and finiteness are computed (on device) before this returns.
         """
         step = int(step)
         if not self.should_save(step, force):
@@ -80,49 +106,170 @@ class Checkpointer:
             json.dumps(meta)
         except TypeError as e:
             raise TypeError(f"checkpoint meta must be JSON-serializable: {e}") from e
+        integrity = state_integrity(state)
+        # the previous save is durable before old steps are pruned (never the newest good one)
+        self._manager.wait_until_finished()
+        self._prune(extra=1)
         items: dict[str, ocp.args.CheckpointArgs] = {
             _STATE: ocp.args.StandardSave(state),
             _META: ocp.args.JsonSave(meta),
+            _INTEGRITY: ocp.args.JsonSave(integrity),
         }
         if data_iter is not None:
             items[_DATA] = grain.checkpoint.CheckpointSave(data_iter)
-        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+        started = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+        if started:
+            self._finite[step] = bool(integrity["finite"])
+            if not integrity["finite"]:
+                log.warning("checkpoint step %d in %s holds non-finite values (%s); it is not "
+                            "counted as a good checkpoint", step, self.directory,
+                            ", ".join(integrity["nonfinite_leaves"][:5]))
+        return started
 
     # ------------------------------------------------------------------ restore
 
     def restore(self, state_template: Any, data_iter: grain.DatasetIterator | None = None,
                 step: int | None = None) -> tuple[Any, dict[str, Any]]:
-        """Restore (state, meta) from `step` (default: the latest).
+        """Restore (state, meta) from `step` (default: the newest good step).
 
         `state_template` gives the pytree structure, shapes, dtypes and shardings: its leaves
         are concrete `jax.Array`s or `jax.ShapeDtypeStruct`s with `.sharding`; restored arrays
         are placed on exactly those shardings. If `data_iter` is given its state is set in
         place to the saved one of this process.
 
+        Every restored step is verified: readable, checksums equal to those written at save
+        time, and (with `check_finite`) every floating leaf finite. With `step=None` a bad
+        step is logged, moved aside to `<directory>.corrupt/` and recorded in `fallbacks`,
+        and the next older step is tried.
+
         Raises:
           FileNotFoundError: no checkpoint in the directory, or no checkpoint for `step`.
           ValueError: `data_iter` given but the checkpoint has no iterator state.
+          CheckpointCorruptError: the requested `step` is bad, or (`step=None`) every step is.
         """
         self.wait()
         steps = self.all_steps()
         if step is None:
             if not steps:
                 raise FileNotFoundError(f"no checkpoint found in {self.directory}")
-            step = steps[-1]
+            candidates = steps[::-1]
         elif step not in steps:
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
                                     f"available steps: {steps}")
+        else:
+            candidates = [step]
+        problems = []
+        for s in candidates:
+            try:
+                return self._restore_verified(s, state_template, data_iter)
+            except CheckpointCorruptError as e:
+                if step is not None:
+                    raise
+                problems.append(str(e))
+                moved = self._quarantine(s)
+                self.fallbacks.append({"step": s, "path": str(moved), "error": str(e)})
+                log.warning("%s; moved it to %s and falling back to an older checkpoint",
+                            e, moved)
+        raise CheckpointCorruptError(
+            f"no good checkpoint in {self.directory}; every step was bad (each moved to "
+            f"{self.directory}.corrupt/; restoring again finds none and starts over):\n  "
+            + "\n  ".join(problems))
+
+    def _restore_verified(self, step: int, state_template: Any,
+                          data_iter: grain.DatasetIterator | None) -> tuple[Any, dict[str, Any]]:
+        path = self.directory / str(step)
         items: dict[str, ocp.args.CheckpointArgs] = {
             _STATE: ocp.args.StandardRestore(abstract_like(state_template)),
             _META: ocp.args.JsonRestore(),
         }
+        has_integrity = (path / _INTEGRITY).exists()
+        if has_integrity:
+            items[_INTEGRITY] = ocp.args.JsonRestore()
         if data_iter is not None:
-            if not (self.directory / str(step) / _DATA).exists():
+            if not (path / _DATA).exists():
                 raise ValueError(f"checkpoint step {step} in {self.directory} has no data "
                                  f"iterator state (it was saved without data_iter)")
             items[_DATA] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return restored[_STATE], dict(restored[_META] or {})
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 - orbax / TensorStore / JSON errors of a bad step
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise CheckpointCorruptError(f"checkpoint step {step} at {path} cannot be read: "
+                                         f"{type(e).__name__}: {first}") from e
+        state = restored[_STATE]
+        found = state_integrity(state)
+        problems = []
+        if has_integrity:
+            saved = restored[_INTEGRITY] or {}
+            want, have = saved.get("checksums", {}), found["checksums"]
+            changed = [k for k in want if have.get(k) != want[k]]
+            changed += [k for k in have if k not in want]
+            if changed:
+                problems.append(f"{len(changed)} array(s) differ from what was saved "
+                                f"(checksum mismatch in {path / _STATE}): "
+                                f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}")
+        if self.check_finite and not found["finite"]:
+            leaves = found["nonfinite_leaves"]
+            problems.append(f"non-finite values in {', '.join(leaves[:5])}"
+                            f"{' ...' if len(leaves) > 5 else ''}")
+        if problems:
+            raise CheckpointCorruptError(f"checkpoint step {step} at {path} is bad: "
+                                         + "; ".join(problems))
+        self._finite[step] = True
+        return state, dict(restored[_META] or {})
+
+    def _quarantine(self, step: int) -> epath.Path:
+        """Move a bad step out of the manager's directory (kept, never deleted)."""
+        src = self.directory / str(step)
+        dest_root = self.directory.parent / (self.directory.name + ".corrupt")
+        dest = dest_root / str(step)
+        n = 1
+        while dest.exists():
+            dest, n = dest_root / f"{step}.{n}", n + 1
+        _sync("scalign_ckpt_quarantine_before")
+        if jax.process_index() == 0:
+            dest_root.mkdir(parents=True, exist_ok=True)
+            src.rename(dest)
+        _sync("scalign_ckpt_quarantine_after")
+        self._finite.pop(step, None)
+        self._manager.reload()
+        return dest
+
+    # ------------------------------------------------------------------ retention
+
+    def good_steps(self) -> list[int]:
+        """Steps not known to be bad: committed, and saved from a finite state (as recorded
+        at save time; steps written before integrity records existed count as good)."""
+        return [s for s in self.all_steps() if self._saved_finite(s)]
+
+    def _saved_finite(self, step: int) -> bool:
+        if step in self._finite:
+            return self._finite[step]
+        path = self.directory / str(step) / _INTEGRITY / "metadata"
+        try:
+            finite = bool(json.loads(path.read_text()).get("finite", True)) if path.exists() \
+                else True
+        except (OSError, ValueError):
+            finite = False  # an unreadable record: not known good
+        self._finite[step] = finite
+        return finite
+
+    def _prune(self, extra: int = 0) -> None:
+        """Delete committed steps beyond the `keep - extra` newest, except the newest good one
+        (`extra=1` makes room for a save about to start)."""
+        steps = self.all_steps()
+        if len(steps) <= max(self.keep - extra, 0):
+            return
+        keep = set(steps[len(steps) - max(self.keep - extra, 0):]) if self.keep > extra else set()
+        good = self.good_steps()
+        if good:
+            keep.add(good[-1])
+        if not keep:
+            keep.add(steps[-1])  # the newest step stays until a newer one is durable
+        for s in steps:
+            if s not in keep:
+                self._manager.delete(s)
+                self._finite.pop(s, None)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -133,11 +280,13 @@ class Checkpointer:
         return sorted(int(s) for s in self._manager.all_steps())
 
     def wait(self) -> None:
-        """Block until every pending asynchronous save has finished."""
+        """Block until every pending asynchronous save has finished (then apply retention)."""
         self._manager.wait_until_finished()
+        self._prune()
 
     def close(self) -> None:
         """Wait for pending saves and release the manager's resources."""
+        self.wait()
         self._manager.close()
 
     def __enter__(self) -> Checkpointer:
@@ -145,6 +294,73 @@ class Checkpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+# ------------------------------------------------------------------------ integrity
+def _as_uint32(x: jax.Array) -> jax.Array:
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    bits = jnp.dtype(x.dtype).itemsize * 8
+    if bits > 32:  # only with jax_enable_x64: fold both halves
+        u = jax.lax.bitcast_convert_type(x, jnp.uint64)
+        return (u ^ (u >> 32)).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{bits}")).astype(jnp.uint32)
+
+
+@jax.jit
+def _leaf_checks(leaves: list[jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
+    sums, finite = [], []
+    for x in leaves:
+        u = _as_uint32(x)
+        # sum_i (u_i + c) * (2i + 1) mod 2^32: integer addition is exact and order-free, so the
+        # value does not depend on the sharding; any single changed element changes it.
+        weight = jnp.arange(u.size, dtype=jnp.uint32).reshape(u.shape) * 2 + 1
+        sums.append(jnp.sum((u + jnp.uint32(0x9E3779B9)) * weight, dtype=jnp.uint32))
+        finite.append(jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+                      else jnp.bool_(True))
+    return sums, finite
+
+
+def state_integrity(state: Any) -> dict[str, Any]:
+    """{"checksums": {leaf path: uint32 checksum}, "finite": bool, "nonfinite_leaves": [...]}.
+
+    Computed on device (a sharded reduction; every process gets the same numbers). Leaves
+    that are not arrays are left out.
+    """
+    flat = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(state)
+            if isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)]
+    if not flat:
+        return {"checksums": {}, "finite": True, "nonfinite_leaves": []}
+    # one jitted reduction per device set (a state may mix, e.g. a step counter on one device
+    # with params on the mesh; one jit call cannot take both)
+    groups: dict[Any, list[int]] = {}
+    arrays = [jnp.asarray(x) if isinstance(x, np.ndarray) else x for _, x in flat]
+    for i, x in enumerate(arrays):
+        key = (tuple(sorted(d.id for d in x.sharding.device_set))
+               if getattr(x, "committed", True) else None)
+        groups.setdefault(key, []).append(i)
+    sums: list[int] = [0] * len(flat)
+    finite: list[bool] = [True] * len(flat)
+    for idx in groups.values():
+        g_sums, g_finite = _leaf_checks([arrays[i] for i in idx])
+        for i, s_, f_ in zip(idx, g_sums, g_finite, strict=True):
+            sums[i], finite[i] = int(_host(s_)), bool(_host(f_))
+    bad = [name for (name, _), ok in zip(flat, finite, strict=True) if not ok]
+    return {"checksums": {name: s for (name, _), s in zip(flat, sums, strict=True)},
+            "finite": not bad, "nonfinite_leaves": bad}
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A replicated scalar's value on every process (no cross-process gather needed)."""
+    return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
 
 
 def abstract_like(tree: Any) -> Any:

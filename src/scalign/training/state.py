@@ -60,6 +60,28 @@ class OptimizerConfig:
     b2: float = 0.999
     eps: float = 1e-8
 
+    def __post_init__(self) -> None:
+        import math
+
+        def bad(name: str, want: str) -> ValueError:
+            return ValueError(f"{name}={getattr(self, name)!r} must be {want}")
+
+        lr = self.learning_rate
+        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise bad("learning_rate", "a positive finite number")
+        if self.warmup_steps < 0:
+            raise bad("warmup_steps", ">= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise bad("min_lr_ratio", "in [0, 1]")
+        if self.schedule not in ("cosine", "constant"):
+            raise bad("schedule", "'cosine' or 'constant'")
+        if self.weight_decay < 0:
+            raise bad("weight_decay", ">= 0")
+        if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0):
+            raise ValueError(f"b1={self.b1}, b2={self.b2} must be in [0, 1)")
+        if not self.eps > 0:
+            raise bad("eps", "> 0")
+
     @classmethod
     def from_config(cls, cfg: Any) -> OptimizerConfig:
         """Build from a ConfigDict/dict; unknown keys raise, naming the key."""

@@ -92,7 +92,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
                     clip_norm: float | None = 1.0, grad_accum_steps: int = 1,
                     lr_schedule: optax.Schedule | None = None,
                     rules: parallel.Rules = parallel.DEFAULT_RULES,
-                    donate: bool = True) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+                    donate: bool = True, skip_nonfinite: bool = False,
+                    ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """A jitted, sharded `step(state, batch[, frozen]) -> (state, metrics)`.
 
     Args:
@@ -112,6 +113,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
       grad_accum_steps: micro-batches per step (the batch's leading dim must divide).
       lr_schedule: reported as metric `lr` when given.
       donate: donate the input state's buffers to the output state.
+      skip_nonfinite: when the loss or the gradient norm is NaN/inf, keep the old params and
+        optimizer state (the step counter still advances) and report `skipped=1`. Every step
+        reports `nonfinite` (1.0 when the loss or gradient norm is not finite); what to do
+        about it across steps (stop, or stop after K skips) is `train_loop`'s job.
     """
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
@@ -132,7 +137,15 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
                 grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            metrics = dict(metrics, grad_norm=grad_norm, param_norm=optax.tree.norm(params))
+            bad = ~(jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm))
+            if skip_nonfinite:
+                params, opt_state = jax.tree.map(lambda old, new: jnp.where(bad, old, new),
+                                                 (state.params, state.opt_state),
+                                                 (params, opt_state))
+            metrics = dict(metrics, grad_norm=grad_norm, param_norm=optax.tree.norm(params),
+                           nonfinite=bad.astype(jnp.float32))
+            if skip_nonfinite:
+                metrics["skipped"] = bad.astype(jnp.float32)
             if lr_schedule is not None:
                 metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
             new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

@@ -196,8 +196,12 @@ def read_gguf(path: PathLike) -> GGUFFile:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     p = os.fspath(path)
+    if not p.strip():
+        raise FileNotFoundError("GGUF file not found: the path is empty (pass the .gguf file)")
     if not os.path.isfile(p):
-        raise FileNotFoundError(f"GGUF file not found: {p}")
+        raise FileNotFoundError(f"GGUF file not found: {os.path.abspath(p)}")
+    if os.path.getsize(p) == 0:
+        raise ValueError(f"{p}: empty file (0 bytes), not a GGUF file")
     buf = np.memmap(p, dtype=np.uint8, mode="r")
     cur = _Cursor(buf, p)
     if cur.take(4).tobytes() != b"GGUF":

@@ -13,6 +13,8 @@ transformers 5.x config class of that family, listed in `_HF_DEFAULTS`):
   gelu_tanh, gelu -> gelu except Gemma 1 where transformers reads legacy "gelu" as tanh-GELU);
   rope_parameters (transformers 5) or rope_theta + rope_scaling (+ rope_local_base_freq for
   Gemma 3) -> rope_theta, rope_local_theta, rope_scaling (types default, linear, llama3, yarn);
+  a legacy rope_scaling next to rope_parameters is applied as transformers applies it (it
+  replaces rope_parameters; Gemma 3 merges it into full_attention), never ignored;
   layer_types "sliding_attention"/"full_attention" -> "local"/"global", derived when absent as
   transformers does: Mistral slides every layer when sliding_window is set; Qwen 2/3 slide layers
   i >= max_window_layers when use_sliding_window; Gemma 2 slides even layers; Gemma 3 slides all
@@ -103,6 +105,9 @@ _ACTIVATIONS_TO_HF = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": 
 _LAYER_TYPES_FROM_HF = {"sliding_attention": "local", "full_attention": "global"}
 _LAYER_TYPES_TO_HF = {v: k for k, v in _LAYER_TYPES_FROM_HF.items()}
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+#: `RotaryEmbeddingConfigMixin.default_theta` of transformers 5: the base of a legacy
+#: rope_scaling block that replaces rope_parameters when config.json has no rope_theta
+_TRANSFORMERS_DEFAULT_THETA = 10_000.0
 
 
 # =========================================================================== config
@@ -169,8 +174,24 @@ def _rope_from_hf(hf: Mapping[str, Any], family: str, max_pos: int | None, sourc
         raise _unsupported(source, "partial_rotary_factor", hf["partial_rotary_factor"],
                            "RoPE on all of head_dim")
     params = hf.get("rope_parameters")
+    legacy = hf.get("rope_scaling")
+    if params and legacy:
+        # transformers reads a legacy rope_scaling block next to rope_parameters: families
+        # with one RoPE replace rope_parameters by it (its rope_theta defaulting to the
+        # top-level one, else 10000); Gemma 3 merges it into full_attention. Do the same.
+        nested = "full_attention" in params or "sliding_attention" in params
+        if family == "gemma3":
+            if not nested:
+                raise _unsupported(source, "rope_scaling", legacy,
+                                   "next to a flat rope_parameters, which transformers cannot "
+                                   "load for Gemma 3 either; nest rope_parameters by layer type")
+            params = {**params, "full_attention": {**(params.get("full_attention") or {}),
+                                                   **legacy}}
+        else:
+            params = {**legacy}
+            params.setdefault("rope_theta", hf.get("rope_theta", _TRANSFORMERS_DEFAULT_THETA))
     if params:
-        key = "rope_parameters"
+        key = "rope_parameters" if not (legacy and family != "gemma3") else "rope_scaling"
         nested = "full_attention" in params or "sliding_attention" in params
         full = dict(params.get("full_attention") or {}) if nested else dict(params)
         slide = params.get("sliding_attention") if nested else None
@@ -597,7 +618,6 @@ def _read_json(path: str) -> dict[str, Any]:
 
 def _tensor_files(folder: str) -> dict[str, str]:
     """{HF tensor name: safetensors file path} from the index, or from the single file."""
-    from safetensors import safe_open
 
     index_path = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index_path):
@@ -610,6 +630,9 @@ def _tensor_files(folder: str) -> dict[str, str]:
             if not os.path.exists(fpath):
                 raise FileNotFoundError(f"{index_path}: {name!r} maps to missing file {fpath}")
             out[name] = fpath
+        for fpath in sorted(set(out.values())):  # a damaged shard is named now, not mid-load
+            with _open_safetensors(fpath):
+                pass
         return out
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if len(files) != 1:
@@ -617,8 +640,20 @@ def _tensor_files(folder: str) -> dict[str, str]:
         raise FileNotFoundError(f"{folder}: {what} and no model.safetensors.index.json "
                                 f"(only safetensors checkpoints are read)")
     fpath = os.path.join(folder, files[0])
-    with safe_open(fpath, framework="np") as f:
+    with _open_safetensors(fpath) as f:
         return {name: fpath for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+
+
+def _open_safetensors(fpath: str) -> Any:
+    """`safe_open(fpath)`, its errors (a truncated or damaged file) naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(fpath, framework="np")
+    except (SafetensorError, OSError) as e:
+        size = os.path.getsize(fpath) if os.path.exists(fpath) else 0
+        raise ValueError(f"{fpath}: cannot read this safetensors file ({size} bytes; "
+                         f"truncated or damaged?): {e}") from e
 
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # non-persistent RoPE buffers in old checkpoints
@@ -697,7 +732,6 @@ def load_hf(path: PathLike, *, dtype: Any = None, mesh: Mesh | None = None
       ValueError / FileNotFoundError naming the file and tensor for missing, unexpected or
       mis-shaped tensors and for config options the decoder does not implement.
     """
-    from safetensors import safe_open
 
     folder = _local_dir(path)
     cfg_path = os.path.join(folder, "config.json")
@@ -717,12 +751,13 @@ def load_hf(path: PathLike, *, dtype: Any = None, mesh: Mesh | None = None
                  if mesh is not None else None)
 
     params: Params = {}
+    nonfinite: list[str] = []
     with contextlib.ExitStack() as stack:
         handles: dict[str, Any] = {}
 
         def handle(fpath: str) -> Any:
             if fpath not in handles:
-                handles[fpath] = stack.enter_context(safe_open(fpath, framework="np"))
+                handles[fpath] = stack.enter_context(_open_safetensors(fpath))
             return handles[fpath]
 
         for spec in specs:
@@ -735,18 +770,33 @@ def load_hf(path: PathLike, *, dtype: Any = None, mesh: Mesh | None = None
             if got != want:
                 raise ValueError(f"{fpath}: tensor {name!r} has shape {list(got)}, expected "
                                  f"{list(want)} for {config.describe()}")
-            params_leaf = _load_leaf(spec, shape, tensor, np_dtype,
-                                     None if shardings is None
-                                     else _tree_get(shardings, spec.path))
+            finite = [True]
+            try:
+                params_leaf = _load_leaf(spec, shape, tensor, np_dtype,
+                                         None if shardings is None
+                                         else _tree_get(shardings, spec.path), finite)
+            except Exception as e:  # noqa: BLE001 - safetensors / IO errors of a damaged file
+                raise ValueError(f"{fpath}: cannot read tensor {name!r} (truncated or damaged "
+                                 f"file?): {type(e).__name__}: {e}") from e
+            if not finite[0]:
+                nonfinite.append(f"{name} ({os.path.basename(fpath)})")
             _tree_set(params, spec.path, params_leaf)
+    if nonfinite:
+        logging.warning("load_hf(%s): %d tensor(s) hold NaN or inf values: %s%s", folder,
+                        len(nonfinite), ", ".join(nonfinite[:5]),
+                        " ..." if len(nonfinite) > 5 else "")
     return config, params
 
 
 def _load_leaf(spec: TensorSpec, shape: tuple[int, ...], tensor: Any, np_dtype: np.dtype,
-               sharding: Any) -> jax.Array:
-    """One param from an open safetensors slice: whole, or shard by shard on `sharding`."""
+               sharding: Any, finite: list[bool] | None = None) -> jax.Array:
+    """One param from an open safetensors slice: whole, or shard by shard on `sharding`.
+    `finite[0]` is set False when a block read holds NaN or inf."""
     def read(hf_index: tuple[slice, ...]) -> np.ndarray:
-        return tensor[hf_index]
+        block = tensor[hf_index]
+        if finite is not None and finite[0] and not np.isfinite(block).all():
+            finite[0] = False
+        return block
 
     if sharding is None:
         full = tuple(slice(None) for _ in shape)

@@ -37,3 +37,24 @@ def cpu_kernels() -> None:
         pytest.skip(f"CPU kernels unavailable: {reason}")
     pytest.fail(f"a C++ compiler ({library.compiler()}) is present but the CPU kernels are "
                 f"unavailable: {reason}")
+
+
+def _flip_bytes(step_dir, n: int = 64) -> None:
+    """Flip `n` bytes in the middle of the largest file of a checkpoint step's state: the array
+    data (so values change and the file still parses; only the checksums can tell)."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+    target = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    mid = len(data) // 2 - n // 2
+    for i in range(mid, mid + n):
+        data[i] ^= 0xFF
+    target.write_bytes(bytes(data))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def flip_bytes():
+    """The checkpoint-corruption helper of the integrity tests (`_flip_bytes`)."""
+    return _flip_bytes

@@ -20,7 +20,7 @@ from scalign.models import ModelConfig, init_params
 from scalign.objectives.logprobs import token_log_probs
 from scalign.sampling import Sampler
 from scalign.training.checkpoint import Checkpointer
-from scalign.training.loop import Interrupted
+from scalign.training.loop import Interrupted, NonFiniteError
 from scalign.training.state import OptimizerConfig, make_optimizer
 
 V, TARGET = 48, 7          # vocabulary; the token the toy reward pays for
@@ -48,9 +48,10 @@ def _pg_loss(config: ModelConfig):
     return loss_fn
 
 
-def _iterate(prompts, sizes_log):
+def _iterate(prompts, sizes_log, nan_at: tuple[int, ...] = ()):
     """One toy iteration: 8 prompts x 4 samples -> reward = share of TARGET tokens ->
-    advantages against the prompt's mean -> one policy-gradient step."""
+    advantages against the prompt's mean -> one policy-gradient step. `nan_at`: iterations
+    whose advantages are NaN (a test hook for the non-finite guard)."""
     def iterate(loop: OnlineLoop, k: int, key):
         ids = loop.pool.sample(P, host_rng(key))
         batch_prompts = [prompts[i] for i in ids]
@@ -59,6 +60,8 @@ def _iterate(prompts, sizes_log):
         valid = np.arange(M)[None, None, :] < out.lengths[..., None]
         reward = ((out.tokens == TARGET) & valid).sum(-1) / np.maximum(out.lengths, 1)
         adv = (reward - reward.mean(axis=1, keepdims=True)).reshape(-1).astype(np.float32)
+        if k in nan_at:
+            adv[3] = np.nan
         batch = pack_rollout(batch_prompts, out.tokens, out.lengths, pad_id=0, width=16)
         old = loop.log_probs(batch["tokens"])  # training-forward log-probs, as PPO would use
         metrics = loop.update({"tokens": batch["tokens"],
@@ -70,7 +73,7 @@ def _iterate(prompts, sizes_log):
     return iterate
 
 
-def _make_loop(config, params, workdir=None, **kw):
+def _make_loop(config, params, workdir=None, **kw):  # kw: OnlineLoop.create's
     mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
     sampler = Sampler(config, params, None, max_new_tokens=M, min_prompt_bucket=8)
     opt = make_optimizer(OptimizerConfig(learning_rate=1e-2, total_steps=10,
@@ -146,6 +149,53 @@ def test_kill_and_resume_is_bitwise_equal(model, tmp_path):
         assert a.dtype == b.dtype and np.array_equal(a, b), "not bitwise equal"
     assert resumed.pool.state_dict() == straight.pool.state_dict()
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
+    straight.checkpointer.close()
+    resumed.checkpointer.close()
+
+
+def test_nonfinite_update_stops_naming_the_iteration_or_is_skipped(model, tmp_path):
+    config, params = model
+    loop = _make_loop(config, params, tmp_path / "stop")
+    with pytest.raises(NonFiniteError, match="iteration 2 .*last good checkpoint is step 1"):
+        loop.run(3, _iterate(_prompts(), [], nan_at=(1,)))
+    loop.checkpointer.wait()
+    assert loop.checkpointer.all_steps() == [1]  # nothing after the bad iteration was saved
+    loop.checkpointer.close()
+
+    skip = _make_loop(config, params, tmp_path / "skip", on_nonfinite="skip")
+    skip.run(1, _iterate(_prompts(), []))
+    before = _leaves(skip.params)
+    history = skip.run(2, _iterate(_prompts(), [], nan_at=(1,)))
+    assert history[-1]["skipped"] == 1 and history[-1]["skipped_updates"] == 1
+    for a, b in zip(before, _leaves(skip.params), strict=True):  # the update was not applied
+        np.testing.assert_array_equal(a, b)
+    assert int(skip.state.policy.step) == 2
+    skip.checkpointer.close()
+
+    again = _make_loop(config, params, tmp_path / "again", on_nonfinite="skip",
+                       max_consecutive_skips=2)
+    with pytest.raises(NonFiniteError, match="2 consecutive non-finite updates"):
+        again.run(4, _iterate(_prompts(), [], nan_at=(1, 2)))
+    again.checkpointer.close()
+
+
+def test_corrupted_newest_loop_checkpoint_falls_back_and_matches(model, tmp_path, flip_bytes):
+    """Flipped bytes in the newest loop checkpoint: the resumed loop restores the previous
+    one (the Checkpointer's checksums) and still ends bitwise equal to a straight run."""
+    config, params = model
+    straight = _make_loop(config, params, tmp_path / "a")
+    straight.run(3, _iterate(_prompts(), []))
+    crashed = _make_loop(config, params, tmp_path / "b")
+    with pytest.raises(Interrupted):
+        crashed.run(3, _iterate(_prompts(), []), stop_after=2)
+    crashed.checkpointer.close()
+    flip_bytes(tmp_path / "b" / "2")  # the array data of the newest step
+    resumed = _make_loop(config, params, tmp_path / "b")
+    assert resumed.restore() == 1
+    assert resumed.checkpointer.fallbacks
+    resumed.run(3, _iterate(_prompts(), []))
+    for a, b in zip(_leaves(straight.state), _leaves(resumed.state), strict=True):
+        assert np.array_equal(a, b), "not bitwise equal"
     straight.checkpointer.close()
     resumed.checkpointer.close()
 

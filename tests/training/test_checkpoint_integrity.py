@@ -32,18 +32,6 @@ def _equal(a, b) -> bool:
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
-def flip_bytes(step_dir, n: int = 64) -> None:
-    """Flip `n` bytes in the middle of the largest file of a step's state: the array data
-    (so values change and the file still parses; only the checksums can tell)."""
-    files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
-    target = max(files, key=lambda p: p.stat().st_size)
-    data = bytearray(target.read_bytes())
-    mid = len(data) // 2 - n // 2
-    for i in range(mid, mid + n):
-        data[i] ^= 0xFF
-    target.write_bytes(bytes(data))
-
-
 def _save(tmp_path, steps, *, keep=5, values=None, data_iter=None):
     ckpt = Checkpointer(tmp_path / "ckpt", save_every=1, keep=keep)
     for s in steps:
@@ -52,7 +40,7 @@ def _save(tmp_path, steps, *, keep=5, values=None, data_iter=None):
     return ckpt
 
 
-def test_flipped_bytes_in_newest_fall_back_to_previous(tmp_path):
+def test_flipped_bytes_in_newest_fall_back_to_previous(tmp_path, flip_bytes):
     ckpt = _save(tmp_path, [1, 2])
     flip_bytes(tmp_path / "ckpt" / "2")
     restored, _ = ckpt.restore(_state(0, 9.0))

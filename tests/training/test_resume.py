@@ -93,16 +93,6 @@ def _nan_at(*steps):
     return inject
 
 
-def flip_bytes(step_dir, n: int = 64) -> None:
-    """Flip `n` bytes in the middle of the largest file of a step's state (its array data)."""
-    target = max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
-                 key=lambda p: p.stat().st_size)
-    data = bytearray(target.read_bytes())
-    for i in range(len(data) // 2 - n // 2, len(data) // 2 + n // 2):
-        data[i] ^= 0xFF
-    target.write_bytes(bytes(data))
-
-
 def _guard_deletions(ckpt):
     """Fail if retention ever deletes a step while no newer good step exists."""
     delete = ckpt._manager.delete
@@ -114,7 +104,8 @@ def _guard_deletions(ckpt):
     ckpt._manager.delete = checked
 
 
-def test_flipped_bytes_in_newest_checkpoint_fall_back_and_match_uninterrupted(setup, tmp_path):
+def test_flipped_bytes_in_newest_checkpoint_fall_back_and_match_uninterrupted(setup, tmp_path,
+                                                                            flip_bytes):
     straight = _train(setup, tmp_path / "a")
     with pytest.raises(Interrupted):
         _train(setup, tmp_path / "b", stop_after=7, on_checkpointer=_guard_deletions)

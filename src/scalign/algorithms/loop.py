@@ -64,7 +64,7 @@ from scalign.models.config import ModelConfig
 from scalign.models.transformer import param_logical_axes
 from scalign.objectives.logprobs import token_log_probs
 from scalign.training.checkpoint import Checkpointer
-from scalign.training.loop import Interrupted
+from scalign.training.loop import NONFINITE_POLICIES, Interrupted, NonFiniteError, last_good_message
 from scalign.training.metrics import MetricsWriter, to_scalars
 from scalign.training.state import TrainState
 from scalign.training.step import init_train_state, make_eval_step, make_train_step
@@ -262,7 +262,11 @@ class OnlineLoop:
                  pool: PromptPool | None = None, checkpointer: Checkpointer | None = None,
                  metrics: MetricsWriter | None = None, stage: str = "online",
                  logprob_chunk: int | None = None, rules: parallel.Rules = parallel.DEFAULT_RULES,
-                 progress: bool = True):
+                 progress: bool = True, on_nonfinite: str = "stop",
+                 max_consecutive_skips: int = 3):
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got "
+                             f"{on_nonfinite!r}")
         if reference_in_loss and state.reference is None:
             raise ValueError("reference_in_loss=True needs a reference model (reference=True)")
         self.config = config
@@ -280,6 +284,11 @@ class OnlineLoop:
         self._policy_step = policy_step
         self._value_step = value_step
         self._sampler_source: Any = None  # first params leaf last handed to the sampler
+        self.on_nonfinite = on_nonfinite
+        self.max_consecutive_skips = int(max_consecutive_skips)
+        self.skipped_updates = 0
+        self._skip_run = 0
+        self._nonfinite: list[jax.Array] = []  # this iteration's per-update flags (device)
         self._reference_in_loss = reference_in_loss
         bsh = parallel.batch_sharding(mesh)
         self._log_probs = make_eval_step(
@@ -295,7 +304,7 @@ class OnlineLoop:
                value_optimizer: optax.GradientTransformation | None = None,
                value_loss_fn: Callable | None = None, clip_norm: float | None = 1.0,
                value_clip_norm: float | None = 1.0, grad_accum_steps: int = 1,
-               lr_schedule: optax.Schedule | None = None,
+               lr_schedule: optax.Schedule | None = None, on_nonfinite: str = "stop",
                rules: parallel.Rules = parallel.DEFAULT_RULES, **kwargs: Any) -> OnlineLoop:
         """Initialise states on their shardings and jit every step once.
 
@@ -313,8 +322,12 @@ class OnlineLoop:
           value_params / value_logical_axes / value_optimizer / value_loss_fn: an optional
             value model with its own optimizer (e.g. PPO's critic from the reward model).
           clip_norm / value_clip_norm / grad_accum_steps / lr_schedule: as `make_train_step`.
+          on_nonfinite: "stop" (an iteration with a NaN/inf loss or gradient norm raises
+            `training.loop.NonFiniteError` naming it, before anything after it is saved) or
+            "skip" (such updates are not applied, counted, and the run stops after
+            `max_consecutive_skips` of them in a row), as `training.loop.train_loop`.
           **kwargs: passed to the constructor (reward, pool, checkpointer, metrics, stage,
-            logprob_chunk, progress).
+            logprob_chunk, progress, max_consecutive_skips).
         """
         key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x6C6F6F70)  # "loop"
         axes = param_logical_axes(config)
@@ -325,7 +338,8 @@ class OnlineLoop:
                                       frozen_sharding=policy_sh.params if reference_in_loss
                                       else None,
                                       clip_norm=clip_norm, grad_accum_steps=grad_accum_steps,
-                                      lr_schedule=lr_schedule, rules=rules)
+                                      lr_schedule=lr_schedule, rules=rules,
+                                      skip_nonfinite=on_nonfinite == "skip")
         ref = None
         if reference is not False and reference is not None:
             src = params if reference is True else reference
@@ -345,7 +359,8 @@ class OnlineLoop:
                                                params=value_params)
             value_step = make_train_step(value_loss_fn, value_optimizer, mesh,
                                          state_sharding=value_sh, clip_norm=value_clip_norm,
-                                         grad_accum_steps=grad_accum_steps, rules=rules)
+                                         grad_accum_steps=grad_accum_steps, rules=rules,
+                                         skip_nonfinite=on_nonfinite == "skip")
         rep = parallel.replicated(mesh)
         state = LoopState(iteration=jax.device_put(jnp.zeros((), jnp.int32), rep),
                           rng=jax.device_put(key, rep), policy=policy, value=value,
@@ -354,7 +369,8 @@ class OnlineLoop:
                              reference=policy_sh.params if ref is not None else None)
         return cls(config, mesh=mesh, sampler=sampler, state=state, state_sharding=sharding,
                    policy_step=policy_step, value_step=value_step,
-                   reference_in_loss=reference_in_loss, rules=rules, **kwargs)
+                   reference_in_loss=reference_in_loss, rules=rules,
+                   on_nonfinite=on_nonfinite, **kwargs)
 
     # ------------------------------------------------------------------ verbs
     @property
@@ -404,6 +420,7 @@ class OnlineLoop:
         else:
             policy, metrics = self._policy_step(self.state.policy, device_batch)
         self.state = self.state.replace(policy=policy)
+        self._nonfinite.append(metrics["nonfinite"])
         return metrics
 
     def update_value(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
@@ -414,6 +431,7 @@ class OnlineLoop:
                                           parallel.shard_batch(batch, self.mesh,
                                                                global_batch=True))
         self.state = self.state.replace(value=value)
+        self._nonfinite.append(metrics["nonfinite"])
         return metrics
 
     def refresh_reference(self) -> None:
@@ -445,7 +463,8 @@ class OnlineLoop:
         k = int(self.state.iteration)
         get = getattr(iterate, "state_dict", None)
         meta = {"stage": self.stage, "iteration": k, "pool": self.pool.state_dict(),
-                "history": self.history, "iterate": get() if callable(get) else None}
+                "history": self.history, "iterate": get() if callable(get) else None,
+                "skipped_updates": self.skipped_updates, "skip_run": self._skip_run}
         return self.checkpointer.maybe_save(k, self.state, None, meta, force=force)
 
     def restore(self, iterate: Any = None) -> int | None:
@@ -457,12 +476,38 @@ class OnlineLoop:
         self.state = state
         self.pool = PromptPool.from_state_dict(meta["pool"])
         self.history = list(meta.get("history", []))
+        self.skipped_updates = int(meta.get("skipped_updates", 0))
+        self._skip_run = int(meta.get("skip_run", 0))
         load = getattr(iterate, "load_state_dict", None)
         if callable(load) and meta.get("iterate") is not None:
             load(meta["iterate"])
         return int(state.iteration)
 
     # ------------------------------------------------------------------ the loop
+    def _check_nonfinite(self, k: int) -> int:
+        """Read this iteration's non-finite flags (one host read per iteration); raise or
+        count them by `on_nonfinite`. Returns how many updates were non-finite."""
+        flags = [float(x) > 0 for x in jax.device_get(self._nonfinite)]
+        self._nonfinite = []
+        if not any(flags):
+            self._skip_run = 0
+            return 0
+        if self.on_nonfinite == "stop":
+            raise NonFiniteError(
+                f"{self.stage}: non-finite loss or gradient norm in iteration {k + 1} (update "
+                f"{flags.index(True) + 1} of {len(flags)}); nothing after it is saved"
+                f"{last_good_message(self.checkpointer)} (on_nonfinite='skip' skips such updates)",
+                k + 1)
+        for f in flags:
+            self._skip_run = self._skip_run + 1 if f else 0
+            self.skipped_updates += int(f)
+            if self._skip_run >= self.max_consecutive_skips:
+                raise NonFiniteError(
+                    f"{self.stage}: {self.max_consecutive_skips} consecutive non-finite updates "
+                    f"skipped, the last in iteration {k + 1} ({self.skipped_updates} skipped in "
+                    f"all); stopping", k + 1)
+        return sum(flags)
+
     def run(self, num_iterations: int, iterate: Iterate, *, stop_after: int | None = None
             ) -> list[dict[str, float]]:
         """Run iterations until `num_iterations` are complete (resuming from the newest
@@ -481,8 +526,12 @@ class OnlineLoop:
             for k in range(start, num_iterations):
                 t0 = time.perf_counter()
                 key = jax.random.fold_in(self.state.rng, k)
+                self._nonfinite = []
                 out = iterate(self, k, key) or {}
                 scalars = to_scalars(out)
+                bad = self._check_nonfinite(k)
+                if self.on_nonfinite == "skip":
+                    scalars.update(skipped=float(bad), skipped_updates=float(self.skipped_updates))
                 scalars["iteration_s"] = time.perf_counter() - t0
                 self.state = self.state.replace(iteration=jax.device_put(
                     jnp.asarray(k + 1, jnp.int32), self.state_sharding.iteration))

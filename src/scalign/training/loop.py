@@ -147,13 +147,13 @@ def train_loop(step_fn: Callable[[TrainState, Any], tuple[TrainState, dict[str, 
             raise NonFiniteError(
                 f"{stage}: non-finite loss or gradient norm at step {got['first']} (checked at "
                 f"step {done}); stopped without saving a checkpoint after it"
-                f"{_last_good(checkpointer)} (on_nonfinite='skip' skips such updates instead)",
+                f"{last_good_message(checkpointer)} (on_nonfinite='skip' skips such updates instead)",
                 got["first"])
         if on_nonfinite == "skip" and got["stop"] >= 0:
             raise NonFiniteError(
                 f"{stage}: {max_consecutive_skips} consecutive non-finite updates skipped, the "
                 f"last at step {got['stop']} ({got['total']} skipped in all); stopping"
-                f"{_last_good(checkpointer)}", got["stop"])
+                f"{last_good_message(checkpointer)}", got["stop"])
         return got["total"]
     for step in range(start, num_steps):
         try:
@@ -205,7 +205,7 @@ def train_loop(step_fn: Callable[[TrainState, Any], tuple[TrainState, dict[str, 
                       skipped_steps=skipped, checkpoint_fallbacks=fallbacks)
 
 
-def _last_good(checkpointer: Checkpointer | None) -> str:
+def last_good_message(checkpointer: Checkpointer | None) -> str:
     if checkpointer is None:
         return ""
     checkpointer.wait()

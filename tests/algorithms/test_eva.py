@@ -128,25 +128,31 @@ class _FixedSampler:
         self.replies = list(replies)
         self.calls = []
 
-    def generate(self, texts, n, **kw):
-        self.calls.append((list(texts), kw))
-        out = [[self.replies.pop(0)] for _ in texts]
+    tokenizer = type("Chars", (), {"encode": staticmethod(
+        lambda s, add_bos=True: [ord(ch) for ch in s])})()
+
+    def generate_ids(self, prompts, n, **kw):
+        self.calls.append(([("".join(chr(i) for i in p)) for p in prompts], kw))
+        out = [[self.replies.pop(0)] for _ in prompts]
         return type("Out", (), {"texts": out})()
 
 
 def test_llm_evolver_filters_and_counts():
     sampler = _FixedSampler(["  Explain tides, citing two causes. ", "", "x" * 700,
-                             "explain   TIDES, citing two causes.", "Describe monsoons."])
-    ev = LLMEvolver(sampler, templates=("constraints", "breadth"), max_chars=600)
-    items = [{"prompt": f"Explain tides {i}.", "topic": "sea"} for i in range(5)]
+                             "explain   TIDES, citing two causes.", "Describe monsoons.",
+                             "Rewrite the task below so that it adds exactly one new "
+                             "requirement or constraint: tides."])
+    ev = LLMEvolver(sampler, templates=("constraints",), max_chars=600)
+    items = [{"prompt": f"Explain tides {i}.", "topic": "sea"} for i in range(6)]
     out = ev.mutate(items, np.random.default_rng(0))
     assert out[0] == {"prompt": "Explain tides, citing two causes.", "topic": "sea",
                       "evolution": out[0]["evolution"]}
     assert out[1] is None and out[2] is None and out[3] is None
     assert out[4]["prompt"] == "Describe monsoons."
-    assert ev.counts == {"accepted": 2, "empty": 1, "too_long": 1, "duplicate": 1}
+    assert out[5] is None  # the creator echoed its instruction
+    assert ev.counts == {"accepted": 2, "empty": 1, "too_long": 1, "duplicate": 1, "echo": 1}
     texts, kw = sampler.calls[0]
-    assert all(t.startswith(("Rewrite", "Write one new task")) for t in texts)
+    assert all(t.startswith("Rewrite the task below so that it adds") for t in texts)
     assert "Explain tides 0." in texts[0] and kw["temperature"] == 0.88
     with pytest.raises(ValueError, match="unknown evolve templates"):
         LLMEvolver(sampler, templates=("shorten",))

@@ -94,18 +94,20 @@ class LLMEvolver:
     Args:
       sampler: a `Sampler` of the creator model (with its tokenizer).
       params: the creator's params (passed per call: the sampler keeps no copy).
-      render: prompt text -> the text fed to the creator (e.g. a chat template applied by the
-        caller); default: the instruction as is.
+      encode: instruction text -> the creator's prompt ids, e.g.
+        `lambda s: render_chat([{"role": "user", "content": s}], "gemma").encode(tok)` for a
+        chat model (`models.chat`); default: bos + the tokenizer's encoding of the text.
       templates: names of `EVOLVE_TEMPLATES` to draw from uniformly (one per item).
       key_field: the item field holding the prompt text.
       temperature / top_p / max_new_tokens: creator decoding.
       max_chars: proposals longer than this are rejected ("too_long").
-      stop_strings: where a rewrite ends (default: a blank line, i.e. one paragraph).
+      stop_strings: where a rewrite ends (default: a blank line, i.e. one paragraph); a chat
+        model also stops at its end-of-turn id (the sampler's `eos_ids`).
     """
 
     sampler: Any
     params: Any = None
-    render: Callable[[str], str] = lambda s: s
+    encode: Callable[[str], Sequence[int]] | None = None
     templates: Sequence[str] = tuple(EVOLVE_TEMPLATES)
     key_field: str = "prompt"
     temperature: float = 0.88
@@ -127,14 +129,15 @@ class LLMEvolver:
             return []
         names = [self.templates[int(i)] for i in rng.integers(0, len(self.templates),
                                                               len(items))]
-        texts = [self.render(EVOLVE_TEMPLATES[n].format(prompt=it[self.key_field]))
-                 for n, it in zip(names, items, strict=True)]
+        encode = self.encode or (lambda s: self.sampler.tokenizer.encode(s, add_bos=True))
+        prompts = [list(encode(EVOLVE_TEMPLATES[n].format(prompt=it[self.key_field])))
+                   for n, it in zip(names, items, strict=True)]
         key = jax.random.PRNGKey(int(rng.integers(0, 2**31 - 1)))
         kw = {} if self.params is None else {"params": self.params}
-        out = self.sampler.generate(texts, 1, key=key, temperature=self.temperature,
-                                    top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-                                    stop_strings=tuple(self.stop_strings),
-                                    include_stop_string=False, **kw)
+        out = self.sampler.generate_ids(prompts, 1, key=key, temperature=self.temperature,
+                                        top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                                        stop_strings=tuple(self.stop_strings),
+                                        include_stop_string=False, **kw)
         proposals: list[Item | None] = []
         for name, item, row in zip(names, items, out.texts, strict=True):
             proposals.append(self._accept(name, item, row[0]))
@@ -157,6 +160,9 @@ class LLMEvolver:
             self.counts["too_long"] += 1
             return None
         norm = _normalise(text)
+        if _normalise(EVOLVE_TEMPLATES[name].split(".")[0]) in norm:
+            self.counts["echo"] += 1  # the creator repeated its instruction, not a task
+            return None
         if norm in self.seen:
             self.counts["duplicate"] += 1
             return None

@@ -49,6 +49,8 @@ def get_config() -> ConfigDict:
     c.reward_models.train.log_every = 50
     c.reward_models.train.checkpoint_every = 500
     c.reward_models.train.optimizer.warmup_steps = 30
+    # pad each evaluator batch to a multiple of 8 tokens past its longest row, not to seq_len 72
+    c.reward_models.train.bucket_step = 8
 
     c.rerank.problems_per_level = 64
     c.rerank.max_n = 64

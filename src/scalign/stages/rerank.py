@@ -211,32 +211,44 @@ class RerankStage(Stage):
         rows = []
         for split, lvs in splits.items():
             for kind in kinds:
-                labels, scores = [], []
-                outcome, sol_scores = [], {a: [] for a in (*aggs, "last")}
+                labels, scores, outcome = [], [], []
+                sol_scores = {a: [] for a in (*aggs, "last")}
                 for per in samples:
                     for lv in lvs:
                         ls = per[lv]
-                        for i, row in enumerate(ls.step_scores[kind]):
-                            for j, reads in enumerate(row):
-                                outcome.append(bool(ls.correct[i, j]))
-                                for a in sol_scores:
-                                    sol_scores[a].append(aggregate(reads, a) if reads else 0.0)
-                                if kind == "orm":
-                                    continue
-                                steps = ls.step_labels[i][j]
-                                for k, y in enumerate(steps[:len(reads)]):
-                                    labels.append(bool(y))
-                                    scores.append(reads[k])
-                                    if not y:
-                                        break
+                        outcome.append(ls.correct.reshape(-1))
+                        reads = [r for row in ls.step_scores[kind] for r in row]
+                        padded, mask = pad_steps(reads)
+                        for a in sol_scores:
+                            sol_scores[a].append(np.asarray(aggregate(padded, a, mask)))
+                        if kind == "orm":
+                            continue
+                        # step AUC over the steps up to and including the first wrong one
+                        steps = [y for row in ls.step_labels for y in row]
+                        lab, lmask = pad_steps(steps)
+                        width = padded.shape[1]
+                        lab = np.pad(lab, ((0, 0), (0, max(width - lab.shape[1], 0))))[:, :width]
+                        lmask = np.pad(lmask, ((0, 0), (0, max(width - lmask.shape[1], 0))))[
+                            :, :width]
+                        valid = mask & lmask
+                        ok = np.where(valid, lab, 0.0) > 0.5
+                        before_ok = np.cumprod(np.concatenate(
+                            [np.ones((len(ok), 1), bool), ok[:, :-1]], axis=1), axis=1) > 0
+                        use = valid & before_ok
+                        labels.append(ok[use])
+                        scores.append(padded[use])
+                outcome_arr = np.concatenate(outcome)
                 if kind != "orm":
+                    lab_arr = np.concatenate(labels)
                     rows.append({"evaluator": kind, "split": split, "kind": "step_auc",
-                                 "aggregation": "none", "value": roc_auc(labels, scores),
-                                 "count": len(labels)})
+                                 "aggregation": "none",
+                                 "value": roc_auc(lab_arr, np.concatenate(scores)),
+                                 "count": int(lab_arr.size)})
                 for a in (("last",) if kind == "orm" else aggs):
                     rows.append({"evaluator": kind, "split": split, "kind": "outcome_auc",
-                                 "aggregation": a, "value": roc_auc(outcome, sol_scores[a]),
-                                 "count": len(outcome)})
+                                 "aggregation": a,
+                                 "value": roc_auc(outcome_arr, np.concatenate(sol_scores[a])),
+                                 "count": int(outcome_arr.size)})
         return rows
 
     def load(self, ctx: Context) -> None:

@@ -58,7 +58,12 @@ from scalign.models.transformer import param_logical_axes
 from scalign.objectives.reward import RewardFeaturizer, make_reward_loss
 from scalign.reporting import line_plot, markdown_table
 from scalign.sampling import Sampler
-from scalign.stages.common import run_training, training_model, validate_training
+from scalign.stages.common import (
+    length_buckets,
+    run_training,
+    training_model,
+    validate_training,
+)
 from scalign.stages.data import check_paths_exist, math_paths
 from scalign.training.checkpoint import load_model, save_model
 from scalign.training.metrics import read_metrics
@@ -208,7 +213,7 @@ class RewardModelsStage(Stage):
             raise ValueError(f"reward_models: no {kind} training records (all samples dropped)")
         data_iter = make_batch_iterator(
             records, RewardFeaturizer(pad_id=tokenizer.pad_id, kind=kind),
-            batch_size=int(cfg.train.batch_size), seq_len=int(cfg.train.seq_len),
+            batch_size=int(cfg.train.batch_size), **length_buckets(cfg.train),
             seed=int(ctx.config.seed), num_epochs=None,
             on_too_long=cfg.train.get("on_too_long", "error"))
         init_params = add_scalar_head(model, policy_params, ctx.key(self.name, kind, "head"))

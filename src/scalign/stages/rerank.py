@@ -15,6 +15,11 @@ same samples and subsets), `diff_ci_low` / `diff_ci_high` (95% percentile bootst
 problems, `config.rerank.bootstrap_samples` resamples, default 2000; problems of all in-run
 seeds pooled).
 
+A PRM/OPRM step score is read at the step delimiter's first token (`step_read="end"`, default)
+or, as in the easy-to-hard code, as the minimum of the probabilities at the three positions
+around it (`"around_min"`: sigma is monotone, so this is sigma of the min logit); the answer
+segment is read at its last token.
+
 Also the evaluators' ROC-AUCs on the sampled test solutions (`results.json["evaluators"]`):
 step AUC over steps up to and including the first wrong one (the PRM800K labelling), and
 outcome AUC of each aggregated solution score against final-answer correctness.
@@ -81,6 +86,9 @@ class RerankStage(Stage):
             return
         if cfg.get("max_n", 1) < 1:
             errors.append(f"config.rerank.max_n={cfg.max_n} must be >= 1")
+        if cfg.get("step_read", "end") not in ("end", "around_min"):
+            errors.append(f"config.rerank.step_read must be 'end' or 'around_min', got "
+                          f"{cfg.get('step_read')!r}")
         bad = [a for a in cfg.get("aggregations", AGGREGATIONS) if a not in AGGREGATIONS]
         if bad:
             errors.append(f"config.rerank.aggregations has unknown entries {bad}; "
@@ -99,6 +107,7 @@ class RerankStage(Stage):
                                      batch_size=int(cfg.get("score_batch_size", 128)))
                    for k, (m, p) in rms.items()}
         token_bytes = tokenizer.token_bytes()
+        around = cfg.get("step_read", "end") == "around_min"
         out = {}
         for lv in cfg.levels:
             problems = list(domain.test_problems(lv))[:int(cfg.problems_per_level)]
@@ -122,11 +131,16 @@ class RerankStage(Stage):
                     for j in range(K):
                         pos, pr = positions[i][j], probs[i * K + j]
                         if kind == "orm":
-                            reads = [pos.final_position]
+                            row.append([float(pr[pos.final_position])])
+                            continue
+                        if around:  # min of the probabilities at p-1, p, p+1 = sigma(min logit)
+                            steps = [float(pr[max(r - 1, 0): r + 2].min())
+                                     for r in pos.step_positions]
                         else:
-                            reads = list(pos.step_positions) + (
-                                [pos.answer_position] if pos.answer_position is not None else [])
-                        row.append([float(pr[r]) for r in reads])
+                            steps = [float(pr[r]) for r in pos.step_positions]
+                        if pos.answer_position is not None:
+                            steps.append(float(pr[pos.answer_position]))
+                        row.append(steps)
                     table.append(row)
                 scores[kind] = table
             out[lv] = LevelSamples(

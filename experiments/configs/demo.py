@@ -17,7 +17,7 @@ def get_config() -> ConfigDict:
 
     c.data = ConfigDict()
     c.data.domain = "stepmath"
-    c.data.design = None  # stepmath.DEFAULT_DESIGN
+    c.data.design = None  # stepmath.DEFAULT_DESIGN ("reach4"; "graded99" before issue 15)
     c.data.levels = (1, 2, 3, 4, 5)
     c.data.n_train = 4000
     c.data.n_test = 200
@@ -35,7 +35,7 @@ def get_config() -> ConfigDict:
     # policy learns the rare level 4-5 facts too and the easy-to-hard gap closes).
     c.sft.steps = 1200
     c.sft.batch_size = 16
-    c.sft.seq_len = 56
+    c.sft.seq_len = 64  # reach4: bos + prompt <= 26 + response <= 36 + eos (graded99: 56)
     c.sft.grad_accum_steps = 1
     c.sft.clip_norm = 1.0
     c.sft.log_every = 50

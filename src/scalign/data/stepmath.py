@@ -33,17 +33,27 @@ close to uniform at every level (a constant guess scores about 1/M).
 **Levels.** A `Design` maps each level to a `LevelSpec` (chain length, number of `*` and of
 `-`, and which multipliers), plus the modulus and two layout switches (`spaced`: "3 + 4 = 0";
 `reverse`: operations written right to left, next to the start value). Designs never let two
-levels produce the same problem. `DEFAULT_DESIGN` is "graded99" (see `DESIGNS`): every level
-has four operations; levels 1-3 add, subtract and multiply by small numbers, levels 4-5 multiply
-two or three times by 4-6, facts that level-3 problems show only rarely (3 in 99 draws). What a
-tiny policy SFT'd on levels 1-3 then does on each level is measured by
-`experiments/studies/stepmath_learnability.py` (numbers in that script's docstring): after
-1200 SFT steps it solves easy problems and fails hard ones often but not always; with more
-steps it learns the rare facts too and the gap closes.
+levels produce the same problem. `graded99` (the default until issue 15): every level has four
+operations; levels 1-3 add, subtract and multiply by small numbers, levels 4-5 multiply two or
+three times by 4-6, facts that level-3 problems show only rarely (3 in 99 draws). There the
+evaluator needs the same rare facts as the generator, so an easy-trained PRM barely judged hard
+steps (hard outcome ROC-AUC 0.53-0.57 over 3 seeds, `experiments/results/e2h_stepmath_2026-11-27`).
+
+**Search designs** (`ReachSpec`; `DEFAULT_DESIGN` = "reach4"): "Mod 10, reach 7: 3+4?5*2?6"
+-- the solver chooses the "?" operations so that the chain ends at the target; steps are the
+same "a op b = c" lines, the answer is the filled chain ("3+4*5*2-6"; any filling that reaches
+the target is right). Every level has 4 single-digit steps; a level fixes how many "?" there are
+and how many of the fillings reach the target, so hard problems need more search (Gandhi et al.
+2024, Stream of Search: Countdown) while checking a step stays the same local arithmetic. What a
+tiny policy learns of each design is measured by `experiments/studies/stepmath_learnability.py`
+(numbers in that script's docstring).
 
 **Verifier.** `verify(problem, text)` labels every step of any generated solution: step k is
 correct iff it reads ``"a op b = c"`` (spaces optional) with `a` the correct running value,
-`op`/`b` the k-th operation of the question and `c = (a op b) mod M`. Labels follow the PRM800K
+`op`/`b` the k-th operation of the question and `c = (a op b) mod M`. In a search problem `a` is
+the result of the solver's own previous step and any operation is valid at a "?" (local
+validity, as PRM800K rates steps: a valid step that cannot reach the target is still positive);
+the answer is graded by whether the filled chain reaches the target. Labels follow the PRM800K
 convention: 1 for correct steps up to the first error, 0 for the first wrong step and every
 step after it. The final answer is graded separately (`outcome_correct`), and `answer_label`
 is 1 iff every step is correct, the chain is complete and the answer is right. Malformed text
@@ -251,7 +261,7 @@ DESIGNS: dict[str, Design] = {
                                 3: ReachSpec(4, 2, (1, 2)), 4: ReachSpec(4, 3, (1, 3)),
                                 5: ReachSpec(4, 4, (1, 6))}, modulus=10),
 }
-DEFAULT_DESIGN = "graded99"
+DEFAULT_DESIGN = "reach4"
 
 
 def get_design(design: str | Design | None) -> Design:

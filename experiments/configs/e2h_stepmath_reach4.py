@@ -27,6 +27,7 @@ def get_config() -> ConfigDict:
     c = module.get_config()
     c.name = "easy-to-hard re-ranking on stepmath reach4 (CPU, reduced)"
     c.data.design = "reach4"
+    c.sft.steps = 1200           # the run committed with this config (the demo now uses 2000)
     c.sft.seq_len = 64           # reach4: prompt <= 26 + response <= 36 tokens, + bos/eos
     c.reward_models.problems_per_level = 800
     c.rerank.problems_per_level = 100

@@ -44,13 +44,13 @@ def _problem():
 
 def test_reach_step_labels_are_local_validity_and_first_error_is_reported():
     p = _problem()
-    # a valid step that cannot reach the target: every step labelled 1 (PRM800K), the answer
-    # is wrong and the first error is the answer
+    # a valid step that cannot reach the target is labelled 1 (PRM800K); the last step, whose
+    # result is not the target, is the first error
     text = "4+7=1\n\n1+6=7\n\n7*7=9\n\n9*2=8\n\n# Answer\n\n4+7+6*7*2"
     v = stepmath.verify(p, text)
-    assert v.step_labels == (1, 1, 1, 1)
+    assert v.step_labels == (1, 1, 1, 0)
     assert not v.outcome_correct and v.answer_label == 0
-    assert v.error == "wrong_answer" and v.first_error == 4
+    assert v.error == stepmath.ERR_TARGET and v.first_error == 3
     # wrong arithmetic at step 2: labels 1, 0, 0, 0
     v = stepmath.verify(p, "4-7=7\n\n7+6=4\n\n4*7=8\n\n8*2=6\n\n# Answer\n\n4-7+6*7*2")
     assert v.step_labels == (1, 0, 0, 0) and v.error == stepmath.ERR_ARITHMETIC
@@ -60,7 +60,10 @@ def test_reach_step_labels_are_local_validity_and_first_error_is_reported():
     assert v.error == stepmath.ERR_OPERATION and v.first_error == 1
     # the running value follows the solver's own previous result
     v = stepmath.verify(p, "4*7=8\n\n8+6=4\n\n4*7=8\n\n8*2=6\n\n# Answer\n\n4*7+6*7*2")
-    assert v.step_labels == (1, 1, 1, 1) and v.error == "wrong_answer"
+    assert v.step_labels == (1, 1, 1, 0) and v.error == stepmath.ERR_TARGET
+    # right steps, an answer that is not the steps' chain: the answer is the first error
+    v = stepmath.verify(p, "4-7=7\n\n7+6=3\n\n3*7=1\n\n1*2=2\n\n# Answer\n\n4+7+6*7*2")
+    assert v.step_labels == (1, 1, 1, 1) and v.error == "wrong_answer" and v.first_error == 4
 
 
 def test_reach_answers_and_keys():

@@ -52,8 +52,10 @@ tiny policy learns of each design is measured by `experiments/studies/stepmath_l
 correct iff it reads ``"a op b = c"`` (spaces optional) with `a` the correct running value,
 `op`/`b` the k-th operation of the question and `c = (a op b) mod M`. In a search problem `a` is
 the result of the solver's own previous step and any operation is valid at a "?" (local
-validity, as PRM800K rates steps: a valid step that cannot reach the target is still positive);
-the answer is graded by whether the filled chain reaches the target. Labels follow the PRM800K
+validity, as PRM800K rates steps: a valid step that cannot reach the target is still positive),
+except the last step, whose result must be the target (`ERR_TARGET`: a local comparison with
+the question, so a chain that misses the target has a negative step); the answer is graded by
+whether the filled chain reaches the target. Labels follow the PRM800K
 convention: 1 for correct steps up to the first error, 0 for the first wrong step and every
 step after it. The final answer is graded separately (`outcome_correct`), and `answer_label`
 is 1 iff every step is correct, the chain is complete and the answer is right. Malformed text
@@ -92,8 +94,9 @@ ERR_OPERATION = "wrong_operation"  # `op` or `b` is not the question's k-th oper
 ERR_ARITHMETIC = "wrong_arithmetic"  # `c != (a op b) mod M`
 ERR_EXTRA = "extra_step"           # more steps than the chain has operations
 ERR_INCOMPLETE = "incomplete"      # all steps right, but fewer than the chain needs
+ERR_TARGET = "missed_target"       # search problems: the last step does not end at the target
 ERROR_TYPES = (ERR_MALFORMED, ERR_OPERAND, ERR_OPERATION, ERR_ARITHMETIC, ERR_EXTRA,
-               ERR_INCOMPLETE)
+               ERR_INCOMPLETE, ERR_TARGET)
 
 
 # ------------------------------------------------------------------------------ designs
@@ -815,7 +818,8 @@ def check_step(problem: Problem, k: int, step: str, current: int | None = None) 
     `current` is the running value the step must start from (default: the gold chain's v_k;
     for a search problem, the result of the solver's own previous step). At a free position of
     a search problem any of + - * is a valid operation (PRM800K: a step is judged by local
-    validity, not by whether it leads to the target)."""
+    validity, not by whether it leads to the target), and the last step must end at the target
+    (its job: a local comparison with the question's target, `ERR_TARGET`)."""
     if k >= problem.num_steps:
         return ERR_EXTRA
     parsed = parse_step(step)
@@ -828,6 +832,8 @@ def check_step(problem: Problem, k: int, step: str, current: int | None = None) 
         return ERR_OPERATION
     if parsed.c != apply_op(parsed.a, parsed.op, parsed.b, problem.modulus):
         return ERR_ARITHMETIC
+    if problem.search and k == problem.num_steps - 1 and parsed.c != problem.target:
+        return ERR_TARGET
     return None
 
 

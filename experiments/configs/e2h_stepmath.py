@@ -8,9 +8,10 @@ test problem; evaluators (ORM, PRM, OPRM) trained on labelled samples of EASY tr
 only re-rank them by best-of-N and weighted voting; the question is whether that beats majority
 voting on the HARD levels (4-5), which neither the policy nor the evaluators saw.
 
-The same stages and SFT policy recipe as `demo.py` (design graded99, 1200 SFT steps: the budget
-at which the policy solves easy problems and only partly hard ones, see
-`experiments/studies/stepmath_learnability.py`), with more evaluator data and test samples:
+The same stages and SFT policy recipe as `demo.py` (the default design, `reach4` since issue
+15; the 2026-11-27 results used `graded99`: add `--config.data.design=graded99
+--config.sft.seq_len=56` to reproduce them; see `experiments/studies/stepmath_learnability.py`
+for both), with more evaluator data and test samples:
 8 labelled samples for each of 1500 easy problems per level (36,000 samples, about a third
 distinct), each evaluator trained for 2 epochs of its records (the
 paper's setting), and 64 test problems per level sampled 64 times (20,480 solutions per seed),
@@ -50,6 +51,8 @@ def get_config() -> ConfigDict:
     c.reward_models.train.log_every = 50
     c.reward_models.train.checkpoint_every = 500
     c.reward_models.train.optimizer.warmup_steps = 30
+    # pad each evaluator batch to a multiple of 8 tokens past its longest row, not to seq_len 72
+    c.reward_models.train.bucket_step = 8
 
     c.rerank.problems_per_level = 64
     c.rerank.max_n = 64

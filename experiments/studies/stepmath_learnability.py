@@ -74,6 +74,28 @@ per-step accuracy 0.46-0.89 on those, 1.00 on +/-), the error level-3 problems s
 1200 steps took 106-115 s at load <= 2 (about 90 ms per step; evaluation of 1000 greedy and
 4000 sampled solutions 18 s). lr 5e-3 (the old notes' value) and batch 32 x 600 steps
 mostly fail to learn the arithmetic at all.
+
+**Search design `reach4`** (2026-12-03, issue 15; same machine at load 7-9, i.e. ~2-4x slower;
+`--design reach4 --seed 0 --n-train 4000 --warmup 50 --min-lr-ratio 0.05 --steps 2000
+--eval-at 1200 --n-pass 40 --num-samples 64`): 4 steps mod 10 at every level, "?" operations
+chosen by the solver to reach a target (levels: 1/2/2/3/4 "?" with 1-3 of 3 / 3-9 of 9 / 1-2 of
+9 / 1-3 of 27 / 1-6 of 81 solving fillings). Greedy accuracy L1-5 and pass@64 "all steps"
+(every step verified and the filled chain reaches the target) on 40 problems per level:
+
+| reach4 seed 0 | greedy L1-5 (%) | pass@64 all-steps L1-5 (%) | step acc L1-5 (%) |
+|---|---|---|---|
+| step 1200 | 42 / 41 / 15.5 / 7 / 8.5 | 100 / 100 / 98 / 92 / 82 | - |
+| step 2000 | 42 / 41 / 15 / 7 / 9 | 100 / 100 / 100 / 97.5 / 90 | 85.5 / 85 / 79 / 77 / 77 |
+
+Facts: SFT loss 0.045 at step 1200 and 0.037 at 2000 (teacher-forced easy results 100% from
+step 1200 on), and greedy accuracy did not move between 1200 and 2000 steps: the policy does
+not learn to search in this budget. Every greedy failure's first error is wrong arithmetic, and
+it is nearly always the LAST step, whose result the policy writes as the target ("7+5=5" for
+target 5): a failure that a local step check catches, while choosing the operations that reach
+the target is search. Answers are filled chains (81 values at level 5; the most frequent gold
+answer scores 0.5%), so guessing is negligible. Easy greedy stays at chance level of the choice
+(~40%), far below the issue's 90% target; hard greedy 7-9% and hard pass@64 90-97.5% give a
+re-ranker a large margin. 1200 SFT steps took 412 s at load 7-9 (2000: 630 s).
 """
 
 from __future__ import annotations

@@ -134,6 +134,9 @@ def _evaluate_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _rerank_section(rows: list[dict[str, Any]], out: epath.Path, agg_name: str) -> list[str]:
+    paired = _index([r for r in rows if "stat" in r], "split", "evaluator", "method",
+                    "aggregation", "n", "stat")
+    rows = [r for r in rows if "stat" not in r]
     idx = _index(rows, "split", "evaluator", "method", "aggregation", "n")
     splits = list(dict.fromkeys(r["split"] for r in rows))
     ns = sorted({int(r["n"]) for r in rows})
@@ -161,9 +164,29 @@ def _rerank_section(rows: list[dict[str, Any]], out: epath.Path, agg_name: str) 
     panels_plot(fig, panels, title=f"Re-ranking with easy-trained evaluators, mean ± std over "
                 f"seeds (aggregation {agg_name})", xlabel="N (samples per problem)",
                 ylabel="accuracy", styles=styles)
-    return ["## Re-ranking (Sun et al. 2024, Table 1 layout), accuracy %", "",
-            markdown_table(table, ["method", *[f"{s} N={n}" for s in splits for n in show]]),
-            "", f"![accuracy vs N]({fig.relative_to(out)})", ""]
+    diff_table = []
+    for label, e, m, a in methods[1:]:
+        row = {"method": label}
+        for s in splits:
+            for n in show:
+                d = paired.get((s, e, m, a, n, "diff_to_majority"))
+                lo = paired.get((s, e, m, a, n, "diff_ci_low"))
+                hi = paired.get((s, e, m, a, n, "diff_ci_high"))
+                row[f"{s} N={n}"] = "-" if None in (d, lo, hi) else (
+                    f"{_pm(d)} (CI low per seed: {_per_seed(lo)}; high: {_per_seed(hi)})")
+        diff_table.append(row)
+    cols = ["method", *[f"{s} N={n}" for s in splits for n in show]]
+    md = ["## Re-ranking (Sun et al. 2024, Table 1 layout), accuracy %", "",
+          markdown_table(table, cols), ""]
+    if paired:
+        md += ["Paired difference to majority voting (points, mean ± std over seeds; same "
+               "samples and subsets per seed), with each seed's 95% bootstrap CI over problems:",
+               "", markdown_table(diff_table, cols), ""]
+    return md + [f"![accuracy vs N]({fig.relative_to(out)})", ""]
+
+
+def _per_seed(row: dict[str, Any]) -> str:
+    return "/".join(f"{100 * float(v):+.1f}" for v in str(row["values"]).split(","))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -66,7 +66,7 @@ def test_record_round_trip_str_and_bytes():
         S.parse_prompt("# Question\n\nWhat is 2 + 2?\n\n# Solution\n\n", level=1)
 
 
-@pytest.mark.parametrize("design", sorted(S.DESIGNS))
+@pytest.mark.parametrize("design", sorted(n for n, d in S.DESIGNS.items() if not d.search))
 @pytest.mark.parametrize("level", LEVELS)
 def test_levels_follow_their_spec(design, level):
     d = S.get_design(design)
@@ -81,8 +81,8 @@ def test_levels_follow_their_spec(design, level):
         assert S.verify(p, p.solution).answer_label == 1
 
 
-def test_default_design_is_graded_by_operation_kind():
-    by_level = {lv: S.generate(lv, 300, seed=0) for lv in LEVELS}
+def test_graded99_is_graded_by_operation_kind():
+    by_level = {lv: S.generate(lv, 300, seed=0, design="graded99") for lv in LEVELS}
     assert all(p.num_steps == 4 and p.modulus == 7 for ps in by_level.values() for p in ps)
     assert all(set(p.ops) == {"+"} for p in by_level[1])
     assert all("-" in p.ops and "*" not in p.ops for p in by_level[2])
@@ -109,11 +109,22 @@ PINNED = {"graded": {1: "5+6+2+1+2", 2: "2-3+4-1-2", 3: "0+6+3*2+1", 4: "2-4+5*5
                        5: "1+4*5*5*4"}}
 
 
+PINNED_QUESTIONS = {"reach4": {1: "Mod 10, reach 7: 0*5*5?9*7", 2: "Mod 10, reach 4: 0?3+3*2?2",
+                                3: "Mod 10, reach 6: 6*3?3*2?6", 4: "Mod 10, reach 6: 9?7*4?9?8",
+                                5: "Mod 10, reach 7: 8?3?9?7?8"}}
+
+
 @pytest.mark.parametrize("design", sorted(PINNED))
 def test_generation_matches_pinned_stream(design):
     got = {lv: S.generate(lv, 1, seed=123, design=design)[0].expression for lv in LEVELS}
     assert got == PINNED[design]
-    assert S.DEFAULT_DESIGN in PINNED
+    assert S.DEFAULT_DESIGN in {**PINNED, **PINNED_QUESTIONS}
+
+
+@pytest.mark.parametrize("design", sorted(PINNED_QUESTIONS))
+def test_search_generation_matches_pinned_stream(design):
+    got = {lv: S.generate(lv, 1, seed=123, design=design)[0].question for lv in LEVELS}
+    assert got == PINNED_QUESTIONS[design]
 
 
 def test_generation_is_identical_in_a_fresh_process():

@@ -11,9 +11,12 @@ from scalign.evaluation.rerank import (
     aggregate,
     answer_ids,
     best_of_n,
+    draw_subsets,
     majority_vote,
     pad_steps,
+    paired_bootstrap_diff,
     rerank_accuracy,
+    rerank_correct,
     roc_auc,
     weighted_vote,
 )
@@ -217,20 +220,82 @@ def test_rerank_accuracy_errors():
         rerank_accuracy(ANSWERS, CORRECT, SCORES, n=2, method="vote")
 
 
-def test_rerank_accuracy_is_fast_at_scale():
-    import time
+def test_rerank_accuracy_nan_score_of_a_missing_answer_is_ignored():
+    # answers [b, a, a, None]: weighted vote 0.1 for b vs 1.0 for a -> a (correct). A NaN score
+    # of the answerless sample once turned every weighted vote of the problem into NaN and the
+    # pick fell to group 0 (b).
+    answers = [["b", "a", "a", None]]
+    correct = [[False, True, True, False]]
+    for missing in (np.nan, 0.0):
+        scores = [[0.1, 0.5, 0.5, missing]]
+        for method in ("weighted", "best_of_n"):
+            assert rerank_accuracy(answers, correct, scores, n=4, method=method) == (1.0, 0.0)
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        rerank_accuracy(answers, correct, [[np.nan, 0.5, 0.5, 0.0]], n=4, method="weighted")
+
+
+def _brute_force_accuracy(answers, gold, scores, subsets, method):
+    """Every (subset, problem) through the deterministic per-problem functions."""
+    fns = {"majority": lambda a, s: majority_vote(a), "best_of_n": best_of_n,
+           "weighted": weighted_vote}
+    accs = []
+    for sub in subsets:
+        hits = [fns[method]([answers[p][j] for j in sel], [scores[p][j] for j in sel]) == gold[p]
+                for p, sel in enumerate(sub)]
+        accs.append(np.mean(hits))
+    return float(np.mean(accs))
+
+
+def test_rerank_accuracy_on_shared_subsets_matches_per_problem_rules():
+    rng = np.random.default_rng(3)
+    num_p, k, n = 40, 16, 5
+    answers = [[None if rng.random() < 0.2 else int(rng.integers(0, 5)) for _ in range(k)]
+               for _ in range(num_p)]
+    gold = [int(rng.integers(0, 5)) for _ in range(num_p)]
+    correct = [[a == g for a in row] for row, g in zip(answers, gold, strict=True)]
+    scores = rng.integers(0, 9, (num_p, k)) / 8.0
+    subsets = draw_subsets(num_p, k, n, num_subsets=7, rng=11)
+    assert subsets.shape == (7, num_p, n)
+    assert np.all(np.diff(subsets, axis=-1) > 0)            # sorted, without replacement
+    for method in ("majority", "best_of_n", "weighted"):
+        mean, _ = rerank_accuracy(answers, correct, scores, n=n, method=method, subsets=subsets)
+        assert mean == pytest.approx(_brute_force_accuracy(answers, gold, scores, subsets,
+                                                           method)), method
+
+
+def test_shared_subsets_make_methods_paired():
+    # weighted voting with equal scores IS majority voting: on one shared subset draw the two
+    # agree on every subset and problem; on two independent draws they would not.
     rng = np.random.default_rng(0)
-    num_p, k = 1000, 64
-    ids = rng.integers(-1, 6, (num_p, k))
-    answers = [[None if i < 0 else int(i) for i in row] for row in ids]
+    num_p, k, n = 300, 32, 4
+    ids = rng.integers(-1, 4, (num_p, k))
     correct = ids == 0
-    scores = rng.random((num_p, k))
-    t0 = time.perf_counter()
-    for method in ("majority", "weighted", "best_of_n"):
-        mean, std = rerank_accuracy(answers, correct, scores, n=16, method=method,
-                                    num_subsets=20, rng=0)
-        assert 0.0 <= mean <= 1.0 and std >= 0.0
-    assert time.perf_counter() - t0 < 10.0
+    ones = np.ones((num_p, k))
+    subsets = draw_subsets(num_p, k, n, num_subsets=5, rng=1)
+    maj = rerank_correct(ids, correct, None, "majority", subsets)
+    wtd = rerank_correct(ids, correct, ones, "weighted", subsets)
+    np.testing.assert_array_equal(maj, wtd)
+    diff, lo, hi = paired_bootstrap_diff(wtd, maj, rng=0)
+    assert (diff, lo, hi) == (0.0, 0.0, 0.0)
+    other = rerank_correct(ids, correct, ones, "weighted", draw_subsets(num_p, k, n, 5, rng=2))
+    assert not np.array_equal(maj, other)
+
+
+def test_paired_bootstrap_diff_interval():
+    # method a right on 60 of 100 problems, b on 50, a >= b everywhere: diff 0.10, and the CI of
+    # a mean of 10 ones among 100 zeros/ones lies within [0.04, 0.17] and excludes zero
+    a = np.zeros(100, bool)
+    a[:60] = True
+    b = np.zeros(100, bool)
+    b[:50] = True
+    diff, lo, hi = paired_bootstrap_diff(a, b, num_boot=4000, rng=0)
+    assert diff == pytest.approx(0.10)
+    assert 0.03 < lo < 0.07 and 0.13 < hi < 0.17
+    # swapped roles: the interval mirrors
+    d2, lo2, hi2 = paired_bootstrap_diff(b, a, num_boot=4000, rng=0)
+    assert d2 == pytest.approx(-0.10) and hi2 < 0
+    with pytest.raises(ValueError, match="differ in shape"):
+        paired_bootstrap_diff(a, b[:5])
 
 
 # ----------------------------------------------------------------------------- roc_auc

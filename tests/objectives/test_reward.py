@@ -278,3 +278,25 @@ def test_reward_losses_plug_into_the_train_step(tiny):
     assert losses[-1] < losses[0]
     assert "scalar_head" in state.params
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+
+
+def test_prm_label_spans_as_in_the_easy_to_hard_code():
+    from scalign.objectives.reward import label_span_positions, prm_example
+
+    # tokens 0..11, response from 4; steps end (delimiter) at 6 and 9; answer at 11
+    assert label_span_positions([6, 9], "end", 12) == [[6], [9]]
+    assert label_span_positions([6, 9], "around", 12) == [[5, 6, 7], [8, 9, 10]]
+    assert label_span_positions([6, 9], "step", 12, start=4) == [[4, 5, 6], [7, 8, 9]]
+    # neighbouring delimiters: a position already claimed stays with the earlier step
+    assert label_span_positions([3, 4], "around", 12) == [[2, 3, 4], [5]]
+    ex = prm_example(list(range(12)), [6, 9], [1, 0], answer_position=11, answer_label=0,
+                     span="step", response_start=4)
+    np.testing.assert_array_equal(np.flatnonzero(ex["label_mask"]), [4, 5, 6, 7, 8, 9, 11])
+    np.testing.assert_array_equal(ex["labels"][[4, 5, 6, 7, 8, 9, 11]], [1, 1, 1, 0, 0, 0, 0])
+    # "around" never overwrites the answer token's own label
+    ex = prm_example(list(range(12)), [6, 10], [1, 1], answer_position=11, answer_label=0,
+                     span="around")
+    np.testing.assert_array_equal(np.flatnonzero(ex["label_mask"]), [5, 6, 7, 9, 10, 11])
+    assert ex["labels"][11] == 0.0 and ex["labels"][10] == 1.0
+    with pytest.raises(ValueError, match="label span"):
+        label_span_positions([6], "middle", 12)

@@ -65,6 +65,16 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert {r["evaluator"] for r in majority} == {"none"}
     assert {r["split"] for r in majority} == {"easy", "hard", "all"}
     assert {r["n"] for r in majority} == {1, 2, 4, 8}
+    paired = {(r["split"], r["evaluator"], r["method"], r["aggregation"], r["n"], r["stat"]):
+              r["value"] for r in results["rerank"]["rows"] if "stat" in r}
+    acc = {(r["split"], r["evaluator"], r["method"], r["aggregation"], r["n"]): r["mean"]
+           for r in results["rerank"]["rows"] if "stat" not in r}
+    for split in ("easy", "hard"):
+        key = (split, "prm", "weighted", "prod", 8)
+        d = paired[(*key, "diff_to_majority")]
+        # every subset of n = K is the full set, so the paired difference is the accuracy gap
+        assert d == pytest.approx(acc[key] - acc[(split, "none", "majority", "none", 8)])
+        assert paired[(*key, "diff_ci_low")] <= d <= paired[(*key, "diff_ci_high")]
     kinds = {(r["evaluator"], r["kind"]) for r in results["evaluators"]["rows"]}
     assert ("prm", "step_auc") in kinds and ("orm", "outcome_auc") in kinds
     report = (out / "report.md").read_text()

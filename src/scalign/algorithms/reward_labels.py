@@ -57,12 +57,14 @@ class ScoredPositions:
     step_positions: index into `tokens` of each step's score token.
     answer_position: index of the last answer token, or None without an answer.
     final_position: the ORM read-out: answer_position, else the last token.
+    response_start: index of the first response token (None if unknown).
     """
 
     tokens: np.ndarray
     step_positions: tuple[int, ...]
     answer_position: int | None
     final_position: int
+    response_start: int | None = None
 
     def reads(self, kind: str) -> tuple[int, ...]:
         """The positions whose scores make up evaluator `kind`'s solution score.
@@ -96,14 +98,15 @@ def score_positions(token_bytes: Sequence[bytes], prompt_ids: Sequence[int],
     offset = len(prompt_ids)
     last = len(tokens) - 1
     if not response_ids or not text:
-        return ScoredPositions(tokens, (), None, last)
+        return ScoredPositions(tokens, (), None, last, offset)
     inside = [e for e in parsed.step_ends if e < len(text)]
     chars = inside + ([min(parsed.answer_end, len(text)) - 1]
                       if parsed.answer_end is not None and parsed.answer_end > 0 else [])
     owner = token_positions_of_chars(response_ids, chars, token_bytes) + offset
     steps = [int(p) for p in owner[:len(inside)]] + [last] * (len(parsed.step_ends) - len(inside))
     answer = int(owner[-1]) if len(chars) > len(inside) else None
-    return ScoredPositions(tokens, tuple(steps), answer, answer if answer is not None else last)
+    return ScoredPositions(tokens, tuple(steps), answer, answer if answer is not None else last,
+                           offset)
 
 
 @dataclasses.dataclass
@@ -141,7 +144,8 @@ def prm_record(pos: ScoredPositions, verdict: Any, *, after_first_error: str,
         labels, positions = labels[:cut], positions[:cut]
     rec: dict[str, Any] = {"kind": "prm", "tokens": pos.tokens, "step_end_positions": positions,
                            "step_labels": labels, "answer_position": None,
-                           "answer_label": None, "level": level, "uid": uid}
+                           "answer_label": None, "level": level, "uid": uid,
+                           "response_start": pos.response_start}
     if pos.answer_position is not None and (after_first_error == "keep" or all(labels)) \
             and pos.answer_position not in positions:
         rec["answer_position"] = pos.answer_position

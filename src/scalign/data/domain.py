@@ -79,14 +79,20 @@ class StepMathDomain:
         """Steps, their end offsets and the answer section of a generated solution."""
         return stepmath.split_solution(solution)
 
-    def answer_key(self, answer: str | None) -> int | None:
-        """Canonical form of an extracted answer for voting (an int), None if not an answer."""
+    def answer_key(self, answer: str | None) -> int | str | None:
+        """Canonical form of an extracted answer for voting: an int, or for a search design's
+        filled chain ("3+4*5*2-6") the chain without spaces; None if not an answer."""
         if answer is None:
             return None
         text = answer.strip()
-        if not text or len(text) > 32 or not text.lstrip("-").isdigit():
+        if not text or len(text) > 64:
             return None
-        return int(text)
+        if text.lstrip("-").isdigit():
+            return int(text) if len(text) <= 32 else None
+        chain = text.replace(" ", "")
+        if re.fullmatch(r"\d(?:[+\-*]\d)+", chain):
+            return chain
+        return None
 
     # ---------------------------------------------------------------- persistence
     def save(self, directory: epath.PathLike) -> None:

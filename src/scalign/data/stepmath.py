@@ -33,17 +33,29 @@ close to uniform at every level (a constant guess scores about 1/M).
 **Levels.** A `Design` maps each level to a `LevelSpec` (chain length, number of `*` and of
 `-`, and which multipliers), plus the modulus and two layout switches (`spaced`: "3 + 4 = 0";
 `reverse`: operations written right to left, next to the start value). Designs never let two
-levels produce the same problem. `DEFAULT_DESIGN` is "graded99" (see `DESIGNS`): every level
-has four operations; levels 1-3 add, subtract and multiply by small numbers, levels 4-5 multiply
-two or three times by 4-6, facts that level-3 problems show only rarely (3 in 99 draws). What a
-tiny policy SFT'd on levels 1-3 then does on each level is measured by
-`experiments/studies/stepmath_learnability.py` (numbers in that script's docstring): after
-1200 SFT steps it solves easy problems and fails hard ones often but not always; with more
-steps it learns the rare facts too and the gap closes.
+levels produce the same problem. `graded99` (the default until issue 15): every level has four
+operations; levels 1-3 add, subtract and multiply by small numbers, levels 4-5 multiply two or
+three times by 4-6, facts that level-3 problems show only rarely (3 in 99 draws). There the
+evaluator needs the same rare facts as the generator, so an easy-trained PRM barely judged hard
+steps (hard outcome ROC-AUC 0.53-0.57 over 3 seeds, `experiments/results/e2h_stepmath_2026-11-27`).
+
+**Search designs** (`ReachSpec`; `DEFAULT_DESIGN` = "reach4"): "Mod 10, reach 7: 3+4?5*2?6"
+-- the solver chooses the "?" operations so that the chain ends at the target; steps are the
+same "a op b = c" lines, the answer is the filled chain ("3+4*5*2-6"; any filling that reaches
+the target is right). Every level has 4 single-digit steps; a level fixes how many "?" there are
+and how many of the fillings reach the target, so hard problems need more search (Gandhi et al.
+2024, Stream of Search: Countdown) while checking a step stays the same local arithmetic. What a
+tiny policy learns of each design is measured by `experiments/studies/stepmath_learnability.py`
+(numbers in that script's docstring).
 
 **Verifier.** `verify(problem, text)` labels every step of any generated solution: step k is
 correct iff it reads ``"a op b = c"`` (spaces optional) with `a` the correct running value,
-`op`/`b` the k-th operation of the question and `c = (a op b) mod M`. Labels follow the PRM800K
+`op`/`b` the k-th operation of the question and `c = (a op b) mod M`. In a search problem `a` is
+the result of the solver's own previous step and any operation is valid at a "?" (local
+validity, as PRM800K rates steps: a valid step that cannot reach the target is still positive),
+except the last step, whose result must be the target (`ERR_TARGET`: a local comparison with
+the question, so a chain that misses the target has a negative step); the answer is graded by
+whether the filled chain reaches the target. Labels follow the PRM800K
 convention: 1 for correct steps up to the first error, 0 for the first wrong step and every
 step after it. The final answer is graded separately (`outcome_correct`), and `answer_label`
 is 1 iff every step is correct, the chain is complete and the answer is right. Malformed text
@@ -59,6 +71,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import re
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -66,6 +79,9 @@ OPS = ("+", "-", "*")
 QUESTION_TEMPLATE = "Mod {modulus}, left to right: {expression}"
 # Right-to-left layout: the first operation to apply is written last, next to the start value.
 QUESTION_TEMPLATE_RTL = "Mod {modulus}, apply right to left: {operations} to {start}"
+# Search layout ("reach" designs): "?" marks an operation the solver chooses.
+QUESTION_TEMPLATE_REACH = "Mod {modulus}, reach {target}: {pattern}"
+FREE_OP = "?"
 STEP_DELIMITER = "\n\n"
 ANSWER_HEADER = "# Answer"
 PROMPT_TEMPLATE = "# Question\n\n{question}\n\n# Solution\n\n"
@@ -78,8 +94,9 @@ ERR_OPERATION = "wrong_operation"  # `op` or `b` is not the question's k-th oper
 ERR_ARITHMETIC = "wrong_arithmetic"  # `c != (a op b) mod M`
 ERR_EXTRA = "extra_step"           # more steps than the chain has operations
 ERR_INCOMPLETE = "incomplete"      # all steps right, but fewer than the chain needs
+ERR_TARGET = "missed_target"       # search problems: the last step does not end at the target
 ERROR_TYPES = (ERR_MALFORMED, ERR_OPERAND, ERR_OPERATION, ERR_ARITHMETIC, ERR_EXTRA,
-               ERR_INCOMPLETE)
+               ERR_INCOMPLETE, ERR_TARGET)
 
 
 # ------------------------------------------------------------------------------ designs
@@ -133,6 +150,33 @@ class LevelSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReachSpec:
+    """A level of a search ("reach") design: every problem has `num_ops` operations with
+    operands in 2..M-1; `free` of them (random positions) are "?" -- the solver chooses + - or
+    * -- and the question gives a target value that at least one filling reaches. The level
+    also fixes how many of the 3^free fillings reach the target (`solutions`, inclusive range):
+    fewer solving fillings = more search for the generator, while checking a step stays the
+    same local arithmetic at every level."""
+
+    num_ops: int
+    free: int
+    solutions: tuple[int, int]
+
+    def __post_init__(self):
+        if not 1 <= self.free <= self.num_ops:
+            raise ValueError(f"ReachSpec.free={self.free} must be in 1..num_ops={self.num_ops}")
+        lo, hi = self.solutions
+        if not 1 <= lo <= hi <= 3 ** self.free:
+            raise ValueError(f"ReachSpec.solutions={self.solutions} must satisfy "
+                             f"1 <= lo <= hi <= 3^free = {3 ** self.free}")
+
+    def shapes(self) -> set[tuple[int, int, int]]:
+        """(num_ops, free, solution count) triples: levels of a design must not share one."""
+        return {(self.num_ops, self.free, k) for k in range(self.solutions[0],
+                                                             self.solutions[1] + 1)}
+
+
+@dataclasses.dataclass(frozen=True)
 class Design:
     """A named level table: `LevelSpec` per level, the modulus M (values are 0..M-1) and two
     layout switches (`spaced` "3 + 4 = 0"; `reverse`: operations listed right to left, next to
@@ -142,7 +186,7 @@ class Design:
     problems."""
 
     name: str
-    levels: Mapping[int, LevelSpec]
+    levels: Mapping[int, LevelSpec | ReachSpec]
     modulus: int = 7
     spaced: bool = False
     reverse: bool = False
@@ -151,6 +195,10 @@ class Design:
         if self.modulus < 3 or self.modulus > 10:
             raise ValueError(f"Design {self.name!r}: modulus must be in 3..10 (single-digit "
                              f"values), got {self.modulus}")
+        kinds = {type(spec) for spec in self.levels.values()}
+        if len(kinds) > 1:
+            raise ValueError(f"Design {self.name!r}: mixes chain (LevelSpec) and search "
+                             f"(ReachSpec) levels")
         owner: dict[tuple[int, int, int], int] = {}
         for level, spec in self.levels.items():
             for shape in spec.shapes():
@@ -160,7 +208,12 @@ class Design:
                                      f"{shape}")
                 owner[shape] = level
 
-    def spec(self, level: int) -> LevelSpec:
+    @property
+    def search(self) -> bool:
+        """True for a "reach" design (levels are `ReachSpec`)."""
+        return any(isinstance(spec, ReachSpec) for spec in self.levels.values())
+
+    def spec(self, level: int) -> LevelSpec | ReachSpec:
         if level not in self.levels:
             raise ValueError(f"design {self.name!r} has no level {level}; levels: "
                              f"{sorted(self.levels)}")
@@ -201,8 +254,17 @@ DESIGNS: dict[str, Design] = {
                                     5: LevelSpec((4,), (3,), None, (4, 5, 6))}, modulus=7),
     "length": _design("length", {lv: ((lv + 2,), tuple(range(lv + 3))) for lv in range(1, 6)},
                       modulus=7),
+    # Search ("Countdown-like"; Gandhi et al. 2024, Stream of Search): 4 operations modulo 10
+    # with operands 2-9 at every level; "?" marks operations the solver chooses so that the
+    # chain reaches the target. Level = how many "?" (1 / 2 / 2 / 3 / 4) and how many of the
+    # 3^? fillings reach the target (1-3 of 3 / 3-9 of 9 / 1-2 of 9 / 1-3 of 27 / 1-6 of 81).
+    # Every step is the same local single-digit check at every level and every question has
+    # the same length; the answer is the filled chain (structured: up to 81 values).
+    "reach4": Design("reach4", {1: ReachSpec(4, 1, (1, 3)), 2: ReachSpec(4, 2, (3, 9)),
+                                3: ReachSpec(4, 2, (1, 2)), 4: ReachSpec(4, 3, (1, 3)),
+                                5: ReachSpec(4, 4, (1, 6))}, modulus=10),
 }
-DEFAULT_DESIGN = "graded99"
+DEFAULT_DESIGN = "reach4"
 
 
 def get_design(design: str | Design | None) -> Design:
@@ -255,7 +317,12 @@ def format_step(a: int, op: str, b: int, c: int, *, spaced: bool = False) -> str
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """One chain problem: v_0 = start, v_k = (v_{k-1} ops[k] operands[k]) mod `modulus`."""
+    """One chain problem: v_0 = start, v_k = (v_{k-1} ops[k] operands[k]) mod `modulus`.
+
+    A search problem ("reach" designs) also has a `target` and `free` positions: the question
+    shows "?" there and the solver chooses the operation; `ops` is then one filling that reaches
+    the target (the gold solution), and any filling that reaches it is a correct answer.
+    """
 
     level: int
     start: int
@@ -264,6 +331,8 @@ class Problem:
     modulus: int = 7
     spaced: bool = False
     reverse: bool = False
+    target: int | None = None
+    free: tuple[int, ...] = ()
 
     def __post_init__(self):
         if len(self.ops) != len(self.operands) or not self.ops:
@@ -272,6 +341,44 @@ class Problem:
         bad = [op for op in self.ops if op not in OPS]
         if bad:
             raise ValueError(f"Problem has unknown operations {bad}; expected {OPS}")
+        if (self.target is None) != (not self.free):
+            raise ValueError("Problem: a search problem needs both a target and free positions")
+        if self.target is not None and self.values[-1] != self.target:
+            raise ValueError(f"Problem: the gold filling {self.ops} ends at {self.values[-1]}, "
+                             f"not at the target {self.target}")
+
+    @property
+    def search(self) -> bool:
+        return self.target is not None
+
+    @property
+    def pattern(self) -> str:
+        """The question's chain with "?" at the free positions: "3+4?5*2?6"."""
+        return format_expression(
+            self.start, [FREE_OP if k in self.free else op for k, op in enumerate(self.ops)],
+            self.operands, spaced=False)
+
+    def solves(self, ops: Sequence[str]) -> bool:
+        """Is `ops` a filling of this search problem (the given operations kept) that reaches
+        the target?"""
+        if len(ops) != len(self.ops) or any(op not in OPS for op in ops):
+            return False
+        if any(op != self.ops[k] for k, op in enumerate(ops) if k not in self.free):
+            return False
+        v = self.start
+        for op, b in zip(ops, self.operands, strict=True):
+            v = apply_op(v, op, b, self.modulus)
+        return v == self.target
+
+    def num_solutions(self) -> int:
+        """How many of the 3^len(free) fillings reach the target."""
+        count = 0
+        for fill in itertools.product(OPS, repeat=len(self.free)):
+            ops = list(self.ops)
+            for k, op in zip(self.free, fill, strict=True):
+                ops[k] = op
+            count += self.solves(ops)
+        return count
 
     @property
     def values(self) -> tuple[int, ...]:
@@ -288,6 +395,9 @@ class Problem:
 
     @property
     def question(self) -> str:
+        if self.search:
+            return QUESTION_TEMPLATE_REACH.format(modulus=self.modulus, target=self.target,
+                                                  pattern=self.pattern)
         if self.reverse:
             sep = " " if self.spaced else ""
             operations = sep.join(f"{op}{sep}{b}" for op, b in
@@ -304,6 +414,10 @@ class Problem:
 
     @property
     def answer(self) -> str:
+        """The final value; for a search problem the filled chain ("3+4*5*2-6"), since the
+        target itself is in the question."""
+        if self.search:
+            return format_expression(self.start, self.ops, self.operands, spaced=False)
         return str(self.values[-1])
 
     @property
@@ -358,6 +472,7 @@ def from_record(record: Mapping[str, object]) -> Problem:
 
 
 _QUESTION_RE = re.compile(r"Mod (\d+), left to right: (\d)((?: ?[+\-*] ?\d)+)")
+_QUESTION_REACH_RE = re.compile(r"Mod (\d+), reach (\d): (\d)((?:[+\-*?]\d)+)")
 _QUESTION_RTL_RE = re.compile(r"Mod (\d+), apply right to left: ((?:[+\-*] ?\d ?)+) to (\d)")
 
 
@@ -367,6 +482,9 @@ def parse_prompt(prompt: str, *, level: int) -> Problem:
     if not (prompt.startswith(head) and prompt.endswith(tail)):
         raise ValueError(f"not a stepmath prompt: {prompt[:60]!r}")
     question = prompt[len(head): len(prompt) - len(tail)]
+    m = _QUESTION_REACH_RE.fullmatch(question)
+    if m is not None:
+        return _parse_reach(m, question, level)
     m = _QUESTION_RE.fullmatch(question)
     if m is not None:
         modulus, start, rest, reverse = m.group(1), m.group(2), m.group(3), False
@@ -386,6 +504,29 @@ def parse_prompt(prompt: str, *, level: int) -> Problem:
     if p.question != question:
         raise ValueError(f"not a canonical stepmath question: {question[:60]!r}")
     return p
+
+
+def _parse_reach(m: re.Match, question: str, level: int) -> Problem:
+    """A search question -> Problem, its gold filling the first solving one in OPS order."""
+    modulus, target, start, rest = int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4)
+    marks, operands = rest[0::2], tuple(int(t) for t in rest[1::2])
+    free = tuple(k for k, op in enumerate(marks) if op == FREE_OP)
+    if not free:
+        raise ValueError(f"not a stepmath search question (no '?'): {question[:60]!r}")
+    for fill in itertools.product(OPS, repeat=len(free)):
+        ops = list(marks)
+        for k, op in zip(free, fill, strict=True):
+            ops[k] = op
+        v = start
+        for op, b in zip(ops, operands, strict=True):
+            v = apply_op(v, op, b, modulus)
+        if v == target:
+            p = Problem(level, start, tuple(ops), operands, modulus=modulus, target=target,
+                        free=free)
+            if p.question != question:
+                raise ValueError(f"not a canonical stepmath question: {question[:60]!r}")
+            return p
+    raise ValueError(f"stepmath search question without a solution: {question[:60]!r}")
 
 
 # ------------------------------------------------------------------------------ randomness
@@ -434,7 +575,31 @@ class _HashRng:
         return sorted(pool[:k])
 
 
+def _draw_reach(level: int, design: Design, rng: _HashRng) -> Problem:
+    """Rejection-sample a search problem of the level: random start, operands 2..M-1, free
+    positions and a random filling whose end value becomes the target, until the number of
+    solving fillings is in the level's range. The gold filling is the first solving one in
+    OPS order (so `parse_prompt` recovers the same problem)."""
+    spec, mod = design.spec(level), design.modulus
+    assert isinstance(spec, ReachSpec)
+    lo, hi = spec.solutions
+    for _ in range(100_000):
+        start = rng.uniform_int(0, mod - 1)
+        operands = tuple(rng.uniform_int(2, mod - 1) for _ in range(spec.num_ops))
+        free = tuple(rng.sample_positions(spec.num_ops, spec.free))
+        ops = tuple(str(rng.choice(OPS)) for _ in range(spec.num_ops))
+        v = start
+        for op, b in zip(ops, operands, strict=True):
+            v = apply_op(v, op, b, mod)
+        p = Problem(level, start, ops, operands, modulus=mod, target=v, free=free)
+        if lo <= p.num_solutions() <= hi:
+            return parse_prompt(p.prompt, level=level)
+    raise RuntimeError(f"stepmath: no level-{level} problem of design {design.name!r} found")
+
+
 def _draw(level: int, design: Design, rng: _HashRng) -> Problem:
+    if design.search:
+        return _draw_reach(level, design, rng)
     spec, mod = design.spec(level), design.modulus
     n = int(rng.choice(spec.num_ops))
     m = int(rng.choice(spec.mul_choices(n)))
@@ -466,6 +631,12 @@ def num_distinct(level: int, design: str | Design | None = None) -> int:
     """How many distinct problems a level has (a split cannot ask for more)."""
     d = get_design(design)
     spec = d.spec(level)
+    if isinstance(spec, ReachSpec):
+        # an upper bound (start x operands x free positions x fixed ops x target): levels
+        # split the space by solution count, and the streams stop long before it
+        fixed = 3 ** (spec.num_ops - spec.free)
+        return (d.modulus * (d.modulus - 2) ** spec.num_ops * _comb(spec.num_ops, spec.free)
+                * fixed * d.modulus)
 
     def count(op: str | None) -> int:
         if op == "*" and spec.mul_operands is not None:
@@ -641,19 +812,28 @@ def parse_step(step: str) -> ParsedStep | None:
     return ParsedStep(int(a), _OP_ALIASES.get(op, op), int(b), int(c))
 
 
-def check_step(problem: Problem, k: int, step: str) -> str | None:
-    """None if `step` is a correct k-th step of `problem` (0-based), else its error type."""
+def check_step(problem: Problem, k: int, step: str, current: int | None = None) -> str | None:
+    """None if `step` is a correct k-th step of `problem` (0-based), else its error type.
+
+    `current` is the running value the step must start from (default: the gold chain's v_k;
+    for a search problem, the result of the solver's own previous step). At a free position of
+    a search problem any of + - * is a valid operation (PRM800K: a step is judged by local
+    validity, not by whether it leads to the target), and the last step must end at the target
+    (its job: a local comparison with the question's target, `ERR_TARGET`)."""
     if k >= problem.num_steps:
         return ERR_EXTRA
     parsed = parse_step(step)
     if parsed is None:
         return ERR_MALFORMED
-    if parsed.a != problem.values[k]:
+    if parsed.a != (problem.values[k] if current is None else current):
         return ERR_OPERAND
-    if parsed.op != problem.ops[k] or parsed.b != problem.operands[k]:
+    op_ok = parsed.op in OPS if k in problem.free else parsed.op == problem.ops[k]
+    if not op_ok or parsed.b != problem.operands[k]:
         return ERR_OPERATION
     if parsed.c != apply_op(parsed.a, parsed.op, parsed.b, problem.modulus):
         return ERR_ARITHMETIC
+    if problem.search and k == problem.num_steps - 1 and parsed.c != problem.target:
+        return ERR_TARGET
     return None
 
 
@@ -693,8 +873,29 @@ class Verdict:
         return sum(self.step_labels)
 
 
+_FILLING_RE = re.compile(r"(\d)((?:[+\-*]\d)+)")
+
+
+def parse_filling(problem: Problem, answer: str | None) -> tuple[str, ...] | None:
+    """The operations of a search answer "3+4*5*2-6" (spaces ignored) if it is the question's
+    chain (same start and operands), else None."""
+    if answer is None or len(answer) > 64:
+        return None
+    m = _FILLING_RE.fullmatch(answer.replace(" ", ""))
+    if m is None or int(m.group(1)) != problem.start:
+        return None
+    rest = m.group(2)
+    if tuple(int(t) for t in rest[1::2]) != problem.operands:
+        return None
+    return tuple(rest[0::2])
+
+
 def grade_answer(problem: Problem, answer: str | None) -> bool:
-    """The answer text is an integer equal to the gold answer."""
+    """The answer text is an integer equal to the gold answer; for a search problem, a filling
+    of the question's chain that reaches the target."""
+    if problem.search:
+        ops = parse_filling(problem, answer)
+        return ops is not None and problem.solves(ops)
     if answer is None or _INT_RE.fullmatch(answer.strip()) is None or len(answer) > 32:
         return False
     return int(answer.strip()) == int(problem.answer)
@@ -715,11 +916,14 @@ def verify(problem: Problem, solution_text: str | bytes) -> Verdict:
     labels: list[int] = []
     first_error: int | None = None
     error: str | None = None
+    current = problem.start if problem.search else None
     for k, step in enumerate(parsed.steps):
         if first_error is None:
-            err = check_step(problem, k, step)
+            err = check_step(problem, k, step, current)
             if err is not None:
                 first_error, error = k, err
+            elif problem.search:
+                current = parse_step(step).c  # type: ignore[union-attr]
         labels.append(1 if first_error is None else 0)
     outcome = grade_answer(problem, parsed.answer)
     if first_error is None:

@@ -231,7 +231,8 @@ def _chosen_correct(ids: np.ndarray, correct: np.ndarray, scores: np.ndarray | N
     n = ids.shape[1]
     groups = max(int(ids.max(initial=-1)) + 1, 1)
     onehot = (ids[:, :, None] == np.arange(groups)) & valid[:, :, None]      # [P, n, G]
-    weights = np.ones(ids.shape) if method == "majority" else scores
+    # samples without an answer carry no vote; their score (possibly NaN) must not reach the sum
+    weights = np.ones(ids.shape) if method == "majority" else np.where(valid, scores, 0.0)
     votes = (onehot * weights[:, :, None]).sum(axis=1)                       # [P, G]
     present = onehot.any(axis=1)
     first = np.where(present, np.argmax(onehot, axis=1), n)                  # [P, G]
@@ -242,10 +243,52 @@ def _chosen_correct(ids: np.ndarray, correct: np.ndarray, scores: np.ndarray | N
     return correct[rows, rep] & any_valid
 
 
+def draw_subsets(num_problems: int, k: int, n: int, num_subsets: int,
+                 rng: np.random.Generator | int | None = None) -> np.ndarray:
+    """Random n-of-K sample subsets: int64 [R, P, n], each row sorted (original sample order, so
+    ties break as in the deterministic functions). R = num_subsets, or 1 when n = K (every subset
+    is the full set). Draw it ONCE per (problem set, n) and hand it to every method, so that
+    methods are compared on the same subsets (paired), not on independent random draws.
+    """
+    if not 1 <= n <= k:
+        raise ValueError(f"n must be in [1, K={k}], got {n}")
+    if num_subsets < 1:
+        raise ValueError(f"num_subsets must be >= 1, got {num_subsets}")
+    if n == k:
+        return np.broadcast_to(np.arange(k), (1, num_problems, k)).copy()
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(
+        0 if rng is None else rng)
+    u = gen.random((num_subsets, num_problems, k))
+    return np.sort(np.argsort(u, axis=-1)[..., :n], axis=-1)
+
+
+def rerank_correct(ids: np.ndarray, correct: np.ndarray, scores: np.ndarray | None,
+                   method: str, subsets: np.ndarray) -> np.ndarray:
+    """Per subset and problem, is the method's chosen answer right: bool [R, P].
+
+    Args:
+      ids: int [P, K] answer group ids (`answer_ids`; -1 = missing answer).
+      correct: bool [P, K].
+      scores: float [P, K] solution scores ("best_of_n" / "weighted"), or None. Scores of
+        samples without an answer are ignored (they may be NaN).
+      method: "majority" | "best_of_n" | "weighted" | "oracle".
+      subsets: int [R, P, n] from `draw_subsets`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown re-ranking method {method!r}; known: {METHODS}")
+    r, p, n = subsets.shape
+    flat = subsets.reshape(r * p, n)
+    rows = np.tile(np.arange(p), r)[:, None]
+    out = _chosen_correct(ids[rows, flat], correct[rows, flat],
+                          None if scores is None else scores[rows, flat], method)
+    return out.reshape(r, p)
+
+
 def rerank_accuracy(answers: Sequence[Sequence[Any]], correct: Sequence[Sequence[bool]],
                     scores: Sequence[Sequence[float]] | None, n: int, method: str,
                     num_subsets: int = 10, rng: np.random.Generator | int | None = None,
-                    key: KeyFn = default_key) -> tuple[float, float]:
+                    key: KeyFn = default_key, subsets: np.ndarray | None = None
+                    ) -> tuple[float, float]:
     """Accuracy of a re-ranking method when only n of the K samples per problem are available.
 
     For each of `num_subsets` repetitions, every problem independently gets a uniformly random
@@ -256,12 +299,15 @@ def rerank_accuracy(answers: Sequence[Sequence[Any]], correct: Sequence[Sequence
     Args:
       answers: [P][K] extracted answers (None = missing).
       correct: [P][K] whether each sample's answer is right.
-      scores: [P][K] solution scores (needed by "best_of_n" and "weighted"), or None.
+      scores: [P][K] solution scores (needed by "best_of_n" and "weighted"), or None. A sample
+        without an answer never wins, so its score may be NaN (it is ignored).
       n: subset size, 1 <= n <= K. With n = K every subset is the full set.
       method: "majority" | "best_of_n" | "weighted" | "oracle" (any of the n correct).
       num_subsets: repetitions averaged over.
       rng: numpy Generator or seed (None = seed 0) drawing the subsets.
       key: answer canonicaliser (see the module docstring).
+      subsets: int [R, P, n] from `draw_subsets` (then `num_subsets` and `rng` are unused):
+        pass the same draw to every method to compare them paired.
 
     Returns:
       (mean, std) of the per-repetition accuracies (std with ddof = 0).
@@ -284,24 +330,37 @@ def rerank_accuracy(answers: Sequence[Sequence[Any]], correct: Sequence[Sequence
             raise ValueError("scores contain NaN")
     if num_p == 0:
         return math.nan, math.nan
-    if not 1 <= n <= k:
-        raise ValueError(f"n must be in [1, K={k}], got {n}")
-    if num_subsets < 1:
-        raise ValueError(f"num_subsets must be >= 1, got {num_subsets}")
+    if subsets is None:
+        subsets = draw_subsets(num_p, k, n, num_subsets, rng)
+    elif subsets.shape[1:] != (num_p, n):
+        raise ValueError(f"subsets have shape {subsets.shape}, expected [R, {num_p}, {n}]")
+    accs = rerank_correct(ids, ok, sc, method, subsets).mean(axis=-1)
+    return float(accs.mean()), float(accs.std())
+
+
+def paired_bootstrap_diff(a: np.ndarray, b: np.ndarray, num_boot: int = 2000,
+                          rng: np.random.Generator | int | None = None, level: float = 0.95
+                          ) -> tuple[float, float, float]:
+    """Paired difference of accuracies mean(a) - mean(b) with a percentile bootstrap CI.
+
+    `a` and `b` are per-problem correctness of two methods on the SAME samples and subsets, bool
+    or float [P] or [R, P] (R subsets, averaged first: d_p = mean_r a[r, p] - b[r, p]). The
+    problems are the resampled unit (Efron & Tibshirani 1993, percentile interval): B draws of
+    P problems with replacement, the CI is the ((1 - level)/2, (1 + level)/2) quantiles of the
+    B resampled means of d_p. Returns (difference, ci_low, ci_high).
+    """
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired arrays differ in shape: {a.shape} vs {b.shape}")
+    d = (a - b).reshape(-1, a.shape[-1]).mean(axis=0)
+    if d.size == 0:
+        return math.nan, math.nan, math.nan
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(
         0 if rng is None else rng)
-    rows = np.arange(num_p)[:, None]
-    accs = []
-    for _ in range(1 if n == k else num_subsets):
-        if n == k:
-            sel = np.broadcast_to(np.arange(k), (num_p, k))
-        else:
-            sel = np.sort(np.argsort(gen.random((num_p, k)), axis=-1)[:, :n], axis=-1)
-        chosen = _chosen_correct(ids[rows, sel], ok[rows, sel],
-                                 None if sc is None else sc[rows, sel], method)
-        accs.append(chosen.mean())
-    accs_arr = np.asarray(accs)
-    return float(accs_arr.mean()), float(accs_arr.std())
+    boot = d[gen.integers(0, d.size, (num_boot, d.size))].mean(axis=-1)
+    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    return float(d.mean()), float(lo), float(hi)
 
 
 # --------------------------------------------------------------------------- ROC-AUC

@@ -42,13 +42,14 @@ class SequenceScorer:
     """Per-token sigmoid scores of a scalar-head model for many ragged sequences."""
 
     def __init__(self, model: ModelConfig, params: Any, mesh: Mesh, *, batch_size: int = 64,
-                 pad_id: int = 0, min_bucket: int = 32):
+                 pad_id: int = 0, min_bucket: int = 32, bucket_step: int = 16):
         if SCALAR_HEAD not in params:
             raise KeyError("params have no scalar head: not a reward model")
         div = parallel.batch_divisor(mesh)
         self.batch_size = -(-batch_size // div) * div
         self.pad_id = pad_id
         self.min_bucket = min_bucket
+        self.bucket_step = bucket_step
         self.mesh = mesh
         p_sh = scalar_param_shardings(model, params, mesh)
         self.params = jax.device_put(params, p_sh)
@@ -61,10 +62,13 @@ class SequenceScorer:
                                   out_shardings=self._batch_sharding)
 
     def bucket(self, length: int) -> int:
-        b = self.min_bucket
-        while b < length:
-            b *= 2
-        return b
+        """Padded length: `min_bucket`, else `length` rounded up to a multiple of `bucket_step`.
+
+        Sequences are scored in length order, so a batch pads to at most `bucket_step - 1`
+        tokens past its longest row (powers of two wasted up to half the forward on the
+        ~50-70-token stepmath solutions); one compile per distinct bucket.
+        """
+        return max(self.min_bucket, -(-length // self.bucket_step) * self.bucket_step)
 
     def score(self, sequences: Sequence[np.ndarray], *, desc: str = "scoring",
               progress: bool = True) -> list[np.ndarray]:

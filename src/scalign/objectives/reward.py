@@ -205,16 +205,53 @@ def _example(token_ids: Sequence[int] | np.ndarray, positions: np.ndarray,
     return {"tokens": tokens, "labels": out_labels, "label_mask": out_mask}
 
 
+PRM_LABEL_SPANS = ("end", "around", "step")
+
+
+def label_span_positions(step_end_positions: Sequence[int], span: str, length: int,
+                         start: int | None = None) -> list[list[int]]:
+    """The token positions that carry each step's label, as in the easy-to-hard code:
+
+        end     [p_k]                      the delimiter's first token (Lightman et al. 2023)
+        around  [p_k - 1, p_k, p_k + 1]    the positions around the step delimiter, where Sun
+                                           et al. (2024) also read a step's score (the min)
+        step    (p_{k-1}, p_k]             every token of the step and its delimiter
+                                           (their `train_on_every_token`)
+
+    clipped to [0, length); `start` is where step 1 begins (default p_0 itself). A position
+    already claimed by an earlier step is left to it."""
+    if span not in PRM_LABEL_SPANS:
+        raise ValueError(f"PRM label span must be one of {PRM_LABEL_SPANS}, got {span!r}")
+    out, taken = [], set()
+    prev = None
+    for k, p in enumerate(int(x) for x in step_end_positions):
+        if span == "end":
+            cand = [p]
+        elif span == "around":
+            cand = [p - 1, p, p + 1]
+        else:
+            lo = (p if start is None else int(start)) if k == 0 else prev + 1
+            cand = list(range(min(lo, p), p + 1))
+        prev = p
+        keep = [c for c in cand if 0 <= c < length and c not in taken]
+        taken.update(keep)
+        out.append(keep)
+    return out
+
+
 def prm_example(token_ids: Sequence[int] | np.ndarray, step_end_positions: Sequence[int],
                 step_labels: Sequence[float], answer_position: int | None = None,
-                answer_label: float | None = None) -> dict[str, np.ndarray]:
+                answer_label: float | None = None, *, span: str = "end",
+                response_start: int | None = None) -> dict[str, np.ndarray]:
     """A PRM training example (Lightman et al. 2023; Sun et al. 2024).
 
     labels[p_k] = step_labels[k] and label_mask[p_k] = 1 at each step-end position p_k (the
     first token of the "\\n\\n" delimiter after step k); if `answer_position` is given, the
     answer segment is the final step: labels[answer_position] = answer_label (its last token).
     Everything else has mask 0. Positions index `token_ids` (the full sequence, bos and prompt
-    included).
+    included). `span` widens each step's label to more tokens (`label_span_positions`: "around"
+    the delimiter, or every token of the "step" from `response_start` on); the answer label
+    stays at its token.
 
     Returns dict(tokens int32[T], labels float32[T], label_mask float32[T]).
     """
@@ -222,6 +259,12 @@ def prm_example(token_ids: Sequence[int] | np.ndarray, step_end_positions: Seque
     lab = np.asarray(step_labels, np.float32).reshape(-1)
     if len(pos) != len(lab):
         raise ValueError(f"{len(pos)} step_end_positions but {len(lab)} step_labels")
+    if span != "end":
+        groups = label_span_positions(pos, span, len(token_ids), response_start)
+        if answer_position is not None:
+            groups = [[q for q in g if q != int(answer_position)] for g in groups]
+        lab = np.asarray([y for g, y in zip(groups, lab, strict=True) for _ in g], np.float32)
+        pos = np.asarray([q for g in groups for q in g], np.int64)
     if (answer_position is None) != (answer_label is None):
         raise ValueError("pass both answer_position and answer_label, or neither")
     if answer_position is not None:
@@ -337,13 +380,19 @@ class RewardFeaturizer:
       pad_id: token padding value.
       kind: "prm" | "orm" | "oprm".
       orm_every_token: ORM labels at every response token instead of the final one.
+      prm_label_span: "end" | "around" | "step" (`label_span_positions`); "step" needs the
+        record's `response_start`.
     """
 
     pad_id: int = 0
     kind: str = "prm"
     orm_every_token: bool = False
+    prm_label_span: str = "end"
 
     def __post_init__(self):
+        if self.prm_label_span not in PRM_LABEL_SPANS:
+            raise ValueError(f"RewardFeaturizer.prm_label_span must be one of "
+                             f"{PRM_LABEL_SPANS}, got {self.prm_label_span!r}")
         if self.kind not in (*REWARD_KINDS, "oprm"):
             raise ValueError(f"RewardFeaturizer.kind must be 'prm', 'orm' or 'oprm', "
                              f"got {self.kind!r}")
@@ -367,7 +416,9 @@ class RewardFeaturizer:
             return prm_example(
                 tokens, _record_get(record, "step_end_positions"),
                 _record_get(record, "step_labels"), answer_position,
-                None if answer_position is None else _record_get(record, "answer_label"))
+                None if answer_position is None else _record_get(record, "answer_label"),
+                span=self.prm_label_span,
+                response_start=_optional_int(_record_get(record, "response_start", None)))
         return orm_example(
             tokens, int(_record_get(record, "final_position")),
             float(_record_get(record, "outcome")), every_token=self.orm_every_token,

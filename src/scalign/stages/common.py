@@ -98,6 +98,10 @@ def validate_training(config: ml_collections.ConfigDict, key: str, mesh_shape: d
         errors.append(f"config.{key}.seq_len={cfg.seq_len} is longer than the model supports "
                       f"({limit[1]}); lower it, or declare a longer context with "
                       f"config.model.overrides.max_position_embeddings")
+    step = cfg.get("bucket_step")
+    if step is not None and not (isinstance(step, int) and 0 < step <= cfg.seq_len):
+        errors.append(f"config.{key}.bucket_step={step!r} must be None or an int in "
+                      f"[1, seq_len={cfg.seq_len}]")
     check_batch(errors, f"{key}.batch_size", cfg.batch_size, mesh_shape,
                 accum=int(cfg.get("grad_accum_steps", 1)))
     policy = cfg.get("on_nonfinite", "stop")
@@ -113,6 +117,19 @@ def validate_training(config: ml_collections.ConfigDict, key: str, mesh_shape: d
         OptimizerConfig.from_config({**cfg.optimizer.to_dict(), "total_steps": steps})
     except (ValueError, TypeError) as e:
         errors.append(f"config.{key}.optimizer: {e}")
+
+
+def length_buckets(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`make_batch_iterator` length keywords of a training block: `{"seq_len": seq_len}`, or,
+    with the optional `bucket_step`, `{"buckets": (step, 2 step, ..., seq_len)}` so that each
+    batch is padded only to the smallest multiple of `bucket_step` that holds its longest row
+    (causal attention: right padding never changes a real position's output, so the loss is the
+    same up to float rounding; one compile of the step per bucket)."""
+    seq_len = int(cfg.seq_len)
+    step = cfg.get("bucket_step")
+    if not step:
+        return {"seq_len": seq_len}
+    return {"buckets": tuple(sorted({*range(int(step), seq_len, int(step)), seq_len}))}
 
 
 def optimizer_for(cfg: ml_collections.ConfigDict):

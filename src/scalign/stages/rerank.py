@@ -4,9 +4,21 @@ Sun et al. (2024), Sec. 4 / Figures 4-5 / Table 1: for N in {1, 2, 4, ..., max_n
 of majority voting, best-of-N and weighted voting with each evaluator (ORM, PRM, OPRM) and each
 step-score aggregation (min, prod, mean, max, last), on the easy levels, the hard levels and
 all. For every seed, `max_n` solutions are sampled per test problem once; accuracy at N is the
-mean over `num_subsets` random N-subsets (`evaluation.rerank.rerank_accuracy`). Across seeds
-(independent sample sets) rows report mean and std of the per-seed means; with one seed, std is
-over subsets.
+mean over `num_subsets` random N-subsets. The subsets are drawn ONCE per (split, seed, N) and
+shared by every method (`evaluation.rerank.draw_subsets` / `rerank_correct`), so methods are
+compared paired. Across seeds (independent sample sets) rows report mean and std of the per-seed
+means; with one seed, std is over subsets.
+
+Besides the accuracy rows (`mean`), every non-majority method gets three rows with a `stat`
+field and a `value`: `diff_to_majority` (paired accuracy difference to majority voting on the
+same samples and subsets), `diff_ci_low` / `diff_ci_high` (95% percentile bootstrap CI over
+problems, `config.rerank.bootstrap_samples` resamples, default 2000; problems of all in-run
+seeds pooled).
+
+A PRM/OPRM step score is read at the step delimiter's first token (`step_read="end"`, default)
+or, as in the easy-to-hard code, as the minimum of the probabilities at the three positions
+around it (`"around_min"`: sigma is monotone, so this is sigma of the min logit); the answer
+segment is read at its last token.
 
 Also the evaluators' ROC-AUCs on the sampled test solutions (`results.json["evaluators"]`):
 step AUC over steps up to and including the first wrong one (the PRM800K labelling), and
@@ -26,9 +38,12 @@ from scalign.evaluation.metrics import powers_of_two_upto
 from scalign.evaluation.rerank import (
     AGGREGATIONS,
     aggregate,
+    answer_ids,
+    draw_subsets,
     pad_steps,
+    paired_bootstrap_diff,
     plot_style,
-    rerank_accuracy,
+    rerank_correct,
     roc_auc,
     table1_methods,
 )
@@ -72,6 +87,9 @@ class RerankStage(Stage):
         check_levels(config, "rerank.levels", errors)
         if cfg.get("max_n", 1) < 1:
             errors.append(f"config.rerank.max_n={cfg.max_n} must be >= 1")
+        if cfg.get("step_read", "end") not in ("end", "around_min"):
+            errors.append(f"config.rerank.step_read must be 'end' or 'around_min', got "
+                          f"{cfg.get('step_read')!r}")
         bad = [a for a in cfg.get("aggregations", AGGREGATIONS) if a not in AGGREGATIONS]
         if bad:
             errors.append(f"config.rerank.aggregations has unknown entries {bad}; "
@@ -90,6 +108,7 @@ class RerankStage(Stage):
                                      batch_size=int(cfg.get("score_batch_size", 128)))
                    for k, (m, p) in rms.items()}
         token_bytes = tokenizer.token_bytes()
+        around = cfg.get("step_read", "end") == "around_min"
         out = {}
         for lv in cfg.levels:
             problems = list(domain.test_problems(lv))[:int(cfg.problems_per_level)]
@@ -113,11 +132,16 @@ class RerankStage(Stage):
                     for j in range(K):
                         pos, pr = positions[i][j], probs[i * K + j]
                         if kind == "orm":
-                            reads = [pos.final_position]
+                            row.append([float(pr[pos.final_position])])
+                            continue
+                        if around:  # min of the probabilities at p-1, p, p+1 = sigma(min logit)
+                            steps = [float(pr[max(r - 1, 0): r + 2].min())
+                                     for r in pos.step_positions]
                         else:
-                            reads = list(pos.step_positions) + (
-                                [pos.answer_position] if pos.answer_position is not None else [])
-                        row.append([float(pr[r]) for r in reads])
+                            steps = [float(pr[r]) for r in pos.step_positions]
+                        if pos.answer_position is not None:
+                            steps.append(float(pr[pos.answer_position]))
+                        row.append(steps)
                     table.append(row)
                 scores[kind] = table
             out[lv] = LevelSamples(
@@ -141,8 +165,9 @@ class RerankStage(Stage):
         aggs = tuple(cfg.get("aggregations", AGGREGATIONS))
         ns = [n for n in powers_of_two_upto(int(cfg.max_n))]
         rows = []
-        rng = np.random.default_rng(int(ctx.config.seed))
-        for split, lvs in splits.items():
+        num_subsets = int(cfg.num_subsets)
+        num_boot = int(cfg.get("bootstrap_samples", 2000))
+        for si, (split, lvs) in enumerate(splits.items()):
             per_seed = []
             for s in range(seeds):
                 lv_samples = [samples[s][lv] for lv in lvs]
@@ -151,24 +176,46 @@ class RerankStage(Stage):
                 sol_scores = {(k, a): np.concatenate([_solution_scores(ls.step_scores[k], a)
                                                       for ls in lv_samples])
                               for k in kinds for a in (("last",) if k == "orm" else aggs)}
-                per_seed.append((answers, correct, sol_scores))
+                per_seed.append((answer_ids(answers), correct, sol_scores))
+            configs = [("none", "majority", "none", None), ("none", "oracle", "none", None)]
+            configs += [(k, m, a, (k, a)) for (k, a) in per_seed[0][2]
+                        for m in ("best_of_n", "weighted")]
             for n in ns:
-                configs = [("none", "majority", "none", None), ("none", "oracle", "none", None)]
-                configs += [(k, m, a, (k, a)) for (k, a) in per_seed[0][2]
-                            for m in ("best_of_n", "weighted")]
+                # ONE subset draw per (problem set, seed, N), shared by every method: the
+                # methods are compared paired (same samples, same subsets).
+                subsets = [draw_subsets(ids.shape[0], ids.shape[1], n, num_subsets,
+                                        np.random.default_rng(
+                                            [int(ctx.config.seed), si, s, n]))
+                           for s, (ids, _, _) in enumerate(per_seed)]
+                hits = {}
                 for evaluator, method, agg, score_key in configs:
-                    means, stds = [], []
-                    for answers, correct, sol_scores in per_seed:
-                        m, sd = rerank_accuracy(
-                            answers, correct, None if score_key is None else sol_scores[score_key],
-                            n, method, num_subsets=int(cfg.num_subsets), rng=rng)
-                        means.append(m)
-                        stds.append(sd)
-                    rows.append({"split": split, "evaluator": evaluator, "method": method,
-                                 "aggregation": agg, "n": n, "mean": float(np.mean(means)),
-                                 "std": float(np.std(means)) if seeds > 1 else float(stds[0]),
-                                 "seeds": seeds,
-                                 "problems": int(per_seed[0][1].shape[0])})
+                    hits[evaluator, method, agg] = [
+                        rerank_correct(ids, correct,
+                                       None if score_key is None else sol_scores[score_key],
+                                       method, sub)
+                        for (ids, correct, sol_scores), sub in zip(per_seed, subsets,
+                                                                   strict=True)]
+                for evaluator, method, agg, _ in configs:
+                    accs = [h.mean(axis=-1) for h in hits[evaluator, method, agg]]
+                    means = [float(acc.mean()) for acc in accs]
+                    key = {"split": split, "evaluator": evaluator, "method": method,
+                           "aggregation": agg, "n": n}
+                    rows.append({**key, "mean": float(np.mean(means)),
+                                 "std": float(np.std(means)) if seeds > 1
+                                 else float(accs[0].std()),
+                                 "seeds": seeds, "problems": int(per_seed[0][1].shape[0])})
+                    if method == "majority":
+                        continue
+                    # paired difference to majority voting, problems of all seeds pooled
+                    diff, lo, hi = paired_bootstrap_diff(
+                        np.concatenate(hits[evaluator, method, agg], axis=-1),
+                        np.concatenate(hits["none", "majority", "none"], axis=-1),
+                        num_boot=num_boot,
+                        rng=np.random.default_rng([int(ctx.config.seed), si, n, 7]))
+                    for stat, value in (("diff_to_majority", diff), ("diff_ci_low", lo),
+                                        ("diff_ci_high", hi)):
+                        rows.append({**key, "stat": stat, "value": value,
+                                     "problems": int(per_seed[0][1].shape[0]) * seeds})
         ctx.results.set_rows(self.name, rows)
         auc_rows = self._aucs(samples, splits, kinds, aggs)
         ctx.results.set_rows("evaluators", auc_rows)
@@ -179,32 +226,44 @@ class RerankStage(Stage):
         rows = []
         for split, lvs in splits.items():
             for kind in kinds:
-                labels, scores = [], []
-                outcome, sol_scores = [], {a: [] for a in (*aggs, "last")}
+                labels, scores, outcome = [], [], []
+                sol_scores = {a: [] for a in (*aggs, "last")}
                 for per in samples:
                     for lv in lvs:
                         ls = per[lv]
-                        for i, row in enumerate(ls.step_scores[kind]):
-                            for j, reads in enumerate(row):
-                                outcome.append(bool(ls.correct[i, j]))
-                                for a in sol_scores:
-                                    sol_scores[a].append(aggregate(reads, a) if reads else 0.0)
-                                if kind == "orm":
-                                    continue
-                                steps = ls.step_labels[i][j]
-                                for k, y in enumerate(steps[:len(reads)]):
-                                    labels.append(bool(y))
-                                    scores.append(reads[k])
-                                    if not y:
-                                        break
+                        outcome.append(ls.correct.reshape(-1))
+                        reads = [r for row in ls.step_scores[kind] for r in row]
+                        padded, mask = pad_steps(reads)
+                        for a in sol_scores:
+                            sol_scores[a].append(np.asarray(aggregate(padded, a, mask)))
+                        if kind == "orm":
+                            continue
+                        # step AUC over the steps up to and including the first wrong one
+                        steps = [y for row in ls.step_labels for y in row]
+                        lab, lmask = pad_steps(steps)
+                        width = padded.shape[1]
+                        lab = np.pad(lab, ((0, 0), (0, max(width - lab.shape[1], 0))))[:, :width]
+                        lmask = np.pad(lmask, ((0, 0), (0, max(width - lmask.shape[1], 0))))[
+                            :, :width]
+                        valid = mask & lmask
+                        ok = np.where(valid, lab, 0.0) > 0.5
+                        before_ok = np.cumprod(np.concatenate(
+                            [np.ones((len(ok), 1), bool), ok[:, :-1]], axis=1), axis=1) > 0
+                        use = valid & before_ok
+                        labels.append(ok[use])
+                        scores.append(padded[use])
+                outcome_arr = np.concatenate(outcome)
                 if kind != "orm":
+                    lab_arr = np.concatenate(labels)
                     rows.append({"evaluator": kind, "split": split, "kind": "step_auc",
-                                 "aggregation": "none", "value": roc_auc(labels, scores),
-                                 "count": len(labels)})
+                                 "aggregation": "none",
+                                 "value": roc_auc(lab_arr, np.concatenate(scores)),
+                                 "count": int(lab_arr.size)})
                 for a in (("last",) if kind == "orm" else aggs):
                     rows.append({"evaluator": kind, "split": split, "kind": "outcome_auc",
-                                 "aggregation": a, "value": roc_auc(outcome, sol_scores[a]),
-                                 "count": len(outcome)})
+                                 "aggregation": a,
+                                 "value": roc_auc(outcome_arr, np.concatenate(sol_scores[a])),
+                                 "count": int(outcome_arr.size)})
         return rows
 
     def load(self, ctx: Context) -> None:
@@ -215,7 +274,9 @@ class RerankStage(Stage):
         cfg = ctx.config.rerank
         agg = cfg.get("plot_aggregation", "prod")
         idx = {(r["split"], r["evaluator"], r["method"], r["aggregation"], r["n"]): r
-               for r in rows}
+               for r in rows if "stat" not in r}
+        paired = {(r["split"], r["evaluator"], r["method"], r["aggregation"], r["n"],
+                   r["stat"]): r["value"] for r in rows if "stat" in r}
 
         def series(split, evaluator, method, a):
             pts = [idx[(split, evaluator, method, a, n)] for n in ns]
@@ -264,6 +325,17 @@ class RerankStage(Stage):
                     if r:
                         row[a] = f"{100 * r['mean']:.1f}"
                 agg_rows.append(row)
+        paired_rows = []
+        for label, ev, method, a in methods[1:]:
+            row = {"method": label}
+            for split in splits:
+                for n in show_ns:
+                    d = [paired.get((split, ev, method, a, n, st)) for st in
+                         ("diff_to_majority", "diff_ci_low", "diff_ci_high")]
+                    row[f"{split} N={n}"] = ("-" if None in d else
+                                             f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, "
+                                             f"{100 * d[2]:+.1f}]")
+            paired_rows.append(row)
         auc_table = [{"evaluator": r["evaluator"].upper(), "split": r["split"],
                       "kind": r["kind"], "aggregation": r["aggregation"],
                       "AUC": r["value"], "count": r["count"]}
@@ -274,6 +346,9 @@ class RerankStage(Stage):
               f"{int(cfg.seeds)} seed(s), {int(cfg.num_subsets)} subsets per N", "",
               "Accuracy (%) in the layout of Sun et al. (2024), Table 1 (mean ± std):", "",
               markdown_table(table, cols), "",
+              "Paired difference to majority voting (points; same samples and subsets), with a "
+              "95% bootstrap CI over problems:", "",
+              markdown_table(paired_rows, cols), "",
               f"![accuracy vs N]({ctx.report.rel(fig)})", "",
               f"Aggregation comparison on {hard} levels at N={nmax} (accuracy %):", "",
               markdown_table(agg_rows, ["evaluator", "method",

@@ -30,6 +30,12 @@ No label from a level outside the supervised ones reaches training (`assert_leve
 optional `train.remat` sets the backbone's rematerialisation for training; the optional
 `train.epochs` trains each evaluator for ceil(epochs * its records / batch_size) steps
 (`steps` is then not needed).
+
+Options as in the easy-to-hard code (Sun et al. 2024): `prm_label_span` puts each PRM step
+label on the delimiter's first token ("end", default), on the 3 positions "around" it, or on
+every token of the "step" (their `train_on_every_token`); `backbone` = "policy" (default: the
+SFT policy's weights) or "init" (the evaluator's own, freshly initialised backbone of the same
+shape: an evaluator that shares nothing with the generator).
 Artifacts: `reward_models` = {kind: (ModelConfig, params)}, saved under
 `stages/reward_models/<kind>/`.
 """
@@ -37,6 +43,7 @@ Artifacts: `reward_models` = {kind: (ModelConfig, params)}, saved under
 from __future__ import annotations
 
 import collections
+import functools
 import math
 
 import jax
@@ -53,12 +60,18 @@ from scalign.data.pipeline import make_batch_iterator
 from scalign.data.records import ON_ERROR_VALUES
 from scalign.evaluation.generation import sample_solutions
 from scalign.models.heads import SCALAR_HEAD, add_scalar_head, scalar_head_logical_axes
+from scalign.models.transformer import init_params as init_params_fn
 from scalign.models.transformer import param_logical_axes
-from scalign.objectives.reward import RewardFeaturizer, make_reward_loss
+from scalign.objectives.reward import PRM_LABEL_SPANS, RewardFeaturizer, make_reward_loss
 from scalign.reporting import line_plot, markdown_table
 from scalign.sampling import Sampler
 from scalign.stages.base import Context, Stage, check_levels, register_stage, require_block
-from scalign.stages.common import run_training, training_model, validate_training
+from scalign.stages.common import (
+    length_buckets,
+    run_training,
+    training_model,
+    validate_training,
+)
 from scalign.stages.data import check_paths_exist, math_paths
 from scalign.training.checkpoint import load_model, save_model
 from scalign.training.metrics import read_metrics
@@ -131,6 +144,13 @@ class RewardModelsStage(Stage):
             errors.append(f"config.reward_models.evaluators has unknown kinds {bad}; use {KINDS}")
         if "train" in cfg:
             validate_training(config, "reward_models.train", mesh_shape, errors)
+        if cfg.get("prm_label_span", "end") not in PRM_LABEL_SPANS:
+            errors.append(f"config.reward_models.prm_label_span must be one of "
+                          f"{PRM_LABEL_SPANS}, got {cfg.get('prm_label_span')!r}")
+        if cfg.get("backbone", "policy") not in ("policy", "init"):
+            errors.append(f"config.reward_models.backbone must be 'policy' (the SFT policy's "
+                          f"weights) or 'init' (a fresh backbone of the same shape), got "
+                          f"{cfg.get('backbone')!r}")
         if cfg.get("after_first_error", "drop") not in ("drop", "keep"):
             errors.append("config.reward_models.after_first_error must be 'drop' or 'keep'")
 
@@ -208,11 +228,16 @@ class RewardModelsStage(Stage):
         if not records:
             raise ValueError(f"reward_models: no {kind} training records (all samples dropped)")
         data_iter = make_batch_iterator(
-            records, RewardFeaturizer(pad_id=tokenizer.pad_id, kind=kind),
-            batch_size=int(cfg.train.batch_size), seq_len=int(cfg.train.seq_len),
+            records, RewardFeaturizer(pad_id=tokenizer.pad_id, kind=kind,
+                                      prm_label_span=cfg.get("prm_label_span", "end")),
+            batch_size=int(cfg.train.batch_size), **length_buckets(cfg.train),
             seed=int(ctx.config.seed), num_epochs=None,
             on_too_long=cfg.train.get("on_too_long", "error"))
-        init_params = add_scalar_head(model, policy_params, ctx.key(self.name, kind, "head"))
+        backbone = policy_params
+        if cfg.get("backbone", "policy") == "init":  # the evaluator's own (fresh) backbone
+            backbone = jax.jit(functools.partial(init_params_fn, model))(
+                ctx.key(self.name, kind, "backbone"))
+        init_params = add_scalar_head(model, backbone, ctx.key(self.name, kind, "head"))
         model = training_model(model, cfg.train)
         result = run_training(ctx, stage=f"rm_{kind}", cfg=train_block(cfg.train, len(records)),
                               model=model, loss_fn=make_reward_loss(model), data_iter=data_iter,

@@ -1,0 +1,35 @@
+"""Easy-to-hard re-ranking on the search design `reach4` (one CPU seed, reduced sizes).
+
+    python experiments/launch.py --config=experiments/configs/e2h_stepmath_reach4.py \
+        --workdir=runs/e2h_reach4 --seeds=0
+
+The `e2h_stepmath` pipeline (SFT on levels 1-3, ORM/PRM/OPRM trained on labelled samples of
+easy training problems only, re-ranking of 64 samples per test problem) on `stepmath` design
+`reach4` (see `scalign.data.stepmath.DESIGNS`): every level has 4 single-digit steps mod 10;
+"?" operations must be chosen to reach a target, so hard levels (3-4 "?", few solving
+fillings) need search while checking a step stays local. Sized to finish in ~30-40 minutes on a
+shared 2-core CPU: 800 easy problems per level x 8 labelled samples for the evaluators (the
+study: 1500), 100 test problems per level (200 hard problems) x 64 samples, 20 subsets per N.
+"""
+
+import importlib.util
+import os
+
+from ml_collections import ConfigDict
+
+_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2h_stepmath.py")
+
+
+def get_config() -> ConfigDict:
+    spec = importlib.util.spec_from_file_location("scalign_e2h_config", _BASE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.name = "easy-to-hard re-ranking on stepmath reach4 (CPU, reduced)"
+    c.data.design = "reach4"
+    c.sft.steps = 1200           # the run committed with this config (the demo now uses 2000)
+    c.sft.seq_len = 64           # reach4: prompt <= 26 + response <= 36 tokens, + bos/eos
+    c.reward_models.problems_per_level = 800
+    c.rerank.problems_per_level = 100
+    c.rerank.num_subsets = 20
+    return c

@@ -1,0 +1,85 @@
+"""The search ("reach") designs of stepmath: problems, levels, verifier, answers."""
+
+import itertools
+
+import pytest
+
+from scalign.data import stepmath
+from scalign.data.domain import StepMathDomain
+
+REACH = "reach4"
+
+
+def _fillings(p):
+    for fill in itertools.product(stepmath.OPS, repeat=len(p.free)):
+        ops = list(p.ops)
+        for k, op in zip(p.free, fill, strict=True):
+            ops[k] = op
+        yield tuple(ops)
+
+
+@pytest.mark.parametrize("level", [1, 2, 3, 4, 5])
+def test_reach_levels_keep_length_and_operands_and_grade_by_search(level):
+    spec = stepmath.get_design(REACH).spec(level)
+    for p in stepmath.generate(level, 40, seed=3, design=REACH):
+        assert p.num_steps == 4 and len(p.free) == spec.free
+        assert all(2 <= b <= 9 for b in p.operands) and p.modulus == 10
+        # the level's number of solving fillings, counted by brute force
+        n = sum(p.solves(ops) for ops in _fillings(p))
+        assert spec.solutions[0] <= n <= spec.solutions[1]
+        # the gold filling is the first solving one in + - * order, and it verifies
+        assert p.ops == next(ops for ops in _fillings(p) if p.solves(ops))
+        v = stepmath.verify(p, p.solution)
+        assert v.all_steps_correct and v.outcome_correct and v.answer_label == 1
+        assert stepmath.from_record(stepmath.to_record(p)) == p
+
+
+def _problem():
+    # Mod 10, reach 2: 4?7+6*7*2 -> only 4-7 (=7) then +6 *7 *2 reaches 2
+    p = stepmath.parse_prompt(stepmath.PROMPT_TEMPLATE.format(
+        question="Mod 10, reach 2: 4?7+6*7*2"), level=1)
+    assert p.free == (0,) and p.target == 2 and p.num_solutions() == 1
+    return p
+
+
+def test_reach_step_labels_are_local_validity_and_first_error_is_reported():
+    p = _problem()
+    # a valid step that cannot reach the target is labelled 1 (PRM800K); the last step, whose
+    # result is not the target, is the first error
+    text = "4+7=1\n\n1+6=7\n\n7*7=9\n\n9*2=8\n\n# Answer\n\n4+7+6*7*2"
+    v = stepmath.verify(p, text)
+    assert v.step_labels == (1, 1, 1, 0)
+    assert not v.outcome_correct and v.answer_label == 0
+    assert v.error == stepmath.ERR_TARGET and v.first_error == 3
+    # wrong arithmetic at step 2: labels 1, 0, 0, 0
+    v = stepmath.verify(p, "4-7=7\n\n7+6=4\n\n4*7=8\n\n8*2=6\n\n# Answer\n\n4-7+6*7*2")
+    assert v.step_labels == (1, 0, 0, 0) and v.error == stepmath.ERR_ARITHMETIC
+    assert v.first_error == 1 and v.outcome_correct and v.answer_label == 0
+    # a given operation changed: wrong operation
+    v = stepmath.verify(p, "4-7=7\n\n7-6=1\n\n1*7=7\n\n7*2=4\n\n# Answer\n\n4-7-6*7*2")
+    assert v.error == stepmath.ERR_OPERATION and v.first_error == 1
+    # the running value follows the solver's own previous result
+    v = stepmath.verify(p, "4*7=8\n\n8+6=4\n\n4*7=8\n\n8*2=6\n\n# Answer\n\n4*7+6*7*2")
+    assert v.step_labels == (1, 1, 1, 0) and v.error == stepmath.ERR_TARGET
+    # right steps, an answer that is not the steps' chain: the answer is the first error
+    v = stepmath.verify(p, "4-7=7\n\n7+6=3\n\n3*7=1\n\n1*2=2\n\n# Answer\n\n4+7+6*7*2")
+    assert v.step_labels == (1, 1, 1, 1) and v.error == "wrong_answer" and v.first_error == 4
+
+
+def test_reach_answers_and_keys():
+    p = _problem()
+    assert stepmath.grade_answer(p, "4-7+6*7*2") and stepmath.grade_answer(p, "4 - 7 + 6*7*2")
+    for bad in ("2", "4+7+6*7*2", "4-7-6*7*2", "4-7+6*7", "5-7+6*7*2", None, "x"):
+        assert not stepmath.grade_answer(p, bad), bad
+    dom = StepMathDomain({}, REACH, 0)
+    assert dom.answer_key(" 4 - 7+6*7*2 ") == "4-7+6*7*2"
+    assert dom.answer_key("7") == 7 and dom.answer_key("4-7+") is None
+
+
+def test_reach_levels_are_disjoint_and_mixing_kinds_is_rejected():
+    with pytest.raises(ValueError, match="both produce"):
+        stepmath.Design("bad", {1: stepmath.ReachSpec(4, 2, (1, 3)),
+                                2: stepmath.ReachSpec(4, 2, (3, 9))}, modulus=10)
+    with pytest.raises(ValueError, match="mixes"):
+        stepmath.Design("bad", {1: stepmath.ReachSpec(4, 1, (1, 3)),
+                                2: stepmath.LevelSpec((4,), (0,))}, modulus=10)

@@ -60,7 +60,8 @@ from jax.sharding import Mesh
 
 from scalign import parallel
 from scalign.models.config import ModelConfig
-from scalign.models.transformer import param_logical_axes
+from scalign.models.heads import scalar_from_hidden
+from scalign.models.transformer import forward, param_logical_axes
 from scalign.objectives.logprobs import token_log_probs
 from scalign.training.checkpoint import Checkpointer
 from scalign.training.loop import Interrupted
@@ -261,7 +262,8 @@ class OnlineLoop:
                  pool: PromptPool | None = None, checkpointer: Checkpointer | None = None,
                  metrics: MetricsWriter | None = None, stage: str = "online",
                  logprob_chunk: int | None = None, rules: parallel.Rules = parallel.DEFAULT_RULES,
-                 progress: bool = True):
+                 progress: bool = True, optimizer: optax.GradientTransformation | None = None,
+                 value_config: ModelConfig | None = None):
         if reference_in_loss and state.reference is None:
             raise ValueError("reference_in_loss=True needs a reference model (reference=True)")
         self.config = config
@@ -283,6 +285,22 @@ class OnlineLoop:
         self._log_probs = make_eval_step(
             functools.partial(token_log_probs, config, chunk=logprob_chunk), mesh,
             in_shardings=(state_sharding.policy.params, bsh), out_shardings=bsh, rules=rules)
+        self._optimizer = optimizer
+        # a copy of params onto the policy's shardings (reference refresh, policy reset): one
+        # program for the loop's life (a fresh jit per call would compile every iteration)
+        self._copy_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                                    out_shardings=state_sharding.policy.params)
+        self._reset = None
+        self._values = None
+        if state.value is not None:
+            vconfig = value_config if value_config is not None else config
+
+            def values(params, tokens):  # v[:, t] = V(tokens[:, < t]), column 0 = 0
+                hidden, _ = forward(vconfig, params, tokens[:, :-1])
+                return jnp.pad(scalar_from_hidden(params, hidden), ((0, 0), (1, 0)))
+
+            self._values = make_eval_step(values, mesh, in_shardings=(
+                state_sharding.value.params, bsh), out_shardings=bsh, rules=rules)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -291,7 +309,8 @@ class OnlineLoop:
                reference: bool | Any = False, reference_in_loss: bool = False,
                value_params: Any = None, value_logical_axes: Any = None,
                value_optimizer: optax.GradientTransformation | None = None,
-               value_loss_fn: Callable | None = None, clip_norm: float | None = 1.0,
+               value_loss_fn: Callable | None = None, value_config: ModelConfig | None = None,
+               clip_norm: float | None = 1.0,
                value_clip_norm: float | None = 1.0, grad_accum_steps: int = 1,
                lr_schedule: optax.Schedule | None = None,
                rules: parallel.Rules = parallel.DEFAULT_RULES, **kwargs: Any) -> OnlineLoop:
@@ -310,6 +329,8 @@ class OnlineLoop:
             algorithms precompute reference terms with `log_probs(..., "reference")`.
           value_params / value_logical_axes / value_optimizer / value_loss_fn: an optional
             value model with its own optimizer (e.g. PPO's critic from the reward model).
+          value_config: the value model's ModelConfig when it differs from the policy's
+            (`values` runs its forward).
           clip_norm / value_clip_norm / grad_accum_steps / lr_schedule: as `make_train_step`.
           **kwargs: passed to the constructor (reward, pool, checkpointer, metrics, stage,
             logprob_chunk, progress).
@@ -352,7 +373,8 @@ class OnlineLoop:
                              reference=policy_sh.params if ref is not None else None)
         return cls(config, mesh=mesh, sampler=sampler, state=state, state_sharding=sharding,
                    policy_step=policy_step, value_step=value_step,
-                   reference_in_loss=reference_in_loss, rules=rules, **kwargs)
+                   reference_in_loss=reference_in_loss, rules=rules, optimizer=optimizer,
+                   value_config=value_config, **kwargs)
 
     # ------------------------------------------------------------------ verbs
     @property
@@ -384,6 +406,16 @@ class OnlineLoop:
                                       global_batch=True)["t"]
         return np.asarray(to_host(self._log_probs(params, tokens)))
 
+    def values(self, tokens: np.ndarray) -> np.ndarray:
+        """Value-model scores float32 [R, T] of `tokens` [R, T], aligned with the tokens as
+        log-probs are: v[r, t] = V(tokens[r, < t]) (the scalar head on the hidden state at
+        t - 1; column 0 is 0), as numpy on every process. R a multiple of data x fsdp."""
+        if self._values is None:
+            raise ValueError("the loop has no value model (create(..., value_params=...))")
+        tokens = parallel.shard_batch({"t": np.asarray(tokens, np.int32)}, self.mesh,
+                                      global_batch=True)["t"]
+        return np.asarray(to_host(self._values(self.state.value.params, tokens)))
+
     def update(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
         """One policy step on a host batch (identical on every process); device metrics."""
         device_batch = parallel.shard_batch(batch, self.mesh, global_batch=True)
@@ -409,9 +441,24 @@ class OnlineLoop:
         """Reference <- a copy of the current policy (iterative DPO's per-iteration reset)."""
         if self.state.reference is None:
             raise ValueError("the loop has no reference model")
-        ref = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
-                      out_shardings=self.state_sharding.reference)(self.params)
-        self.state = self.state.replace(reference=ref)
+        self.state = self.state.replace(reference=self._copy_params(self.params))
+
+    def reset_policy(self, params: Any = None) -> None:
+        """Policy <- a copy of `params` (default: the reference, e.g. ReST-EM's base policy)
+        with a fresh optimizer state and step 0 (its rng kept): "fine-tune from the base model"
+        each iteration. Same shapes and shardings, so no step recompiles."""
+        if params is None:
+            if self.state.reference is None:
+                raise ValueError("reset_policy() without params needs a reference model")
+            params = self.state.reference
+        if self._optimizer is None:
+            raise ValueError("reset_policy needs the policy optimizer (OnlineLoop.create)")
+        if self._reset is None:
+            optimizer = self._optimizer
+            self._reset = jax.jit(
+                lambda p, rng: TrainState.create(jax.tree.map(jnp.copy, p), optimizer, rng),
+                out_shardings=self.state_sharding.policy)
+        self.state = self.state.replace(policy=self._reset(params, self.state.policy.rng))
 
     def cache_sizes(self) -> dict[str, int]:
         """Compiled-program counts of the loop's jitted pieces (and the sampler's, if it tells):
@@ -420,6 +467,11 @@ class OnlineLoop:
                  "log_probs": self._log_probs._cache_size()}
         if self._value_step is not None:
             sizes["value_step"] = self._value_step._cache_size()
+        if self._values is not None:
+            sizes["values"] = self._values._cache_size()
+        sizes["copy_params"] = self._copy_params._cache_size()
+        if self._reset is not None:
+            sizes["reset_policy"] = self._reset._cache_size()
         sampler_sizes = getattr(self.sampler, "cache_sizes", None)
         if callable(sampler_sizes):
             sizes.update({f"sampler.{k}": v for k, v in sampler_sizes().items()})

@@ -340,14 +340,17 @@ def make_value_loss(config: ModelConfig, ppo: PPOConfig = PPOConfig()):
 
 
 def make_grpo_loss(config: ModelConfig, grpo: GRPOConfig = GRPOConfig()):
-    """GRPO loss for `make_train_step`: batch keys `tokens`, `response_mask`, `old_logp`,
+    """GRPO loss for `make_train_step`: batch keys `tokens`, `response_mask`, `old_logp`
+    (optional: without it the ratio's denominator is stop_gradient(logp), i.e. one update per
+    rollout, and no extra forward runs),
     `ref_logp` (reference log-probs precomputed by `OnlineLoop.log_probs(..., "reference")`)
     and `advantages` (float32 [B, T]; a sequence advantage broadcast over its tokens, or
     `group_process_advantages`)."""
     def loss_fn(params, batch, rng=None, frozen=None):
         del rng, frozen
         lp = token_log_probs(config, params, batch["tokens"], chunk=grpo.logprob_chunk)
-        return grpo_loss(lp, batch["old_logp"], batch["ref_logp"], batch["advantages"],
+        old = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(lp)
+        return grpo_loss(lp, old, batch["ref_logp"], batch["advantages"],
                          batch["response_mask"], clip_eps=grpo.clip_eps, kl_coef=grpo.kl_coef,
                          kl_estimator=grpo.kl_estimator)
     return loss_fn

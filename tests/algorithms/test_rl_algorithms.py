@@ -1,0 +1,145 @@
+"""PPO, GRPO, ReST-EM and iterative DPO on the online loop, with a toy scorer: a rollout +
+update cycle never recompiles after iteration 1, moves the policy (and the critic), and the
+bookkeeping (pool statistics, filtering, pairs) is what the algorithm says."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from scalign import parallel
+from scalign.algorithms.grpo import GRPO, last_delimiters
+from scalign.algorithms.loop import PromptPool
+from scalign.algorithms.ppo import PPO
+from scalign.algorithms.rollout import RewardSpec, RolloutScores, RolloutSpec
+from scalign.models import ModelConfig, init_params, param_logical_axes
+from scalign.models.heads import add_scalar_head, scalar_head_logical_axes
+from scalign.objectives import policy_gradient as pg
+from scalign.sampling import Sampler
+from scalign.training.state import OptimizerConfig, make_optimizer
+
+V, ANSWER, DELIM = 48, 7, 3    # vocabulary; the "answer" token; the step delimiter token
+P, N, M, T = 4, 4, 6, 16       # prompts per iteration, samples per prompt, new tokens, width
+
+
+def _config() -> ModelConfig:
+    return ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                       head_dim=8, mlp_dim=64, tie_embeddings=False, family="llama")
+
+
+def toy_reward(data, out) -> RolloutScores:
+    """An answer line = an ANSWER token; easy prompts are correct with two of them, hard ones
+    have no answer (NaN); steps end at DELIM tokens, a step scores the share of even tokens."""
+    Pn, Nn, Mn = out.tokens.shape
+    valid = np.arange(Mn)[None, None, :] < out.lengths[..., None]
+    count = ((out.tokens == ANSWER) & valid).sum(-1)
+    easy = np.array([d["easy"] for d in data])[:, None]
+    correct = np.where(easy, (count >= 2).astype(float), np.nan)
+    delim = np.full((Pn, Nn, Mn), -1, np.int32)
+    scores = np.zeros((Pn, Nn, Mn))
+    smask = np.zeros((Pn, Nn, Mn))
+    for p in range(Pn):
+        for j in range(Nn):
+            s, start = 0, 0
+            toks = out.tokens[p, j, :out.lengths[p, j]]
+            for i, t in enumerate(toks):
+                if t == DELIM or i == len(toks) - 1:
+                    delim[p, j, i] = s
+                    scores[p, j, s] = float(np.mean(toks[start:i + 1] % 2 == 0))
+                    smask[p, j, s] = 1.0
+                    s, start = s + 1, i + 1
+    return RolloutScores(correct=correct, has_answer=count > 0, step_scores=scores,
+                         step_mask=smask, delimiters=delim)
+
+
+def _pool(n=8):
+    rng = np.random.default_rng(0)
+    return PromptPool.from_prompts([
+        {"prompt_ids": rng.integers(1, V, size=int(rng.integers(2, 6))).tolist(),
+         "easy": bool(i % 2)} for i in range(n)])
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = _config()
+    params = jax.tree.map(lambda x: x * 4.0 if x.ndim >= 2 else x,
+                          init_params(config, jax.random.PRNGKey(0)))
+    return config, params
+
+
+def _common(config, params, mesh_shape=(1, 1, 1)):
+    n = int(np.prod(mesh_shape))
+    mesh = parallel.make_mesh(mesh_shape, jax.devices()[:n])
+    sampler = Sampler(config, params, None, max_new_tokens=M, min_prompt_bucket=8, mesh=mesh)
+    opt = make_optimizer(OptimizerConfig(learning_rate=1e-2, total_steps=10,
+                                         schedule="constant"))
+    return dict(mesh=mesh, sampler=sampler, optimizer=opt, seed=3, pool=_pool(),
+                progress=False)
+
+
+SPEC = RolloutSpec(prompts_per_iteration=P, samples_per_prompt=N, max_new_tokens=M, width=T,
+                   temperature=1.0, sample_kwargs={"stop_on_eos": False})
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def _moved(a, b):
+    return any(not np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _run_and_check_no_recompile(loop, algo, iterations=3):
+    sizes = []
+
+    def iterate(lp, k, key):
+        out = algo(lp, k, key)
+        sizes.append(lp.cache_sizes())
+        return out
+    history = loop.run(iterations, iterate)
+    assert all(s == sizes[0] for s in sizes[1:]), sizes
+    assert any(k.startswith("sampler.") for k in sizes[0]), sizes[0]
+    return history
+
+
+def test_ppo_cycle_never_recompiles_and_moves_policy_and_critic(model):
+    config, params = model
+    vparams = add_scalar_head(config, params, jax.random.PRNGKey(1))
+    vaxes = {**param_logical_axes(config), "scalar_head": scalar_head_logical_axes()}
+    algo = PPO(SPEC, toy_reward, RewardSpec(use_prm=True), pg.PPOConfig(minibatches=2))
+    loop = algo.create_loop(config, params, value_params=vparams, value_logical_axes=vaxes,
+                            value_optimizer=make_optimizer(OptimizerConfig(
+                                learning_rate=1e-2, total_steps=10, schedule="constant")),
+                            **_common(config, params))
+    start_p, start_v = _leaves(loop.params), _leaves(loop.state.value.params)
+    history = _run_and_check_no_recompile(loop, algo)
+    assert _moved(start_p, _leaves(loop.params))
+    assert _moved(start_v, _leaves(loop.state.value.params))
+    assert int(loop.state.policy.step) == 3 * 2 and int(loop.state.value.step) == 3 * 2
+    for key in ("loss", "value/loss", "reward", "kl_ref", "clipfrac"):
+        assert np.isfinite([h[key] for h in history]).all(), key
+    drawn = [e for e in loop.pool.entries if "mean_reward" in e.stats]
+    assert drawn and all("answer_rate" in e.stats for e in drawn)
+
+
+@pytest.mark.parametrize("process,minibatches", [(False, 1), (True, 2)])
+def test_grpo_cycle_never_recompiles(model, process, minibatches):
+    config, params = model
+    algo = GRPO(SPEC, toy_reward, RewardSpec(use_prm=True),
+                pg.GRPOConfig(process=process, minibatches=minibatches))
+    loop = algo.create_loop(config, params, **_common(config, params))
+    start = _leaves(loop.params)
+    history = _run_and_check_no_recompile(loop, algo)
+    assert _moved(start, _leaves(loop.params))
+    assert int(loop.state.policy.step) == 3 * minibatches
+    assert np.isfinite([h["loss"] for h in history]).all()
+    # the reference stays the starting policy
+    for a, b in zip(start, _leaves(loop.state.reference), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_grpo_process_advantages_follow_the_steps():
+    """Process supervision: a step's normalised reward counts for the tokens up to its end."""
+    delim = np.array([[-1, 0, 0, -1, 1, -1]])
+    np.testing.assert_array_equal(last_delimiters(delim), [[-1, -1, 0, -1, 1, -1]])

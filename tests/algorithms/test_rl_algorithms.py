@@ -10,8 +10,15 @@ import pytest
 
 from scalign import parallel
 from scalign.algorithms.grpo import GRPO, last_delimiters
+from scalign.algorithms.iterative_dpo import (
+    IterativeDPO,
+    IterativeDPOConfig,
+    sample_scores,
+    select_pairs,
+)
 from scalign.algorithms.loop import PromptPool
 from scalign.algorithms.ppo import PPO
+from scalign.algorithms.rest_em import RestEM, RestEMConfig, select_solutions
 from scalign.algorithms.rollout import RewardSpec, RolloutScores, RolloutSpec
 from scalign.models import ModelConfig, init_params, param_logical_axes
 from scalign.models.heads import add_scalar_head, scalar_head_logical_axes
@@ -19,7 +26,7 @@ from scalign.objectives import policy_gradient as pg
 from scalign.sampling import Sampler
 from scalign.training.state import OptimizerConfig, make_optimizer
 
-V, ANSWER, DELIM = 48, 7, 3    # vocabulary; the "answer" token; the step delimiter token
+V, DELIM = 48, 2              # vocabulary; the step delimiter token
 P, N, M, T = 4, 4, 6, 16       # prompts per iteration, samples per prompt, new tokens, width
 
 
@@ -29,11 +36,12 @@ def _config() -> ModelConfig:
 
 
 def toy_reward(data, out) -> RolloutScores:
-    """An answer line = an ANSWER token; easy prompts are correct with two of them, hard ones
-    have no answer (NaN); steps end at DELIM tokens, a step scores the share of even tokens."""
+    """An answer line = a token t with t % 4 == 3; easy prompts are correct with two of them,
+    hard ones have no answer (NaN); steps end at DELIM tokens (and at the last token), a step
+    scores the share of its even tokens."""
     Pn, Nn, Mn = out.tokens.shape
     valid = np.arange(Mn)[None, None, :] < out.lengths[..., None]
-    count = ((out.tokens == ANSWER) & valid).sum(-1)
+    count = ((out.tokens % 4 == 3) & valid).sum(-1)
     easy = np.array([d["easy"] for d in data])[:, None]
     correct = np.where(easy, (count >= 2).astype(float), np.nan)
     delim = np.full((Pn, Nn, Mn), -1, np.int32)
@@ -143,3 +151,56 @@ def test_grpo_process_advantages_follow_the_steps():
     """Process supervision: a step's normalised reward counts for the tokens up to its end."""
     delim = np.array([[-1, 0, 0, -1, 1, -1]])
     np.testing.assert_array_equal(last_delimiters(delim), [[-1, -1, 0, -1, 1, -1]])
+
+
+def test_rest_em_selection_by_hand():
+    nan = np.nan
+    correct = np.array([[1, 0, 1, 1], [nan, nan, nan, nan]], float)
+    has_answer = np.array([[1, 1, 1, 0], [1, 1, 0, 1]], bool)
+    prm = np.array([[0.1, 0.9, 0.2, 0.9], [0.6, 0.4, 0.9, 0.7]])
+    keep = select_solutions(correct, has_answer, prm, threshold=0.5, max_per_problem=1)
+    # easy: correct and answered -> 0, 2; the higher PRM score first -> 2
+    # hard: PRM >= .5 and answered -> 0 (.6), 3 (.7); highest first -> 3
+    np.testing.assert_array_equal(keep, [[0, 0, 1, 0], [0, 0, 0, 1]])
+    keep = select_solutions(correct, has_answer, prm, threshold=0.5, max_per_problem=4,
+                            completions=np.array([[[1], [2], [1], [3]], [[4], [5], [6], [4]]]))
+    # sample 0 of problem 0 duplicates sample 2 (kept first); sample 0 of problem 1 duplicates 3
+    np.testing.assert_array_equal(keep, [[0, 0, 1, 0], [0, 0, 0, 1]])
+
+
+def test_dpo_pair_selection_by_hand():
+    s = sample_scores(np.array([[1.0, 0.0, np.nan, 1.0, 0.0, 0.0]]),
+                      np.array([[0.5, 0.2, 0.9, np.nan, 0.4, 0.3]]))
+    np.testing.assert_allclose(s, [[1.5, 0.2, 0.9, 1.0, 0.4, 0.3]])
+    # order: 0 (1.5), 3 (1.0), 2 (.9), 4 (.4), 5 (.3), 1 (.2)
+    # pairs: (0, 1) gap 1.3; (3, 5) gap .7; (2, 4) gap .5 is not > .5
+    assert select_pairs(s[0], gap_threshold=0.5, max_pairs=3) == [(0, 1), (3, 5)]
+    assert select_pairs(s[0], gap_threshold=0.5, max_pairs=1) == [(0, 1)]
+    # with 0 and 1 identical, (0, 1) is skipped; gap 0: (3, 5) .7, (2, 4) .5
+    assert select_pairs(s[0], gap_threshold=0.0, max_pairs=3,
+                        completions=np.array([[1], [1], [2], [3], [4], [5]])) == [(3, 5), (2, 4)]
+
+
+def test_rest_em_cycle_resets_to_base_and_never_recompiles(model):
+    config, params = model
+    algo = RestEM(SPEC, toy_reward, RestEMConfig(prm_threshold=0.3, max_per_problem=2,
+                                                 batch_size=4))
+    loop = algo.create_loop(config, params, **_common(config, params))
+    history = _run_and_check_no_recompile(loop, algo)
+    assert all(h["kept"] > 0 for h in history)
+    # fine-tuned from the base each iteration: the step counter restarts
+    assert int(loop.state.policy.step) == int(history[-1]["sft_steps"])
+    assert any("num_kept" in e.stats for e in loop.pool.entries)
+
+
+def test_iterative_dpo_cycle_refreshes_reference_and_never_recompiles(model):
+    config, params = model
+    algo = IterativeDPO(SPEC, toy_reward, IterativeDPOConfig(gap_threshold=0.05, batch_size=4))
+    loop = algo.create_loop(config, params, **_common(config, params))
+    start = _leaves(loop.params)
+    history = _run_and_check_no_recompile(loop, algo)
+    assert all(h["pairs"] > 0 for h in history)
+    assert np.isfinite([h["dpo/loss"] for h in history]).all()
+    # the reference is the policy as it was at the start of the last iteration: not the start
+    assert _moved(start, _leaves(loop.state.reference))
+    assert _moved(_leaves(loop.state.reference), _leaves(loop.params))

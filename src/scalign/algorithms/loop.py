@@ -469,7 +469,8 @@ class OnlineLoop:
             sizes["value_step"] = self._value_step._cache_size()
         if self._values is not None:
             sizes["values"] = self._values._cache_size()
-        sizes["copy_params"] = self._copy_params._cache_size()
+        if self._copy_params._cache_size():  # once used (refresh_reference)
+            sizes["copy_params"] = self._copy_params._cache_size()
         if self._reset is not None:
             sizes["reset_policy"] = self._reset._cache_size()
         sampler_sizes = getattr(self.sampler, "cache_sizes", None)

@@ -21,6 +21,7 @@ log-probs come from `loop.log_probs` before the first update.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import jax
@@ -67,7 +68,8 @@ class GRPO:
         steps = self.reward.step_rewards(ro.scores)
         if not self.grpo.process:
             total = terminal + (steps.sum(-1) if steps is not None else 0.0)
-            adv = np.asarray(pg.group_advantages(total.reshape(-1), N, eps=self.grpo.adv_eps))
+            adv = np.asarray(pg.group_advantages(total.reshape(-1), N, eps=self.grpo.adv_eps,
+                                                 ddof=self.grpo.adv_ddof))
             return total, adv[:, None] * mask
         last = np.asarray(pg.place_at_last_token(np.ones(mask.shape[0]), mask))
         tok, at = last * terminal.reshape(-1, 1), last
@@ -82,13 +84,17 @@ class GRPO:
         return total, adv
 
     def __call__(self, loop: OnlineLoop, k: int, key: jax.Array) -> dict[str, float]:
+        t0 = time.perf_counter()
         ro = collect(loop, self.rollout, self.reward_fn, key)
+        t1 = time.perf_counter()
         tokens, mask = ro.batch["tokens"], ro.batch["response_mask"]
         ref_logp = loop.log_probs(tokens, "reference")
+        t2 = time.perf_counter()
         several = self.grpo.minibatches > 1
         old_logp = loop.log_probs(tokens) if several else None
         rewards, adv = self.advantages(ro)
         adv = adv.astype(np.float32)
+        t3 = time.perf_counter()
         rng = host_rng(jax.random.fold_in(key, 3))
         metrics = []
         for rows in minibatch_rows(ro.num_rows, self.grpo.minibatches, rng,
@@ -99,8 +105,11 @@ class GRPO:
             if several:
                 batch["old_logp"] = old_logp[rows]
             metrics.append(loop.update(batch))
-        out = record(loop, ro, rewards)
-        out.update(mean_metrics(metrics))
+        out = mean_metrics(metrics)  # blocks on the last update
+        t4 = time.perf_counter()
+        out.update(record(loop, ro, rewards))
+        out.update({"time/rollout_s": t1 - t0, "time/reference_s": t2 - t1,
+                    "time/advantages_s": t3 - t2, "time/update_s": t4 - t3})
         return out
 
 

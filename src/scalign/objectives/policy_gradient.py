@@ -189,16 +189,18 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, *, gamma: float 
     return adv, (adv + v) * m
 
 
-def group_advantages(rewards: jax.Array, group_size: int, *, eps: float = 1e-6) -> jax.Array:
+def group_advantages(rewards: jax.Array, group_size: int, *, eps: float = 1e-6, ddof: int = 0
+                     ) -> jax.Array:
     """GRPO's outcome-supervised advantages (Shao et al. 2024, sec. 4.1.2), [B] -> [B]:
 
         A_i = (r_i - mean_group(r)) / (std_group(r) + eps)
 
     over consecutive groups of `group_size` rows (the N samples of one prompt; row
-    p * N + j as `algorithms.loop.pack_rollout` lays them out); population std.
+    p * N + j as `algorithms.loop.pack_rollout` lays them out); std with `ddof` (0: population;
+    TRL and Tunix use the sample std, ddof = 1).
     """
     r = _f32(rewards).reshape(-1, group_size)
-    a = (r - r.mean(-1, keepdims=True)) / (r.std(-1, keepdims=True) + eps)
+    a = (r - r.mean(-1, keepdims=True)) / (r.std(-1, keepdims=True, ddof=ddof) + eps)
     return a.reshape(-1)
 
 
@@ -309,6 +311,7 @@ class GRPOConfig:
     kl_coef: float = 0.04
     kl_estimator: str = "k3"
     adv_eps: float = 1e-6
+    adv_ddof: int = 0             # std of the group: 0 population, 1 sample (TRL, Tunix)
     temperature: float = 0.7
     minibatches: int = 1
     process: bool = False         # process supervision (step rewards) instead of outcomes

@@ -60,9 +60,9 @@ from jax.sharding import Mesh
 
 from scalign import parallel
 from scalign.models.config import ModelConfig
-from scalign.models.heads import scalar_from_hidden
-from scalign.models.transformer import forward, param_logical_axes
+from scalign.models.transformer import param_logical_axes
 from scalign.objectives.logprobs import token_log_probs
+from scalign.objectives.policy_gradient import token_values
 from scalign.training.checkpoint import Checkpointer
 from scalign.training.loop import Interrupted
 from scalign.training.metrics import MetricsWriter, to_scalars
@@ -294,13 +294,9 @@ class OnlineLoop:
         self._values = None
         if state.value is not None:
             vconfig = value_config if value_config is not None else config
-
-            def values(params, tokens):  # v[:, t] = V(tokens[:, < t]), column 0 = 0
-                hidden, _ = forward(vconfig, params, tokens[:, :-1])
-                return jnp.pad(scalar_from_hidden(params, hidden), ((0, 0), (1, 0)))
-
-            self._values = make_eval_step(values, mesh, in_shardings=(
-                state_sharding.value.params, bsh), out_shardings=bsh, rules=rules)
+            self._values = make_eval_step(
+                functools.partial(token_values, vconfig), mesh,
+                in_shardings=(state_sharding.value.params, bsh), out_shardings=bsh, rules=rules)
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -204,3 +204,56 @@ def test_iterative_dpo_cycle_refreshes_reference_and_never_recompiles(model):
     # the reference is the policy as it was at the start of the last iteration: not the start
     assert _moved(start, _leaves(loop.state.reference))
     assert _moved(_leaves(loop.state.reference), _leaves(loop.params))
+
+
+# ---------------------------------------------------------------------------- domain reward
+def test_domain_reward_verifies_easy_only_and_reads_prm_steps_at_delimiters(tmp_path):
+    from scalign.algorithms.rewards import DomainReward, problem_pool
+    from scalign.data import stepmath
+    from scalign.data.domain import StepMathDomain
+    from scalign.data.tokenizer import Tokenizer
+    from scalign.evaluation.scoring import SequenceScorer
+    from scalign.sampling import SampleOutput
+
+    easy, hard = stepmath.generate(1, 1, seed=0), stepmath.generate(4, 1, seed=0)
+    tok = Tokenizer.train([p.prompt + p.solution for p in easy + hard
+                           + stepmath.generate(2, 100, seed=1)], tmp_path / "t.model",
+                          vocab_size=64, user_defined_symbols=("\n\n",))
+    domain = StepMathDomain({}, "x", 0)
+    pool, problems = problem_pool(domain, tok, {1: easy, 4: hard}, supervised_levels=(1, 2, 3))
+    assert [e.data["easy"] for e in pool.entries] == [True, False]
+    # per problem: the gold solution, a wrong answer, no answer section
+    texts = [[p.solution, p.solution.rsplit("\n\n", 1)[0] + "\n\n" + str(int(p.answer) + 1),
+              "\n\n".join(p.steps)] for p in easy + hard]
+    ids = [[tok.encode(t) + [tok.eos_id] for t in row] for row in texts]
+    M = max(len(x) for row in ids for x in row)
+    tokens = np.full((2, 3, M), tok.pad_id, np.int32)
+    lengths = np.zeros((2, 3), np.int32)
+    for p in range(2):
+        for j in range(3):
+            tokens[p, j, :len(ids[p][j])], lengths[p, j] = ids[p][j], len(ids[p][j])
+    out = SampleOutput(tokens=tokens, logprobs=np.zeros(tokens.shape, np.float32),
+                       model_logprobs=np.zeros(tokens.shape, np.float32), lengths=lengths,
+                       stop_reason=np.full((2, 3), "eos"), texts=texts)
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                      head_dim=8, mlp_dim=32, tie_embeddings=False, family="llama")
+    prm_params = add_scalar_head(cfg, init_params(cfg, jax.random.PRNGKey(0)),
+                                 jax.random.PRNGKey(1))
+    scorer = SequenceScorer(cfg, prm_params, parallel.make_mesh((1, 1, 1), jax.devices()[:1]),
+                            pad_id=tok.pad_id)
+    data = [e.data for e in pool.entries]
+    s = DomainReward(domain, tok, problems, supervised_levels=(1, 2, 3), prm=scorer)(data, out)
+    np.testing.assert_array_equal(s.correct[0], [1.0, 0.0, 0.0])
+    assert np.isnan(s.correct[1]).all()          # a hard problem's answer is never read
+    np.testing.assert_array_equal(s.has_answer, [[True, True, False]] * 2)
+    # the gold solution of the easy problem: one score per step, read at its delimiter token
+    n_steps = len(easy[0].steps)
+    assert n_steps >= 2
+    assert s.step_mask[0, 0].sum() == n_steps
+    delim = tok.piece_to_id("\n\n")
+    where = np.flatnonzero(s.delimiters[0, 0] >= 0)
+    assert list(s.delimiters[0, 0][where]) == list(range(n_steps))
+    assert all(tokens[0, 0, t] == delim for t in where)
+    probs = scorer.score([np.asarray(data[0]["prompt_ids"] + ids[0][0])], progress=False)[0]
+    start = len(data[0]["prompt_ids"])
+    np.testing.assert_allclose(s.step_scores[0, 0, :n_steps], probs[start + where], rtol=1e-6)

@@ -299,7 +299,7 @@ class PPOConfig:
     whiten_rewards: bool = True
     whiten_advantages: bool = True
     temperature: float = 0.7
-    minibatches: int = 4          # policy / value steps per rollout batch (one PPO epoch)
+    minibatches: int = 8          # steps per rollout batch, one epoch (e2h: 512 / 64)
     logprob_chunk: int | None = None
 
 

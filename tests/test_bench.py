@@ -22,6 +22,14 @@ WORKLOADS = {
                  "label_smoothing": 0.0, "learning_rate": 1e-6, "weight_decay": 0.0,
                  "batch_pairs": 2, "prompt_len": 6, "response_len": 6, "seq_len": 12,
                  "data_seed": 0, "warmup_steps": 1, "timed_steps": 2},
+    "grpo_tiny": {"kind": "grpo", "model": "m", "batch": 2, "num_generations": 4,
+                  "prompt_len": 8, "prompt_seed": 0, "prompt_token_low": 3,
+                  "max_new_tokens": 5, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                  "stop_on_eos": False, "beta": 0.04, "epsilon": 0.2, "advantage_eps": 1e-4,
+                  "learning_rate": 1e-6, "weight_decay": 0.0, "grad_clip": None,
+                  "num_iterations": 1, "optimizer_steps_per_iteration": 1,
+                  "warmup_steps": 1, "timed_steps": 2, "metric": "iterations_per_s",
+                  "unit": "it/s"},
 }
 
 
@@ -95,3 +103,12 @@ def test_dpo_bench_first_loss_is_log2(spec, capsys):
 def test_wrong_kind_is_an_error(spec):
     with pytest.raises((ValueError, SystemExit)):
         main(["dpo", "--workload", "sft_tiny", "--spec", str(spec)])
+
+
+def test_grpo_bench(spec, capsys):
+    main(["grpo", "--workload", "grpo_tiny", "--spec", str(spec)])
+    line = _line(capsys)
+    assert line["system"] == "scalign" and line["unit"] == "it/s" and line["value"] > 0
+    assert len(line["iteration_seconds"]) == 2
+    for key in ("rollout_s", "reference_s", "update_s", "generated_tokens_per_s"):
+        assert line[key] > 0, key

@@ -63,6 +63,7 @@ from scalign import parallel
 from scalign.models.config import ModelConfig
 from scalign.models.transformer import param_logical_axes
 from scalign.objectives.logprobs import token_log_probs
+from scalign.objectives.policy_gradient import token_values
 from scalign.training.checkpoint import Checkpointer
 from scalign.training.loop import NONFINITE_POLICIES, Interrupted, NonFiniteError, last_good_message
 from scalign.training.metrics import MetricsWriter, to_scalars
@@ -263,7 +264,9 @@ class OnlineLoop:
                  metrics: MetricsWriter | None = None, stage: str = "online",
                  logprob_chunk: int | None = None, rules: parallel.Rules = parallel.DEFAULT_RULES,
                  progress: bool = True, on_nonfinite: str = "stop",
-                 max_consecutive_skips: int = 3):
+                 max_consecutive_skips: int = 3,
+                 optimizer: optax.GradientTransformation | None = None,
+                 value_config: ModelConfig | None = None):
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got "
                              f"{on_nonfinite!r}")
@@ -294,6 +297,18 @@ class OnlineLoop:
         self._log_probs = make_eval_step(
             functools.partial(token_log_probs, config, chunk=logprob_chunk), mesh,
             in_shardings=(state_sharding.policy.params, bsh), out_shardings=bsh, rules=rules)
+        self._optimizer = optimizer
+        # a copy of params onto the policy's shardings (reference refresh, policy reset): one
+        # program for the loop's life (a fresh jit per call would compile every iteration)
+        self._copy_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                                    out_shardings=state_sharding.policy.params)
+        self._reset = None
+        self._values = None
+        if state.value is not None:
+            vconfig = value_config if value_config is not None else config
+            self._values = make_eval_step(
+                functools.partial(token_values, vconfig), mesh,
+                in_shardings=(state_sharding.value.params, bsh), out_shardings=bsh, rules=rules)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -302,7 +317,8 @@ class OnlineLoop:
                reference: bool | Any = False, reference_in_loss: bool = False,
                value_params: Any = None, value_logical_axes: Any = None,
                value_optimizer: optax.GradientTransformation | None = None,
-               value_loss_fn: Callable | None = None, clip_norm: float | None = 1.0,
+               value_loss_fn: Callable | None = None, value_config: ModelConfig | None = None,
+               clip_norm: float | None = 1.0,
                value_clip_norm: float | None = 1.0, grad_accum_steps: int = 1,
                lr_schedule: optax.Schedule | None = None, on_nonfinite: str = "stop",
                rules: parallel.Rules = parallel.DEFAULT_RULES, **kwargs: Any) -> OnlineLoop:
@@ -321,6 +337,8 @@ class OnlineLoop:
             algorithms precompute reference terms with `log_probs(..., "reference")`.
           value_params / value_logical_axes / value_optimizer / value_loss_fn: an optional
             value model with its own optimizer (e.g. PPO's critic from the reward model).
+          value_config: the value model's ModelConfig when it differs from the policy's
+            (`values` runs its forward).
           clip_norm / value_clip_norm / grad_accum_steps / lr_schedule: as `make_train_step`.
           on_nonfinite: "stop" (an iteration with a NaN/inf loss or gradient norm raises
             `training.loop.NonFiniteError` naming it, before anything after it is saved) or
@@ -370,7 +388,8 @@ class OnlineLoop:
         return cls(config, mesh=mesh, sampler=sampler, state=state, state_sharding=sharding,
                    policy_step=policy_step, value_step=value_step,
                    reference_in_loss=reference_in_loss, rules=rules,
-                   on_nonfinite=on_nonfinite, **kwargs)
+                   on_nonfinite=on_nonfinite, optimizer=optimizer, value_config=value_config,
+                   **kwargs)
 
     # ------------------------------------------------------------------ verbs
     @property
@@ -411,6 +430,16 @@ class OnlineLoop:
                                       global_batch=True)["t"]
         return np.asarray(to_host(self._log_probs(params, tokens)))
 
+    def values(self, tokens: np.ndarray) -> np.ndarray:
+        """Value-model scores float32 [R, T] of `tokens` [R, T], aligned with the tokens as
+        log-probs are: v[r, t] = V(tokens[r, < t]) (the scalar head on the hidden state at
+        t - 1; column 0 is 0), as numpy on every process. R a multiple of data x fsdp."""
+        if self._values is None:
+            raise ValueError("the loop has no value model (create(..., value_params=...))")
+        tokens = parallel.shard_batch({"t": np.asarray(tokens, np.int32)}, self.mesh,
+                                      global_batch=True)["t"]
+        return np.asarray(to_host(self._values(self.state.value.params, tokens)))
+
     def update(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
         """One policy step on a host batch (identical on every process); device metrics."""
         device_batch = parallel.shard_batch(batch, self.mesh, global_batch=True)
@@ -438,9 +467,24 @@ class OnlineLoop:
         """Reference <- a copy of the current policy (iterative DPO's per-iteration reset)."""
         if self.state.reference is None:
             raise ValueError("the loop has no reference model")
-        ref = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
-                      out_shardings=self.state_sharding.reference)(self.params)
-        self.state = self.state.replace(reference=ref)
+        self.state = self.state.replace(reference=self._copy_params(self.params))
+
+    def reset_policy(self, params: Any = None) -> None:
+        """Policy <- a copy of `params` (default: the reference, e.g. ReST-EM's base policy)
+        with a fresh optimizer state and step 0 (its rng kept): "fine-tune from the base model"
+        each iteration. Same shapes and shardings, so no step recompiles."""
+        if params is None:
+            if self.state.reference is None:
+                raise ValueError("reset_policy() without params needs a reference model")
+            params = self.state.reference
+        if self._optimizer is None:
+            raise ValueError("reset_policy needs the policy optimizer (OnlineLoop.create)")
+        if self._reset is None:
+            optimizer = self._optimizer
+            self._reset = jax.jit(
+                lambda p, rng: TrainState.create(jax.tree.map(jnp.copy, p), optimizer, rng),
+                out_shardings=self.state_sharding.policy)
+        self.state = self.state.replace(policy=self._reset(params, self.state.policy.rng))
 
     def cache_sizes(self) -> dict[str, int]:
         """Compiled-program counts of the loop's jitted pieces (and the sampler's, if it tells):
@@ -449,6 +493,12 @@ class OnlineLoop:
                  "log_probs": self._log_probs._cache_size()}
         if self._value_step is not None:
             sizes["value_step"] = self._value_step._cache_size()
+        if self._values is not None:
+            sizes["values"] = self._values._cache_size()
+        if self._copy_params._cache_size():  # once used (refresh_reference)
+            sizes["copy_params"] = self._copy_params._cache_size()
+        if self._reset is not None:
+            sizes["reset_policy"] = self._reset._cache_size()
         sampler_sizes = getattr(self.sampler, "cache_sizes", None)
         if callable(sampler_sizes):
             sizes.update({f"sampler.{k}": v for k, v in sampler_sizes().items()})

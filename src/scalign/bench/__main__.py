@@ -1,4 +1,4 @@
-"""`python -m scalign.bench {sample,train,dpo} --workload NAME [--spec PATH]`.
+"""`python -m scalign.bench {sample,train,dpo,grpo} --workload NAME [--spec PATH]`.
 
 Runs one workload of the shared peer spec and prints one JSON line
 `{"system": "scalign", "workload", "metric", "value", "unit", ...}`.
@@ -11,7 +11,7 @@ import importlib
 import sys
 
 KINDS = {"sample": "scalign.bench.sample", "train": "scalign.bench.train",
-         "dpo": "scalign.bench.dpo"}
+         "dpo": "scalign.bench.dpo", "grpo": "scalign.bench.grpo"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from scalign.stages import (  # noqa: F401
     report,
     rerank,
     reward_models,
+    rl,
     sft,
     smoke,
 )

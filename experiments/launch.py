@@ -60,12 +60,17 @@ def _setup_jax() -> None:
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
+    from scalign import distributed
+
     if FLAGS.cpu_devices:
         jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if FLAGS.coordinator or FLAGS.num_processes:
-        jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+        distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SCALIGN_DISTRIBUTED"):
-        jax.distributed.initialize()
+        distributed.initialize()
+    if jax.process_count() > 1 and jax.process_index() == 0:
+        print(distributed.describe(), flush=True)
 
 
 def _fail(kind: str, error: BaseException | str, code: int = 2) -> None:

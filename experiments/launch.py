@@ -122,8 +122,11 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax/absl INFO lines drown the progress bars
     _setup_jax()
     from scalign import experiment
+    from scalign.training import preemption
     from scalign.training.checkpoint import CheckpointCorruptError
     from scalign.training.loop import NonFiniteError
+
+    preemption.install()  # SIGTERM (a reclaimed spot VM): save at the next boundary, exit 0
 
     config = FLAGS.config
     try:
@@ -145,8 +148,22 @@ def main(argv: list[str]) -> None:
         _fail("file not found", e)
     except (NonFiniteError, CheckpointCorruptError) as e:
         _fail("run stopped", e, code=1)
+    except preemption.Preempted as e:
+        import jax
+        if jax.process_index() == 0:
+            print(f"preempted: {e}; resume with: {_resume_command()}", flush=True)
+        sys.exit(0)
     report = ctx.workdir / "report.md"
     print(f"done: {ctx.workdir}/results.json" + (f", {report}" if report.exists() else ""))
+
+
+def _resume_command() -> str:
+    """This process' command line, with --resume (and without --overwrite)."""
+    import shlex
+
+    args = [a for a in sys.argv[1:] if a not in ("--overwrite", "--resume", "--noresume")]
+    return shlex.join(["python", sys.argv[0], *args,
+                       "--resume"])
 
 
 def _run_seeds(config, seeds: list[int]) -> None:

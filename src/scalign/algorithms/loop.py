@@ -63,8 +63,8 @@ from scalign import parallel
 from scalign.models.config import ModelConfig
 from scalign.models.transformer import param_logical_axes
 from scalign.objectives.logprobs import token_log_probs
-from scalign.training.checkpoint import Checkpointer
 from scalign.training import preemption
+from scalign.training.checkpoint import Checkpointer
 from scalign.training.loop import NONFINITE_POLICIES, Interrupted, NonFiniteError, last_good_message
 from scalign.training.metrics import MetricsWriter, to_scalars
 from scalign.training.state import TrainState

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from scalign import parallel
-from scalign.training.checkpoint import Checkpointer
 from scalign.training import preemption
+from scalign.training.checkpoint import Checkpointer
 from scalign.training.metrics import MetricsWriter, to_scalars
 from scalign.training.state import TrainState
 from scalign.utils import progress_bar

@@ -44,6 +44,7 @@ test-fast: $(DEV_STAMP)
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check src tests experiments tools
+	cd tpu && ../$(VENV)/bin/shellcheck *.sh
 
 build-file: $(RUNTIME_STAMP)
 	$(PY) tools/update_build.py

@@ -60,12 +60,17 @@ def _setup_jax() -> None:
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
+    from scalign import distributed
+
     if FLAGS.cpu_devices:
         jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if FLAGS.coordinator or FLAGS.num_processes:
-        jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+        distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SCALIGN_DISTRIBUTED"):
-        jax.distributed.initialize()
+        distributed.initialize()
+    if jax.process_count() > 1 and jax.process_index() == 0:
+        print(distributed.describe(), flush=True)
 
 
 def _fail(kind: str, error: BaseException | str, code: int = 2) -> None:
@@ -117,8 +122,11 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax/absl INFO lines drown the progress bars
     _setup_jax()
     from scalign import experiment
+    from scalign.training import preemption
     from scalign.training.checkpoint import CheckpointCorruptError
     from scalign.training.loop import NonFiniteError
+
+    preemption.install()  # SIGTERM (a reclaimed spot VM): save at the next boundary, exit 0
 
     config = FLAGS.config
     try:
@@ -140,8 +148,22 @@ def main(argv: list[str]) -> None:
         _fail("file not found", e)
     except (NonFiniteError, CheckpointCorruptError) as e:
         _fail("run stopped", e, code=1)
+    except preemption.Preempted as e:
+        import jax
+        if jax.process_index() == 0:
+            print(f"preempted: {e}; resume with: {_resume_command()}", flush=True)
+        sys.exit(0)
     report = ctx.workdir / "report.md"
     print(f"done: {ctx.workdir}/results.json" + (f", {report}" if report.exists() else ""))
+
+
+def _resume_command() -> str:
+    """This process' command line, with --resume (and without --overwrite)."""
+    import shlex
+
+    args = [a for a in sys.argv[1:] if a not in ("--overwrite", "--resume", "--noresume")]
+    return shlex.join(["python", sys.argv[0], *args,
+                       "--resume"])
 
 
 def _run_seeds(config, seeds: list[int]) -> None:

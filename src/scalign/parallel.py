@@ -158,6 +158,23 @@ def batch_divisor(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
+def process_rows(mesh: Mesh, global_batch: int) -> slice:
+    """The rows of a global batch of `global_batch` rows that *this* process' devices hold
+    under `batch_sharding(mesh)`: what a per-process data pipeline must read and hand to
+    `shard_batch` (all rows with one process)."""
+    sharding = batch_sharding(mesh)
+    index_map = sharding.addressable_devices_indices_map((global_batch,))
+    starts = sorted({(idx[0].start or 0) for idx in index_map.values()})
+    stops = sorted({(idx[0].stop if idx[0].stop is not None else global_batch)
+                    for idx in index_map.values()})
+    lo, hi = starts[0], stops[-1]
+    covered = sum(b - a for a, b in zip(starts, stops, strict=True))
+    if covered != hi - lo:
+        raise ValueError(f"process {jax.process_index()}'s batch rows are not contiguous on "
+                         f"this mesh ({mesh.shape}); order the mesh devices by process")
+    return slice(lo, hi)
+
+
 def shard_batch(batch: Any, mesh: Mesh, *, global_batch: bool = False) -> Any:
     """Place a host batch (pytree of numpy arrays) on the mesh, leading dim over data x fsdp.
 

@@ -64,6 +64,7 @@ from scalign.models.config import ModelConfig
 from scalign.models.transformer import param_logical_axes
 from scalign.objectives.logprobs import token_log_probs
 from scalign.objectives.policy_gradient import token_values
+from scalign.training import preemption
 from scalign.training.checkpoint import Checkpointer
 from scalign.training.loop import NONFINITE_POLICIES, Interrupted, NonFiniteError, last_good_message
 from scalign.training.metrics import MetricsWriter, to_scalars
@@ -592,6 +593,16 @@ class OnlineLoop:
                 if self.checkpointer is not None:
                     self.save(force=k + 1 == num_iterations, iterate=iterate)
                 done_here += 1
+                if preemption.reached(k + 1) and k + 1 < num_iterations:
+                    if self.checkpointer is not None:
+                        self.save(force=True, iterate=iterate)
+                        self.checkpointer.wait()
+                    raise preemption.Preempted(
+                        f"{self.stage}: preempted; saved at iteration {k + 1} of "
+                        f"{num_iterations}" + (f" in {self.checkpointer.directory}"
+                                               if self.checkpointer is not None else
+                                               " (no checkpointer: not saved)"),
+                        stage=self.stage, step=k + 1)
                 if stop_after is not None and done_here >= stop_after and k + 1 < num_iterations:
                     if self.checkpointer is not None:
                         self.checkpointer.wait()

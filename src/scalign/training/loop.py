@@ -17,6 +17,10 @@ before it saves anything after it, so the newest checkpoint stays the last good 
 not applied, counted (`skipped_steps` in the logged metrics) and the run stops after
 `max_consecutive_skips` in a row. The check is device-side per step and read by the host only
 at log and checkpoint steps, so it never stalls the accelerator.
+
+Preemption: once `training.preemption.install()` ran (the launcher does), a SIGTERM makes the
+loop save at the next step boundary and raise `preemption.Preempted` (the launcher prints how
+to resume and exits 0).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from scalign import parallel
+from scalign.training import preemption
 from scalign.training.checkpoint import Checkpointer
 from scalign.training.metrics import MetricsWriter, to_scalars
 from scalign.training.state import TrainState
@@ -190,6 +195,18 @@ def train_loop(step_fn: Callable[[TrainState, Any], tuple[TrainState, dict[str, 
         if checkpointer is not None and checkpointer.should_save(done, force=done == num_steps):
             check(done)  # never save a state after a non-finite step (policy "stop")
             checkpointer.maybe_save(done, state, data_iter, meta, force=done == num_steps)
+        if preemption.reached(done) and done < num_steps:
+            saved = ""
+            if checkpointer is not None:
+                check(done)
+                checkpointer.maybe_save(done, state, data_iter, meta, force=True)
+                checkpointer.wait()
+                saved = f" in {checkpointer.directory}"
+            bar.close()
+            raise preemption.Preempted(
+                f"{stage}: preempted; saved at step {done} of {num_steps}{saved}"
+                if saved else f"{stage}: preempted at step {done} (no checkpointer: not saved)",
+                stage=stage, step=done)
         if stop_after is not None and steps_run >= stop_after and done < num_steps:
             if checkpointer is not None:
                 checkpointer.wait()

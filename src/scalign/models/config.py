@@ -65,8 +65,8 @@ class ModelConfig:
         blocks under params["layer_i"]: the compiled program holds one block, so compile time
         and program size do not grow with L. None (default) means on for n_layers >= 16
         (`SCAN_LAYERS_FROM`). Mixed local/global layers are scanned with their window and
-        RoPE table as per-layer scan inputs. Forwards with a KV cache (prefill, decode) run
-        unrolled, reading layer i of the stacked params (a slice inside the jitted program).
+        RoPE table as per-layer scan inputs. A prefill scans too; one-token decode steps run
+        unrolled on layer i of the params (`models.transformer.forward`).
       max_position_embeddings: the context length the checkpoint was trained for (informational:
         kept so an exported HF config says the same; None when unknown).
       family: the checkpoint family ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",

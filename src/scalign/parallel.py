@@ -41,6 +41,7 @@ DEFAULT_RULES: Rules = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("layers", None),  # the stacked axis of scanned blocks (`ModelConfig.scan_layers`)
     # activations
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),

@@ -3,9 +3,10 @@
 The config validates for 8 devices, and its reward-model train step is built for Llemma-7B's
 shapes on the fake 8-device CPU mesh from abstract values only (`jax.eval_shape` params,
 rule-table shardings, abstract AdamW state, an abstract [128, 768] batch): nothing of the 7B
-model is allocated. Lowering the 32-layer step takes ~10 s here; compiling it takes ~65 s on
-this 2-core machine, so the fast test lowers the full model and compiles a 2-layer model of
-the same widths, and the full compile is a slow test.
+model is allocated. The 32 layers are scanned (`ModelConfig.scan_layers`, on from 16 layers):
+lowering takes ~0.5 s of CPU and compiling ~7 s (unrolled: ~4.5 s and ~38 s; see
+`experiments/studies/rm_step_compile.py`). The fast tests lower the full model and compile a
+2-layer model of the same widths, scanned and unrolled; the full compile is a heavy test.
 """
 
 from __future__ import annotations
@@ -200,13 +201,19 @@ def test_reward_step_lowers_for_llemma_7b_on_a_fake_8_device_mesh(config, hf_fol
     assert len(args) == n_state + 3
     for shape, axes, donated in args[:n_state]:
         assert donated  # the state's buffers are reused for the new state
+        # a stacked param [L, ...] of the scanned blocks: a norm scale [L, D] is one D vector
+        # per layer (replicated like the unrolled model's [D] scales)
+        stacked = len(shape) >= 2 and shape[0] == model.n_layers
         for dim, ax in zip(shape, axes, strict=False):
-            if dim == model.d_model and len(shape) >= 2:
+            if dim == model.d_model and len(shape) - stacked >= 2:
                 assert ax == "fsdp", (shape, axes)  # embed -> fsdp: ZeRO-3 sharding
     for shape, axes, donated in args[n_state:]:
         assert shape == (128, 768) and axes[0] == "fsdp" and not donated
-    # one rematerialisation barrier per block
-    assert lowered.as_text().count("optimization_barrier") == model.n_layers
+    # 32 layers are scanned by default (`ModelConfig.scan_layers`): one block in the program,
+    # run by one while loop forward and one backward (remat inside the scan, no CSE barrier)
+    assert model.scanned and state.params["layers"]["attn"]["q"].shape[0] == 32
+    text = lowered.as_text()
+    assert text.count("stablehlo.while") == 2 and "optimization_barrier" not in text
     total, per_device = state_bytes_per_device(state, mesh)
     n_params = model.num_params() + model.d_model + 1  # backbone + scalar head
     assert abs(total - 12 * n_params) < 1024  # f32 params + 2 f32 AdamW moments (~75 GiB)
@@ -222,10 +229,10 @@ def test_reward_step_lowers_for_llemma_7b_on_a_fake_8_device_mesh(config, hf_fol
           f"{per_device / GiB:.2f} GiB/device, peak RSS +{grown / GiB:.2f} GiB")
 
 
-def _compile_and_check(config, hf_folder, n_layers: int) -> dict[str, float]:
+def _compile_and_check(config, hf_folder, n_layers: int, **overrides) -> dict[str, float]:
     mesh = parallel.make_mesh(experiment.validate(config, num_devices=8))
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    model = rm_model(config, hf_folder, n_layers=n_layers)
+    model = rm_model(config, hf_folder, n_layers=n_layers, **overrides)
     step, state, batch = abstract_step(config, model, mesh)
     t0 = time.perf_counter()
     lowered = step.lower(state, batch)
@@ -246,15 +253,17 @@ def _compile_and_check(config, hf_folder, n_layers: int) -> dict[str, float]:
             "temp_gib_per_device": mem.temp_size_in_bytes / GiB, "rss_growth_gib": grown / GiB}
 
 
-def test_reward_step_compiles_at_llemma_widths_with_two_layers(config, hf_folder):
-    facts = _compile_and_check(config, hf_folder, n_layers=2)
-    print(f"\n2-layer llemma-width RM step: {facts}")
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_reward_step_compiles_at_llemma_widths_with_two_layers(config, hf_folder, scan_layers):
+    facts = _compile_and_check(config, hf_folder, n_layers=2, scan_layers=scan_layers)
+    print(f"\n2-layer llemma-width RM step (scan_layers={scan_layers}): {facts}")
 
 
 @pytest.mark.slow
-@pytest.mark.heavy  # ~90 s of compile; the 2-layer test above checks the same at llemma widths
+@pytest.mark.heavy  # ~30 s of compile scanned (~2 min unrolled); the 2-layer test above checks
+# the same at llemma widths
 def test_reward_step_compiles_for_llemma_7b(config, hf_folder):
-    facts = _compile_and_check(config, hf_folder, n_layers=32)
+    facts = _compile_and_check(config, hf_folder, n_layers=32)  # scanned (>= 16 layers)
     print(f"\nllemma-7B RM step: {facts}")
 
 

@@ -32,7 +32,8 @@ Decode memory traffic (the roofline of batched decoding is bytes, not FLOPs):
 the decode weights' packing); `cache_phases=K` overrides the decode loop's phase count;
 `attention=xla|cpu_kernel` overrides the decode attention (`Sampler(attention=...)`);
 `param_dtype=bfloat16` / `dtype=bfloat16` run a bf16 variant (not the
-spec's f32 workload; the line's `notes` say so).
+spec's f32 workload; the line's `notes` say so); `scan_layers=0|1` overrides
+`ModelConfig.scan_layers` (the same weights, stacked or per layer).
 
 `sample_gemma3_270m` needs the real Gemma-3-270M weights through `scalign.models.load_gguf`
 and the assembled GGUF (`gguf=PATH`, `$PEERS_GGUF`, or /tmp/peers/gguf/gemma-3-270m-q4_k_m.gguf);
@@ -53,6 +54,7 @@ import numpy as np
 
 from scalign.bench import common
 from scalign.models import init_params
+from scalign.models.transformer import stack_layers, unstack_layers
 from scalign.sampling import Sampler, cache_phases
 
 _DEFAULT_GGUF = "/tmp/peers/gguf/gemma-3-270m-q4_k_m.gguf"
@@ -107,6 +109,14 @@ def run(workload: str, spec_path: str | None = None, **extra: Any) -> dict:
         raise SystemExit(f"unsupported architecture {model['architecture']!r}")
     if overrides:
         notes.append(f"NOT the spec's float32 workload: {overrides}")
+    if "scan_layers" in extra:  # the same weights, stacked (scanned) or per layer
+        scanned = config.replace(scan_layers=str(extra["scan_layers"]) not in ("0", "false"))
+        if scanned.scanned and not config.scanned:
+            params = stack_layers(params, config.n_layers)
+        elif config.scanned and not scanned.scanned:
+            params = unstack_layers(params, config.n_layers)
+        config = scanned
+        notes.append(f"scan_layers={config.scan_layers}")
 
     B, T, M = wl["batch"], wl["prompt_len"], wl["max_new_tokens"]
     high = wl.get("prompt_token_high", config.vocab_size)

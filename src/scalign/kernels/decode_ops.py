@@ -44,7 +44,7 @@ from scalign import parallel
 from scalign.kernels import cpu_attention, cpu_matmul
 from scalign.models.config import ModelConfig
 from scalign.models.ops import XLA_OPS, Ops, PackedWeight, plain_matmul, unpacked
-from scalign.models.transformer import CACHE_AXES, MATMUL_INPUT_AXES, init_params
+from scalign.models.transformer import CACHE_AXES, MATMUL_INPUT_AXES, init_params, unstack_layers
 
 Array = jax.Array
 
@@ -277,6 +277,10 @@ def pack_params(weight_layout: str, params: dict[str, Any]) -> dict[str, Any]:
     only new buffers: one copy of the matmul weights."""
     if weight_layout == "native":
         return params
+    if "layers" in params:  # a scanned model's stacked params: packed layer by layer (the
+        # slices are transient copies; the decode loop runs the layers unrolled on the packing)
+        n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+        params = unstack_layers(params, n_layers)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     picked = []
     for i, (path, w) in enumerate(flat):
@@ -295,5 +299,8 @@ def decode_view(weights: Any, weight_layout: str, config: ModelConfig) -> Any:
     """Inside the decode program: what the model reads from the packed `weights` (for
     "output_major", [out, in] buffers seen through views in the params' shapes)."""
     if weight_layout == "output_major":
-        return from_output_major(weights, _backbone_shapes(config))
+        return from_output_major(weights, _backbone_shapes(config.replace(scan_layers=False)))
+    if "layers" in weights:  # "native" with a scanned model: slice each layer once, before the
+        # loop (the decode steps run the layers unrolled; `transformer.forward` with a cache)
+        weights = unstack_layers(weights, config.n_layers)
     return weights

@@ -22,6 +22,7 @@ ROPE_SCALING_KEYS = {
     "yarn": ("factor", "original_max_position_embeddings"),
 }
 REMAT_POLICIES = ("none", "full", "dots")
+SCAN_LAYERS_FROM = 16  # scan_layers=None scans models with at least this many layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,13 @@ class ModelConfig:
       dtype: compute dtype of activations and matmul inputs ("float32" | "bfloat16"); matmuls
         accumulate in float32. param_dtype: storage dtype of the params.
       remat: rematerialisation of each block in the backward pass ("none" | "full" | "dots").
+      scan_layers: run the L blocks as one `nn.scan` over stacked params (each block param gets
+        a leading "layers" axis of size L and lives under params["layers"]) instead of L unrolled
+        blocks under params["layer_i"]: the compiled program holds one block, so compile time
+        and program size do not grow with L. None (default) means on for n_layers >= 16
+        (`SCAN_LAYERS_FROM`). Mixed local/global layers are scanned with their window and
+        RoPE table as per-layer scan inputs. A prefill scans too; one-token decode steps run
+        unrolled on layer i of the params (`models.transformer.forward`).
       max_position_embeddings: the context length the checkpoint was trained for (informational:
         kept so an exported HF config says the same; None when unknown).
       family: the checkpoint family ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
@@ -92,6 +100,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    scan_layers: bool | None = None
     max_position_embeddings: int | None = None
     family: str = "llama"
 
@@ -119,6 +128,9 @@ class ModelConfig:
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"ModelConfig.{name} must be float32/bfloat16/float16, "
                                  f"got {getattr(self, name)!r}")
+        if self.scan_layers not in (None, True, False):
+            raise ValueError(f"ModelConfig.scan_layers must be None, True or False, got "
+                             f"{self.scan_layers!r}")
         if self.layer_types:
             if len(self.layer_types) != self.n_layers:
                 raise ValueError(f"ModelConfig.layer_types has {len(self.layer_types)} entries "
@@ -155,6 +167,13 @@ class ModelConfig:
     @property
     def params_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.param_dtype)
+
+    @property
+    def scanned(self) -> bool:
+        """Whether the blocks are scanned (params stacked under "layers"); see `scan_layers`."""
+        if self.scan_layers is None:
+            return self.n_layers >= SCAN_LAYERS_FROM
+        return bool(self.scan_layers)
 
     def layer_type(self, i: int) -> str:
         return self.layer_types[i] if self.layer_types else "global"

@@ -42,6 +42,7 @@ import re
 import struct
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -49,6 +50,7 @@ from scalign.data.tokenizer import Tokenizer
 from scalign.models.config import ModelConfig
 from scalign.models.convert import hf as hfconv
 from scalign.models.convert.sp_rebuild import build_sentencepiece
+from scalign.models.transformer import stack_layers
 
 PathLike = str | os.PathLike
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
@@ -379,7 +381,7 @@ def load_gguf(path: PathLike, *, dtype: Any = None
     config = config.replace(param_dtype=hfconv._dtype_name(dtype))
     np_dtype = np.dtype(config.params_dtype)
     specs = hfconv.hf_tensor_specs(config)
-    abstract = hfconv.abstract_params(config)
+    abstract = hfconv.abstract_params(config.replace(scan_layers=False))  # per-layer shapes
     names = {s.hf_name: gguf_tensor_name(s.hf_name, config.post_norms) for s in specs}
     missing = sorted(n for n in names.values() if n not in tensors)
     unexpected = sorted(set(tensors) - set(names.values()))
@@ -400,5 +402,9 @@ def load_gguf(path: PathLike, *, dtype: Any = None
         if config.norm_offset and name.endswith("norm.weight"):
             w = w - np.float32(config.norm_offset)
         leaf = hfconv.from_hf_layout(spec.kind, shape, w).astype(np_dtype)
-        hfconv._tree_set(params, spec.path, jnp.asarray(leaf))
+        # a scanned model stacks the layers (the file stores them one by one): keep them on the
+        # host until then
+        hfconv._tree_set(params, spec.path, leaf if config.scanned else jnp.asarray(leaf))
+    if config.scanned:
+        params = jax.tree.map(jnp.asarray, stack_layers(params, config.n_layers))
     return config, params, _tokenizer(meta)

@@ -415,7 +415,7 @@ def _query_pre_attn_scalar(c: ModelConfig) -> int | float:
 def _behaviour(c: ModelConfig) -> dict[str, Any]:
     """What the forward pass depends on, with equivalent spellings made equal."""
     d = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}
-    for k in ("dtype", "param_dtype", "remat", "max_position_embeddings", "rope_local_theta",
+    for k in ("dtype", "param_dtype", "remat", "scan_layers", "max_position_embeddings", "rope_local_theta",
               "rope_scaling_local", "sliding_window", "layer_types", "query_scale", "rope_theta",
               "rope_scaling"):
         d.pop(k)
@@ -741,7 +741,8 @@ def load_hf(path: PathLike, *, dtype: Any = None, mesh: Mesh | None = None
     files = _tensor_files(folder)
     specs = hf_tensor_specs(config)
     abstract = abstract_params(config)
-    _check_specs_cover(config, specs, abstract)
+    layer_abstract = abstract_params(config.replace(scan_layers=False))  # per-layer shapes
+    _check_specs_cover(config, specs, layer_abstract)
     names, skipped = _resolve_names(list(files), specs, config, folder)
     if skipped:
         logging.info("load_hf(%s): skipped %d tensor(s) outside the decoder: %s%s", folder,
@@ -760,27 +761,35 @@ def load_hf(path: PathLike, *, dtype: Any = None, mesh: Mesh | None = None
                 handles[fpath] = stack.enter_context(_open_safetensors(fpath))
             return handles[fpath]
 
-        for spec in specs:
-            name = names[spec.hf_name]
-            fpath = files[name]
-            tensor = handle(fpath).get_slice(name)
-            shape = tuple(_tree_get(abstract, spec.path).shape)
-            want = hf_shape(spec.kind, shape)
-            got = tuple(int(x) for x in tensor.get_shape())
-            if got != want:
-                raise ValueError(f"{fpath}: tensor {name!r} has shape {list(got)}, expected "
-                                 f"{list(want)} for {config.describe()}")
-            finite = [True]
+        # one group per param of our tree: one spec, or L specs of a stacked (scanned) param
+        for path, group in _param_groups(config, specs):
+            shape = tuple(_tree_get(layer_abstract, group[0].path).shape)
+            want = hf_shape(group[0].kind, shape)
+            tensors, where = [], []
+            for spec in group:
+                name = names[spec.hf_name]
+                fpath = files[name]
+                tensor = handle(fpath).get_slice(name)
+                got = tuple(int(x) for x in tensor.get_shape())
+                if got != want:
+                    raise ValueError(f"{fpath}: tensor {name!r} has shape {list(got)}, expected "
+                                     f"{list(want)} for {config.describe()}")
+                tensors.append(tensor)
+                where.append((name, fpath))
+            finite = [True] * len(group)
             try:
-                params_leaf = _load_leaf(spec, shape, tensor, np_dtype,
+                params_leaf = _load_leaf(group[0].kind, shape, tensors, np_dtype,
                                          None if shardings is None
-                                         else _tree_get(shardings, spec.path), finite)
+                                         else _tree_get(shardings, path), finite,
+                                         stacked=len(group) > 1 or path[0] == "layers")
             except Exception as e:  # noqa: BLE001 - safetensors / IO errors of a damaged file
-                raise ValueError(f"{fpath}: cannot read tensor {name!r} (truncated or damaged "
+                names_ = ", ".join(repr(n) for n, _ in where[:3])
+                raise ValueError(f"{where[0][1]}: cannot read tensor(s) {names_}"
+                                 f"{' ...' if len(where) > 3 else ''} (truncated or damaged "
                                  f"file?): {type(e).__name__}: {e}") from e
-            if not finite[0]:
-                nonfinite.append(f"{name} ({os.path.basename(fpath)})")
-            _tree_set(params, spec.path, params_leaf)
+            nonfinite += [f"{n} ({os.path.basename(f)})"
+                          for (n, f), ok in zip(where, finite, strict=True) if not ok]
+            _tree_set(params, path, params_leaf)
     if nonfinite:
         logging.warning("load_hf(%s): %d tensor(s) hold NaN or inf values: %s%s", folder,
                         len(nonfinite), ", ".join(nonfinite[:5]),
@@ -788,29 +797,78 @@ def load_hf(path: PathLike, *, dtype: Any = None, mesh: Mesh | None = None
     return config, params
 
 
-def _load_leaf(spec: TensorSpec, shape: tuple[int, ...], tensor: Any, np_dtype: np.dtype,
-               sharding: Any, finite: list[bool] | None = None) -> jax.Array:
-    """One param from an open safetensors slice: whole, or shard by shard on `sharding`.
-    `finite[0]` is set False when a block read holds NaN or inf."""
-    def read(hf_index: tuple[slice, ...]) -> np.ndarray:
-        block = tensor[hf_index]
-        if finite is not None and finite[0] and not np.isfinite(block).all():
-            finite[0] = False
-        return block
+def _layer_path(path: Sequence[str]) -> tuple[tuple[str, ...], int | None]:
+    """A spec path ("layer_i", ...) -> (("layers", ...), i) of the scanned layout; other paths
+    -> (path, None)."""
+    if path[0].startswith("layer_"):
+        return ("layers", *path[1:]), int(path[0][len("layer_"):])
+    return tuple(path), None
 
+
+def _param_groups(config: ModelConfig, specs: list[TensorSpec]
+                  ) -> list[tuple[tuple[str, ...], list[TensorSpec]]]:
+    """(path in our params, the specs it is read from in layer order): one spec per param, or
+    with a scanned config (`ModelConfig.scanned`) the L per-layer specs of each stacked param."""
+    if not config.scanned:
+        return [(s.path, [s]) for s in specs]
+    groups: dict[tuple[str, ...], list[TensorSpec]] = {}
+    for s in specs:  # specs list layers in order
+        groups.setdefault(_layer_path(s.path)[0], []).append(s)
+    return list(groups.items())
+
+
+def _stored(params: Params, path: Sequence[str]) -> tuple[Any, int | None]:
+    """(the stored leaf, layer index into its leading axis or None) of a spec path: a layer's
+    param of scanned params is row i of the stacked "layers" param."""
+    stacked, i = _layer_path(path)
+    if i is not None and "layers" in params:
+        return _tree_get(params, stacked), i
+    return _tree_get(params, path), None
+
+
+def _spec_shape(params: Params, path: Sequence[str]) -> tuple[int, ...]:
+    leaf, i = _stored(params, path)
+    return tuple(leaf.shape) if i is None else tuple(leaf.shape[1:])
+
+
+def _spec_leaf(params: Params, path: Sequence[str]) -> Any:
+    leaf, i = _stored(params, path)
+    return leaf if i is None else leaf[i]
+
+
+def _load_leaf(kind: str, shape: tuple[int, ...], tensors: list[Any], np_dtype: np.dtype,
+               sharding: Any, finite: list[bool], *, stacked: bool = False) -> jax.Array:
+    """One param from open safetensors slices: whole, or shard by shard on `sharding`. With
+    `stacked`, tensors[l] is layer l of a [L, *shape] param (read per shard too, so a device
+    reads only its slice of each layer). `finite[l]` is set False when a read of tensors[l]
+    holds NaN or inf."""
+    def reader(j: int) -> Callable[[tuple[slice, ...]], np.ndarray]:
+        def read(hf_index: tuple[slice, ...]) -> np.ndarray:
+            block = tensors[j][hf_index]
+            if finite[j] and not np.isfinite(block).all():
+                finite[j] = False
+            return block
+        return read
+
+    def block(index: tuple[slice, ...]) -> np.ndarray:
+        if not stacked:
+            return read_block(kind, shape, index, reader(0)).astype(np_dtype)
+        lo, hi = _bounds(index[0], len(tensors))
+        return np.stack([read_block(kind, shape, index[1:], reader(j)).astype(np_dtype)
+                         for j in range(lo, hi)])
+
+    full_shape = (len(tensors), *shape) if stacked else shape
     if sharding is None:
-        full = tuple(slice(None) for _ in shape)
-        return jnp.asarray(read_block(spec.kind, shape, full, read).astype(np_dtype))
+        return jnp.asarray(block(tuple(slice(None) for _ in full_shape)))
     memo: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
 
     def callback(index: tuple[slice, ...]) -> np.ndarray:
-        key = tuple(_bounds(s, n) for s, n in zip(index, shape, strict=True))
+        key = tuple(_bounds(s, n) for s, n in zip(index, full_shape, strict=True))
         if key not in memo:  # replicated dims ask for the same block once per device
-            memo[key] = np.ascontiguousarray(
-                read_block(spec.kind, shape, index, read).astype(np_dtype))
+            memo[key] = np.ascontiguousarray(block(index))
         return memo[key]
 
-    return jax.make_array_from_callback(shape, sharding, callback)
+    return jax.make_array_from_callback(full_shape, sharding, callback)
 
 
 # ======================================================================== save_hf
@@ -819,7 +877,7 @@ def to_hf_tensors(config: ModelConfig, params: Params) -> dict[str, np.ndarray]:
     out = {}
     for spec in hf_tensor_specs(config):
         out[spec.hf_name] = np.ascontiguousarray(
-            to_hf_layout(spec.kind, _host(_tree_get(params, spec.path))))
+            to_hf_layout(spec.kind, _host(_spec_leaf(params, spec.path))))
     return out
 
 
@@ -845,24 +903,24 @@ def save_hf(config: ModelConfig, params: Params, path: PathLike, *,
 
     hf = config_to_hf(config)
     specs = hf_tensor_specs(config)
-    abstract = abstract_params(config)
-    for spec in specs:
+    abstract = abstract_params(config.replace(scan_layers=False))  # per-layer shapes
+    for spec in specs:  # params in either layout: per layer, or stacked (scanned)
         try:
-            leaf = _tree_get(params, spec.path)
+            got = _spec_shape(params, spec.path)
         except (KeyError, TypeError):
             raise ValueError(f"save_hf: params have no {'/'.join(spec.path)} for "
                              f"{config.describe()}") from None
         want = tuple(_tree_get(abstract, spec.path).shape)
-        if tuple(leaf.shape) != want:
+        if got != want:
             raise ValueError(f"save_hf: param {'/'.join(spec.path)} has shape "
-                             f"{list(leaf.shape)}, config expects {list(want)}")
-    dtypes = {np.dtype(_tree_get(params, s.path).dtype).name for s in specs}
+                             f"{list(got)}, config expects {list(want)}")
+    dtypes = {np.dtype(_stored(params, s.path)[0].dtype).name for s in specs}
     hf["dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
     shards: list[list[TensorSpec]] = [[]]
     size = 0
     for spec in specs:
-        leaf = _tree_get(params, spec.path)
-        nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        leaf = _stored(params, spec.path)[0]
+        nbytes = int(np.prod(_spec_shape(params, spec.path))) * np.dtype(leaf.dtype).itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -877,7 +935,7 @@ def save_hf(config: ModelConfig, params: Params, path: PathLike, *,
         fname = ("model.safetensors" if len(shards) == 1
                  else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
         tensors = {s.hf_name: np.ascontiguousarray(to_hf_layout(
-            s.kind, _host(_tree_get(params, s.path)))) for s in shard}
+            s.kind, _host(_spec_leaf(params, s.path)))) for s in shard}
         if writer:
             save_file(tensors, os.path.join(out, fname), metadata={"format": "pt"})
         weight_map.update({s.hf_name: fname for s in shard})
@@ -885,8 +943,8 @@ def save_hf(config: ModelConfig, params: Params, path: PathLike, *,
     if not writer:
         return
     if len(shards) > 1:
-        total = sum(int(np.prod(_tree_get(params, s.path).shape))
-                    * np.dtype(_tree_get(params, s.path).dtype).itemsize for s in specs)
+        total = sum(int(np.prod(_spec_shape(params, s.path)))
+                    * np.dtype(_stored(params, s.path)[0].dtype).itemsize for s in specs)
         _write_json(os.path.join(out, "model.safetensors.index.json"),
                     {"metadata": {"total_size": total}, "weight_map": weight_map})
     _write_json(os.path.join(out, "config.json"), hf)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -170,3 +171,168 @@ class LLMEvolver:
         self.counts["accepted"] += 1
         return {**{k: v for k, v in item.items() if k != self.key_field},
                 self.key_field: text, "evolution": name}
+
+
+# ============================================================================ StepMath evolver
+REACH_MUTATIONS = ("free", "target", "operand", "breadth")
+CHAIN_MUTATIONS = ("harder_op", "operand", "longer", "breadth")
+
+
+def classify_level(problem: Any, design: Any) -> int | None:
+    """The level of `design` whose problems look like `problem` (None if no level does):
+    for a search design the (operations, "?" count, solving fillings) shape; for a chain
+    design the (operations, multiplications, subtractions) shape and the allowed multipliers."""
+    from scalign.data import stepmath
+
+    d = stepmath.get_design(design)
+    if problem.modulus != d.modulus or problem.search != d.search:
+        return None
+    for level in sorted(d.levels):
+        spec = d.spec(level)
+        if problem.search:
+            shape = (problem.num_steps, len(problem.free), problem.num_solutions())
+        else:
+            shape = (problem.num_steps, problem.num_mul, problem.ops.count("-"))
+            mults = getattr(spec, "mul_operands", None)
+            if mults is not None and any(b not in mults for op, b in
+                                         zip(problem.ops, problem.operands, strict=True)
+                                         if op == "*"):
+                continue
+        if shape in spec.shapes():
+            return level
+    return None
+
+
+@dataclasses.dataclass
+class StepMathEvolver:
+    """eva's creator for the synthetic domain: every proposal is a stepmath problem the verifier
+    understands, with its level (`classify_level`) recorded — a level of the design, so the
+    evolved prompt distribution can be read as a level histogram.
+
+    Search ("reach") designs, in depth: `free` turns a given operation into "?" (more search),
+    `target` moves the target to a value fewer fillings reach (the gold filling updated),
+    `operand` changes one operand (the target follows the gold filling); chain designs, in
+    depth: `harder_op` turns a + or - into *, `operand`, `longer` appends an operation; in
+    breadth (both): `breadth`, a fresh problem of the same level. A mutation whose result is in
+    no level of the design, or was seen before, is retried (`tries` draws) and else rejected
+    ("no_level" / "duplicate").
+
+    Items are `stepmath.to_record` dicts ({"prompt", "response", "level", "answer", "uid"});
+    proposals add "mutation".
+    """
+
+    design: Any = None
+    mutations: Sequence[str] | None = None
+    tries: int = 8
+    seen: set[str] = dataclasses.field(default_factory=set)
+    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def __post_init__(self):
+        from scalign.data import stepmath
+
+        self._design = stepmath.get_design(self.design)
+        allowed = REACH_MUTATIONS if self._design.search else CHAIN_MUTATIONS
+        self.mutations = tuple(self.mutations or allowed)
+        bad = [m for m in self.mutations if m not in allowed]
+        if bad:
+            raise ValueError(f"mutations {bad} do not apply to design {self._design.name!r}; "
+                             f"allowed: {allowed}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": sorted(self.seen), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen = set(state["seen"])
+        self.counts = collections.Counter(state["counts"])
+
+    def mutate(self, items: Sequence[Item], rng: np.random.Generator) -> list[Item | None]:
+        from scalign.data import stepmath
+
+        out: list[Item | None] = []
+        for item in items:
+            parent = stepmath.from_record(item)
+            self.seen.add(parent.key)
+            proposal, why = None, "no_level"
+            for _ in range(self.tries):
+                name = self.mutations[int(rng.integers(0, len(self.mutations)))]
+                child = self._apply(name, parent, rng)
+                if child is None:
+                    continue
+                level = classify_level(child, self._design)
+                if level is None:
+                    why = "no_level"
+                    continue
+                if child.key in self.seen:
+                    why = "duplicate"
+                    continue
+                child = stepmath.parse_prompt(child.prompt, level=level)  # canonical gold
+                verdict = stepmath.verify(child, child.solution)
+                if not (verdict.all_steps_correct and verdict.outcome_correct):
+                    raise AssertionError(f"evolved problem fails its own verifier: "
+                                         f"{child.question!r}")
+                self.seen.add(child.key)
+                proposal = {**stepmath.to_record(child), "mutation": name}
+                break
+            self.counts["accepted" if proposal is not None else why] += 1
+            out.append(proposal)
+        return out
+
+    # ------------------------------------------------------------------ mutations
+    def _apply(self, name: str, p: Any, rng: np.random.Generator) -> Any:
+        from scalign.data import stepmath
+
+        M, n = p.modulus, p.num_steps
+        if name == "breadth":
+            level = p.level if p.level in self._design.levels else min(self._design.levels)
+            seed = int(rng.integers(0, 2**31 - 1))
+            return stepmath.generate(level, 1, seed, design=self._design)[0]
+        if p.search:
+            ops, operands, free = list(p.ops), list(p.operands), set(p.free)
+            if name == "free":
+                fixed = [k for k in range(n) if k not in free]
+                if not fixed:
+                    return None
+                free.add(fixed[int(rng.integers(0, len(fixed)))])
+            elif name == "operand":
+                k = int(rng.integers(0, n))
+                choices = [b for b in range(2, M) if b != operands[k]]
+                operands[k] = choices[int(rng.integers(0, len(choices)))]
+            elif name == "target":
+                ends: dict[int, list[list[str]]] = collections.defaultdict(list)
+                for fill in itertools.product(stepmath.OPS, repeat=len(free)):
+                    trial = list(ops)
+                    for k, op in zip(sorted(free), fill, strict=True):
+                        trial[k] = op
+                    v = p.start
+                    for op, b in zip(trial, operands, strict=True):
+                        v = stepmath.apply_op(v, op, b, M)
+                    ends[v].append(trial)
+                harder = [v for v in ends if v != p.target
+                          and len(ends[v]) <= len(ends.get(p.target, []))]
+                if not harder:
+                    return None
+                target = harder[int(rng.integers(0, len(harder)))]
+                ops = ends[target][0]
+            v = p.start
+            for op, b in zip(ops, operands, strict=True):
+                v = stepmath.apply_op(v, op, b, M)
+            return stepmath.Problem(p.level, p.start, tuple(ops), tuple(operands), modulus=M,
+                                    target=v, free=tuple(sorted(free)))
+        ops, operands = list(p.ops), list(p.operands)
+        if name == "harder_op":
+            additive = [k for k, op in enumerate(ops) if op != "*"]
+            if not additive:
+                return None
+            k = additive[int(rng.integers(0, len(additive)))]
+            ops[k], operands[k] = "*", int(rng.integers(2, M))
+        elif name == "operand":
+            k = int(rng.integers(0, n))
+            lo, hi = stepmath.operand_range(ops[k], M)
+            operands[k] = int(rng.integers(lo, hi + 1))
+        elif name == "longer":
+            op = stepmath.OPS[int(rng.integers(0, 3))]
+            lo, hi = stepmath.operand_range(op, M)
+            ops.append(op)
+            operands.append(int(rng.integers(lo, hi + 1)))
+        return stepmath.Problem(p.level, p.start, tuple(ops), tuple(operands), modulus=M,
+                                spaced=p.spaced, reverse=p.reverse)

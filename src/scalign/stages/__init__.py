@@ -8,6 +8,7 @@
 | evaluate      | `policy`, `tokenizer`, `domain`                 | accuracy by level (greedy, pass@N)        |
 | reward_models | `policy`, `tokenizer`, `domain`                 | `reward_models` (ORM / PRM / OPRM)        |
 | rerank        | `policy`, `reward_models`, `tokenizer`, `domain`| re-ranking accuracy by level, N, method   |
+| rl            | `policy`, `reward_models`, `tokenizer`, `domain`| RL policy; greedy accuracy easy/hard/all  |
 | smoke         | `policy`, `tokenizer`                           | samples, checks, timings (real model)     |
 | report        | every stage's report section                    | `report.md`                               |
 

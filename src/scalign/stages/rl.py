@@ -37,7 +37,7 @@ from scalign.algorithms.rewards import DomainReward, problem_pool
 from scalign.algorithms.rollout import RewardSpec, RolloutSpec
 from scalign.evaluation.generation import sample_solutions
 from scalign.evaluation.scoring import SequenceScorer
-from scalign.experiment import Context, Stage, register_stage, require_block
+from scalign.stages.base import Context, Stage, register_stage, require_block
 from scalign.models.heads import scalar_head_logical_axes
 from scalign.models.transformer import param_logical_axes
 from scalign.objectives import policy_gradient as pg

@@ -215,7 +215,9 @@ def test_domain_reward_verifies_easy_only_and_reads_prm_steps_at_delimiters(tmp_
     from scalign.evaluation.scoring import SequenceScorer
     from scalign.sampling import SampleOutput
 
-    easy, hard = stepmath.generate(1, 1, seed=0), stepmath.generate(4, 1, seed=0)
+    # a chain design: integer answers, so "answer + 1" below is a wrong answer
+    easy = stepmath.generate(1, 1, seed=0, design="graded99")
+    hard = stepmath.generate(4, 1, seed=0, design="graded99")
     tok = Tokenizer.train([p.prompt + p.solution for p in easy + hard
                            + stepmath.generate(2, 100, seed=1)], tmp_path / "t.model",
                           vocab_size=64, user_defined_symbols=("\n\n",))

@@ -58,7 +58,10 @@ def test_step_lowers_for_llemma_7b_on_a_fake_8_device_mesh(kind):
     model, step, state, batch = _abstract_step(kind, mesh)
     lowered = step.lower(state, batch)
     text = lowered.as_text()
-    assert text.count("optimization_barrier") >= model.n_layers  # remat per block
+    if model.scanned:  # 32 layers: one scanned block, remat inside the scan (no CSE barrier)
+        assert text.count("stablehlo.while") >= 2  # forward and backward over the layers
+    else:
+        assert text.count("optimization_barrier") >= model.n_layers  # remat per block
     out_state, metrics = lowered.out_info
     assert {"loss", "weight", "grad_norm"} <= set(metrics)
     # the 7B params and both Adam moments are sharded 8 ways: <= 1/8 of the bytes per device

@@ -227,7 +227,9 @@ def test_math_pipeline_end_to_end_with_rerank(files, tiny_hf, tmp_path):
     rerank = results["rerank"]["rows"]
     assert {r["split"] for r in rerank} == {"easy", "hard", "all"}
     assert {r["evaluator"] for r in rerank} == {"none", "orm", "prm", "oprm"}
-    assert all(0.0 <= r["mean"] <= 1.0 for r in rerank)
+    accuracy = [r for r in rerank if "stat" not in r]  # paired rows: difference to majority
+    assert accuracy and all(0.0 <= r["mean"] <= 1.0 for r in accuracy)
+    assert all(-1.0 <= r["value"] <= 1.0 for r in rerank if "stat" in r)
     assert {r["kind"] for r in results["evaluators"]["rows"]} == {"step_auc", "outcome_auc"}
     assert "## Re-ranking (easy-to-hard)" in (workdir / "report.md").read_text()
     print(f"\ntiny math pipeline: stages {ctx.timings}")

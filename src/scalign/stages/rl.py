@@ -37,12 +37,12 @@ from scalign.algorithms.rewards import DomainReward, problem_pool
 from scalign.algorithms.rollout import RewardSpec, RolloutSpec
 from scalign.evaluation.generation import sample_solutions
 from scalign.evaluation.scoring import SequenceScorer
-from scalign.stages.base import Context, Stage, register_stage, require_block
 from scalign.models.heads import scalar_head_logical_axes
 from scalign.models.transformer import param_logical_axes
 from scalign.objectives import policy_gradient as pg
 from scalign.reporting import markdown_table
 from scalign.sampling import Sampler
+from scalign.stages.base import Context, Stage, register_stage, require_block
 from scalign.stages.common import shardings_for
 from scalign.training.checkpoint import Checkpointer, load_model, save_model
 from scalign.training.state import OptimizerConfig, make_optimizer

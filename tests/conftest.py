@@ -58,3 +58,43 @@ import pytest  # noqa: E402
 def flip_bytes():
     """The checkpoint-corruption helper of the integrity tests (`_flip_bytes`)."""
     return _flip_bytes
+
+
+class DemoSftLauncher:
+    """`experiments/launch.py` on the demo config's data + SFT stages (40 tiny steps) as a
+    subprocess, for the kill / preemption drills; `sft_steps` reads how far a run logged."""
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def launch(self, workdir, *extra, checkpoint_every: int, stdout=None):
+        import subprocess
+        import sys
+
+        args = [sys.executable, os.path.join(self.root, "experiments", "launch.py"),
+                f"--config={os.path.join(self.root, 'experiments', 'configs', 'demo.py')}",
+                f"--workdir={workdir}", "--config.stages=('data','sft')",
+                "--config.data.n_train=300", "--config.data.n_test=10", "--config.sft.steps=40",
+                f"--config.sft.checkpoint_every={checkpoint_every}",
+                "--config.sft.log_every=1", *extra]
+        env = {**os.environ, "JAX_PLATFORMS": "cpu",
+               "PYTHONPATH": os.pathsep.join(filter(None, [os.path.join(self.root, "src"),
+                                                           os.environ.get("PYTHONPATH")]))}
+        return subprocess.Popen(args, cwd=self.root, env=env,
+                                stdout=subprocess.PIPE if stdout is None else stdout,
+                                stderr=subprocess.PIPE, text=True)
+
+    @staticmethod
+    def sft_steps(workdir) -> int:
+        import json
+
+        path = os.path.join(str(workdir), "metrics.jsonl")
+        if not os.path.exists(path):
+            return 0
+        with open(path) as f:
+            steps = [json.loads(line)["step"] for line in f.read().splitlines() if line]
+        return max(steps, default=0)
+
+
+@pytest.fixture
+def demo_sft():
+    return DemoSftLauncher()

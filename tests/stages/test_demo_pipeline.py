@@ -83,36 +83,21 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert (out / "metrics.jsonl").exists() and (out / "tensorboard").exists()
 
 
-def _launch(workdir, *extra):
-    args = [sys.executable, str(ROOT / "experiments" / "launch.py"), f"--config={DEMO}",
-            f"--workdir={workdir}", "--config.stages=('data','sft')",
-            "--config.data.n_train=300", "--config.data.n_test=10", "--config.sft.steps=40",
-            "--config.sft.checkpoint_every=5", "--config.sft.log_every=1", *extra]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def _sft_steps(workdir):
-    path = Path(workdir) / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line]
-    return max(steps, default=0)
-
 
 @pytest.mark.slow
-def test_killed_launcher_resumes_bitwise(tmp_path):
-    straight = _launch(tmp_path / "a")
-    killed = _launch(tmp_path / "b")
+def test_killed_launcher_resumes_bitwise(tmp_path, demo_sft):
+    straight = demo_sft.launch(tmp_path / "a", checkpoint_every=5, stdout=subprocess.DEVNULL)
+    killed = demo_sft.launch(tmp_path / "b", checkpoint_every=5, stdout=subprocess.DEVNULL)
     deadline = time.time() + 400
-    while _sft_steps(tmp_path / "b") < 12 and killed.poll() is None and time.time() < deadline:
+    while (demo_sft.sft_steps(tmp_path / "b") < 12 and killed.poll() is None
+           and time.time() < deadline):
         time.sleep(0.5)
     assert killed.poll() is None, killed.stderr.read()
     killed.send_signal(signal.SIGKILL)  # no clean-up: a real crash
     killed.wait()
     assert straight.wait(timeout=600) == 0, straight.stderr.read()
-    resumed = _launch(tmp_path / "b", "--resume")
+    resumed = demo_sft.launch(tmp_path / "b", "--resume", checkpoint_every=5,
+                              stdout=subprocess.DEVNULL)
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
     _, a, _ = load_model(tmp_path / "a" / "stages" / "sft" / "policy")
     _, b, _ = load_model(tmp_path / "b" / "stages" / "sft" / "policy")

@@ -4,10 +4,8 @@ resume with ..." line, and the resumed run reproduces the uninterrupted one bitw
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -82,32 +80,14 @@ def test_without_install_nothing_is_watched():
     assert preemption.reached(2)
 
 
-def _launch(workdir, *extra):
-    args = [sys.executable, str(ROOT / "experiments" / "launch.py"), f"--config={DEMO}",
-            f"--workdir={workdir}", "--config.stages=('data','sft')",
-            "--config.data.n_train=300", "--config.data.n_test=10", "--config.sft.steps=40",
-            "--config.sft.checkpoint_every=10", "--config.sft.log_every=1", *extra]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"),
-                                                       os.environ.get("PYTHONPATH")]))}
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def _sft_steps(workdir):
-    path = Path(workdir) / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line]
-    return max(steps, default=0)
-
 
 @pytest.mark.slow
-def test_sigterm_launcher_saves_exits_0_and_resumes_bitwise(tmp_path):
-    straight = _launch(tmp_path / "a")
-    run = _launch(tmp_path / "b")
+def test_sigterm_launcher_saves_exits_0_and_resumes_bitwise(tmp_path, demo_sft):
+    straight = demo_sft.launch(tmp_path / "a", checkpoint_every=10)
+    run = demo_sft.launch(tmp_path / "b", checkpoint_every=10)
     deadline = time.time() + 400
-    while _sft_steps(tmp_path / "b") < 3 and run.poll() is None and time.time() < deadline:
+    while (demo_sft.sft_steps(tmp_path / "b") < 3 and run.poll() is None
+           and time.time() < deadline):
         time.sleep(0.2)
     assert run.poll() is None, run.stderr.read()
     run.send_signal(signal.SIGTERM)
@@ -120,7 +100,7 @@ def test_sigterm_launcher_saves_exits_0_and_resumes_bitwise(tmp_path):
     ckpts = tmp_path / "b" / "stages" / "sft"
     assert not (ckpts / "policy").exists()  # the stage did not finish
     assert straight.wait(timeout=600) == 0, straight.stderr.read()
-    resumed = _launch(tmp_path / "b", "--resume")
+    resumed = demo_sft.launch(tmp_path / "b", "--resume", checkpoint_every=10)
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
     _, a, _ = load_model(tmp_path / "a" / "stages" / "sft" / "policy")

@@ -103,6 +103,15 @@ def test_bad_rl_blocks_are_named():
     c.rl.seq_len = 40
     with pytest.raises(experiment.ConfigError, match="seq_len"):
         experiment.validate(c, num_devices=1)
+    c = load_config("ppo_prm")
+    c.rl.grad_accum_steps = 3   # 64-row minibatches do not split into 3 micro-batches
+    with pytest.raises(experiment.ConfigError, match="grad_accum_steps"):
+        experiment.validate(c, num_devices=1)
+    c.rl.grad_accum_steps = 2
+    experiment.validate(c, num_devices=8)
+    c.rl.value_optimizer = {"learning_rate": -1.0}
+    with pytest.raises(experiment.ConfigError, match="value_optimizer"):
+        experiment.validate(c, num_devices=1)
 
 
 def test_demo_rl_stage_is_short_grpo_prm_before_rerank():
@@ -132,7 +141,10 @@ TOY = {"data.n_train": 300, "data.n_test": 20, "sft.steps": 30, "sft.checkpoint_
        "reward_models.train.checkpoint_every": 6, "reward_models.train.batch_size": 8,
        "rl.problems_per_level": 8, "rl.iterations": 2, "rl.prompts_per_iteration": 4,
        "rl.samples_per_prompt": 4, "rl.max_new_tokens": 24, "rl.eval_problems": 4,
-       "rl.eval_levels": (1, 4), "rl.checkpoint_every": 1}
+       "rl.eval_levels": (1, 4), "rl.checkpoint_every": 1,
+       # the optional shared keys `scalign.plan` reads too: taken by the loop
+       "rl.grad_accum_steps": 2, "rl.clip_norm": 0.5,
+       "rl.value_optimizer": {"learning_rate": 3e-5}}
 
 
 def toy_config(methods: str):
@@ -145,8 +157,8 @@ def toy_config(methods: str):
         node[leaf] = value
     for name in c.rl.per_method:
         block = c.rl.per_method[name]
-        if "minibatches" in block:
-            block.minibatches = 2
+        if "minibatches" in block:   # 16 rows on 8 devices, 2 micro-batches of 8
+            block.minibatches = 1
         if "prompts_per_iteration" in block:
             block.prompts_per_iteration = 8
         if "batch_size" in block:

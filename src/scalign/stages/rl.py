@@ -22,7 +22,10 @@ Every method in `config.rl.methods` starts from the same `policy` (of stage `sft
 - shared keys in `config.rl`: iterations, prompts_per_iteration, samples_per_prompt,
   max_new_tokens, temperature, optimizer, eval_levels, eval_problems, optional `seq_len` (the
   planned prompt + response width; default: the longest prompt + max_new_tokens), `remat`
-  (training forward's remat policy), `reward` (`algorithms.rollout.RewardSpec` overrides);
+  (training forward's remat policy), `reward` (`algorithms.rollout.RewardSpec` overrides),
+  `clip_norm` (default 1.0, policy and critic), `grad_accum_steps` (default 1, per update),
+  `value_optimizer` (PPO critic: keys over the policy's `optimizer`); `scalign.plan` reads
+  the same keys;
 - per method, `config.rl.per_method.<name>` overrides the algorithm's dataclass
   (`objectives.policy_gradient.PPOConfig` / `GRPOConfig`, `RestEMConfig`,
   `IterativeDPOConfig`) and may override `iterations`, `prompts_per_iteration`, `optimizer`
@@ -194,6 +197,16 @@ class RLStage(Stage):
         if seq_len is not None and int(seq_len) <= int(cfg.max_new_tokens):
             errors.append(f"config.rl.seq_len={seq_len} must exceed config.rl.max_new_tokens="
                           f"{cfg.max_new_tokens} (prompt + response width)")
+        accum = int(cfg.get("grad_accum_steps") or 1)
+        if accum < 1:
+            errors.append(f"config.rl.grad_accum_steps={accum} must be >= 1")
+            accum = 1
+        if cfg.get("value_optimizer") is not None:
+            try:
+                OptimizerConfig.from_config({**cfg.optimizer.to_dict(),
+                                             **dict(cfg.value_optimizer), "total_steps": 1})
+            except (TypeError, ValueError) as e:
+                errors.append(f"config.rl.value_optimizer: {e}")
         if cfg.get("remat") not in (None, "none", "full", "dots"):
             errors.append(f"config.rl.remat={cfg.remat!r} must be none | full | dots")
         for name in methods:
@@ -215,15 +228,15 @@ class RLStage(Stage):
                               f"'rl'")
             if plan.algorithm in ("ppo", "grpo"):
                 mb = plan.hparams.minibatches
-                if rows % (mb * div):
+                if rows % (mb * div * accum):
                     errors.append(f"config.rl.per_method.{name}.minibatches={mb}: "
                                   f"prompts_per_iteration x samples_per_prompt = {rows} must "
-                                  f"split into {mb} minibatches of a multiple of data*fsdp = "
-                                  f"{div} rows")
-            elif plan.hparams.batch_size % div:
+                                  f"split into {mb} minibatches of a multiple of "
+                                  f"data*fsdp*grad_accum_steps = {div}*{accum} rows")
+            elif plan.hparams.batch_size % (div * accum):
                 errors.append(f"config.rl.per_method.{name}.batch_size="
-                              f"{plan.hparams.batch_size} must be a multiple of data*fsdp = "
-                              f"{div}")
+                              f"{plan.hparams.batch_size} must be a multiple of "
+                              f"data*fsdp*grad_accum_steps = {div}*{accum}")
             if not plan.levels:
                 errors.append(f"config.rl.levels {tuple(cfg.levels)} holds no supervised "
                               f"level {supervised} for {name!r}")
@@ -305,16 +318,22 @@ class RLStage(Stage):
                       seed=int(jax.random.randint(ctx.key(self.name, name, "loop"), (), 0,
                                                   2**31 - 1)),
                       pool=pool, checkpointer=ckpt, metrics=ctx.metrics,
-                      stage=f"{self.name}/{name}")
+                      stage=f"{self.name}/{name}",
+                      clip_norm=cfg.get("clip_norm", 1.0),
+                      grad_accum_steps=int(cfg.get("grad_accum_steps") or 1))
         if plan.algorithm == "ppo":
             vmodel, vparams = rms[cfg.get("value_from", "prm")]
             vmodel = training_model(vmodel, cfg)
+            v_opt = OptimizerConfig.from_config({
+                **plan.optimizer, **dict(cfg.get("value_optimizer") or {}),
+                "total_steps": plan.iterations * 8})
             algo = PPO(spec, reward_fn, plan.reward, plan.hparams)
             loop = algo.create_loop(
                 train_model, params, value_params=vparams, value_config=vmodel,
                 value_logical_axes={**param_logical_axes(vmodel),
                                     "scalar_head": scalar_head_logical_axes()},
-                value_optimizer=make_optimizer(opt_cfg), **common)
+                value_optimizer=make_optimizer(v_opt),
+                value_clip_norm=cfg.get("clip_norm", 1.0), **common)
         elif plan.algorithm == "grpo":
             algo = GRPO(spec, reward_fn, plan.reward, plan.hparams)
             loop = algo.create_loop(train_model, params, **common)

@@ -213,6 +213,7 @@ def test_cli_plans_with_set_and_names_a_bad_key(tmp_path, capsys):
 @pytest.mark.parametrize("item, message", [
     ("rl.remta=full", "no key config.rl.remta"),
     ("rll.remat=full", "no key config.rll"),
+    ("eva2.remat=full", "no key config.eva2"),
     ("rl.prompts_per_iteration=many", "config.rl.prompts_per_iteration cannot take 'many'"),
     ("rl.optimizer.learning_rate.x=1", "config.rl.optimizer.learning_rate is a float"),
     ("rl.remat", "expected key=value"),

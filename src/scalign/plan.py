@@ -88,6 +88,10 @@ OPTIONAL_KEYS = (
     r"rl\.per_method\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+",
     r"rl\.value_optimizer\.[A-Za-z0-9_]+",
 )
+OPTIONAL_KEYS_HELP = ("<block>.remat | grad_accum_steps | clip_norm (block: sft, "
+                      "reward_models.train, rl, eva), rl.seq_len, eva.seq_len, "
+                      "reward_models.preset | evaluators, rl.per_method.<method>.<key>, "
+                      "rl.value_optimizer.<key>")
 
 
 def tpu_type(name: str) -> tuple[int, float]:
@@ -230,7 +234,7 @@ def apply_overrides(config, sets: list[str] | tuple[str, ...]) -> None:
         for i, part in enumerate(parts[:-1]):
             where = ".".join(parts[:i + 1])
             if part not in node:
-                if not optional:
+                if not optional or i == 0:  # a config's top-level blocks are never created
                     raise ValueError(_no_key(item, where, node, ".".join(parts[:i])))
                 with node.unlocked():
                     node[part] = ml_collections.ConfigDict()
@@ -253,7 +257,7 @@ def _no_key(item: str, key: str, node, parent: str) -> str:
     have = sorted(node.keys()) if hasattr(node, "keys") else []
     where = f"config.{parent}" if parent else "config"
     return (f"--set {item!r}: the config has no key config.{key} ({where} has "
-            f"{have}); optional keys the planner reads: {', '.join(OPTIONAL_KEYS)}")
+            f"{have}); optional keys the planner reads: {OPTIONAL_KEYS_HELP}")
 
 
 def _model(config):
@@ -585,6 +589,7 @@ def plan_step(spec: StepSpec, model, mesh, *, reward_model=None,
     `model` is the policy's ModelConfig with the remat policy to plan (`reward_model` the
     reward / value model's, default `model`)."""
     import jax
+    import optax
 
     from scalign import parallel
     from scalign.objectives.logprobs import auto_chunk
@@ -616,8 +621,6 @@ def plan_step(spec: StepSpec, model, mesh, *, reward_model=None,
     else:
         temp = total = -1
     seconds = time.perf_counter() - t0
-    import optax
-
     opt_bytes = _shard_bytes(optax.tree_map_params(optimizer, lambda x: x, state.opt_state))
     rows = spec.rows // A // div  # rows per device in one forward (a pair is 2 rows)
     T = spec.length
@@ -652,9 +655,7 @@ def run(config, tpus: list[str], remats: list[str], steps: list[str] | None = No
 
     model = _model(config)
     specs = planned_steps(config)
-    reward_model = _reward_model(config) if any(
-        s.model == "reward" or any(r.startswith(("reward_model", "value")) for r in s.resident)
-        for s in specs) else model
+    reward_model = _reward_model(config)  # reward models, PPO's critic
     rows = []
     for tpu in tpus:
         chips, hbm = tpu_type(tpu)

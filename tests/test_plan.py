@@ -54,7 +54,8 @@ def test_plan_compiles_every_step_with_bytes_per_device():
     assert sft8.batch == 8 * 32 * (4 + 4) // 8  # tokens int32 + loss_mask f32, 1 row per chip
     assert rows[3].params > sft8.params  # 4 chips hold more each than 8
     assert all(r.temp > 0 and r.total >= r.params + r.opt and r.fits for r in rows)
-    assert all(r.act > 0 and r.estimate == 2 * r.params + r.opt + r.act for r in rows)
+    assert all(r.act > 0 and r.gathered > 0 and
+               r.estimate == 2 * r.params + r.opt + r.act + r.gathered for r in rows)
     full, none = rows[0], rows[1]
     assert full.act < none.act  # remat keeps less
     assert len(lines) == len(rows) and lines[0].startswith("| v5e-8 | sft | full | 1, 8, 1 |")
@@ -116,7 +117,7 @@ def test_online_loop_steps_compile_on_a_fake_mesh():
     for r in rows:
         assert r.temp > 0 and r.total >= r.params + r.opt and r.other > 0 and r.fits
         assert r.xla_peak == r.total + r.other and r.fits_xla
-        assert r.estimate == 2 * r.params + r.opt + r.act + r.other
+        assert r.estimate == 2 * r.params + r.opt + r.act + r.gathered + r.other
     policy, value, grpo, eva = rows
     assert (policy.rows, policy.length) == (32 // 8, 48) and (eva.rows, eva.length) == (2, 40)
     # the value model is the reward model's preset with a scalar head: a few more params
@@ -243,3 +244,20 @@ def test_missing_planning_keys_name_the_key():
     with pytest.raises(ValueError, match="do not split into grad_accum_steps=1 micro-batches "
                                          "over data\\*fsdp=8"):
         plan.run(c, ["v5e-8"], ["none"], steps=["rl/ppo_prm"], compile=False)
+
+
+def test_gathered_bytes_by_hand():
+    """FSDP's working set for the tiny llama (tied embeddings: the embedding is the LM head):
+    two blocks in the compute dtype, one block's gradient and the embedding with its gradient,
+    f32 everywhere here; nothing without fsdp; the tensor axis divides it."""
+    m = presets.get("tiny")
+    D, H, K, d, F = m.d_model, m.n_heads, m.n_kv_heads, m.head_dim, m.mlp_dim
+    block = 2 * D * H * d + 2 * D * K * d + 3 * D * F + 2 * D  # q, o, k, v, gated MLP, 2 norms
+    params = jax.eval_shape(functools.partial(init_params, m), jax.random.PRNGKey(0))
+    want = block * (2 * 4 + 4) + m.vocab_size * D * (4 + 4)
+    assert plan.gathered_bytes(m, params, {"data": 1, "fsdp": 8, "tensor": 1}) == want
+    assert plan.gathered_bytes(m, params, {"data": 1, "fsdp": 4, "tensor": 2}) == want // 2
+    assert plan.gathered_bytes(m, params, {"data": 8, "fsdp": 1, "tensor": 1}) == 0
+    bf16 = m.replace(dtype="bfloat16")  # weights gathered in the compute dtype, grads in f32
+    assert plan.gathered_bytes(bf16, params, {"data": 1, "fsdp": 8, "tensor": 1}) == \
+        block * (2 * 2 + 4) + m.vocab_size * D * (2 + 4)

@@ -37,21 +37,22 @@ bytes *per device*:
              during the policy step and the policy state during the value step
   act        activations kept for the backward pass under the remat policy, and the logits
              (an analytic estimate: `activation_bytes`)
+  gathered   FSDP's transient full-size weights of two blocks and the embedding / LM head,
+             and their full-size gradients before the reduce-scatter (`gathered_bytes`)
   batch      its shard of the input batch                 (exact)
   XLA temp   XLA's temporaries (`compiled.memory_analysis().temp_size_in_bytes`)
   XLA total  arguments + outputs - donated aliases + temp (XLA's own peak; without `other`)
   estimate   params + gradients (params-sized) [+ a gradient accumulator with
-             grad_accum_steps > 1] + opt + act + other
+             grad_accum_steps > 1] + opt + act + gathered + other
 
 and two verdicts, each "fits" when it leaves 10% of the chip's HBM free: by the estimate, and
 by XLA's peak plus the other resident models (`XLA total + other`). The XLA columns come from
 XLA's *CPU* compiler with the same partitioning, not the TPU compiler: their schedule and
 buffer assignment differ (the TPU compiler schedules FSDP's all-gathers and the rematerialised
 blocks under its HBM limit), so neither number is a TPU measurement (none was made here).
-The estimate leaves out what the XLA peak includes: the gathered weights of the running layer
-and of the embedding / LM head, their full-size gradients before the reduce-scatter, the
-transposes and the f32 copies a compiler makes; so XLA:CPU's peak is usually the higher one,
-and a step that fits by both is the safe plan. Not planned: the sampler (KV cache) and the
+The estimate leaves out what a compiler adds (transposes, f32 copies, buffers it cannot
+reuse), so XLA:CPU's peak is usually the higher one, and a step that fits by both is the safe
+plan. Not planned: the sampler (KV cache) and the
 log-prob / value forwards between updates (no gradients, no optimizer: smaller than the update
 steps).
 
@@ -120,6 +121,7 @@ class Row:
     hbm: int
     compile_s: float
     other: int = 0
+    gathered: int = 0  # FSDP's transient full-size weights and gradients (estimate)
     rows: int = 0      # rows per device per micro-batch
     length: int = 0
 
@@ -194,6 +196,38 @@ def activation_bytes(model, rows: int, length: int, tensor: int, remat: str,
     saved = {"none": L * every, "dots": L * dots + every, "full": L * b * T * D * a + every}
     positions = {"full": T, "chunked": min(chunk or T, T), "none": 0}[logits]
     return int(saved[remat] + 2 * b * positions * model.vocab_size * 4 // tensor)
+
+
+def gathered_bytes(model, params, mesh_shape: dict[str, int], lm_head: bool = True) -> int:
+    """An analytic estimate of FSDP's transient working set on one device (ZeRO-3,
+    Rajbhandari et al. 2020): a sharded weight is all-gathered to full size (over the fsdp
+    axis; the tensor axis keeps its share) before it is used, and its gradient is computed at
+    full size before the reduce-scatter. With fsdp > 1, in compute-dtype bytes a and param
+    bytes g, for a block of P_l params and the embedding + LM head of P_e params:
+
+        gathered = P_l (2 a + g) / t  +  P_e (a + g) / t
+
+    (two blocks' weights: the running one and the next one being gathered, or a block
+    re-gathered for its rematerialised backward; one block's full gradient; the embedding /
+    LM head, which the chunked log-prob loop reads at every chunk, and its full gradient).
+    0 without fsdp sharding: then the params and gradients columns hold the full weights.
+    `lm_head=False`: a scalar-head model (reward, value) whose untied LM head is never read.
+    """
+    import jax
+    import numpy as np
+
+    if mesh_shape["fsdp"] <= 1:
+        return 0
+    a = np.dtype(model.compute_dtype).itemsize
+    g = np.dtype(model.params_dtype).itemsize
+    def size(k):
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params.get(k, {})))
+
+    outside = sum(size(k) for k in ("embedding", "lm_head", "final_norm", "scalar_head"))
+    block = (sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) - outside) \
+        // model.n_layers
+    head = size("embedding") + (size("lm_head") if lm_head else 0)
+    return int((block * (2 * a + g) + head * (a + g)) // mesh_shape["tensor"])
 
 
 # ============================================================================ config
@@ -633,11 +667,15 @@ def plan_step(spec: StepSpec, model, mesh, *, reward_model=None,
         chunk = spec.option("logprob_chunk") or auto_chunk(spec.rows // A, T - 1, m.vocab_size)
     act = activation_bytes(m, rows, T, mesh.shape["tensor"], m.remat, logits, chunk)
     p_bytes = _shard_bytes(state.params)
+    gathered = gathered_bytes(m, state.params, dict(mesh.shape),
+                              lm_head=spec.kind not in ("reward", "value"))
     other = sum(resident_bytes(spec, model, reward_model, mesh).values())
     accumulator = p_bytes if A > 1 else 0
-    out = {"params": p_bytes, "opt": opt_bytes, "act": act, "other": other,
-           # params + grads (+ accumulator) + opt + activations + other resident models
-           "estimate": 2 * p_bytes + accumulator + opt_bytes + act + other,
+    out = {"params": p_bytes, "opt": opt_bytes, "act": act, "gathered": gathered,
+           "other": other,
+           # params + grads (+ accumulator) + opt + activations + FSDP's gathered weights
+           # + other resident models
+           "estimate": 2 * p_bytes + accumulator + opt_bytes + act + gathered + other,
            "batch": _shard_bytes(batch), "temp": temp, "total": total,
            "rows": rows, "length": T}
     return out, seconds
@@ -680,9 +718,9 @@ def run(config, tpus: list[str], remats: list[str], steps: list[str] | None = No
 
 
 HEADER = ("| TPU | step | remat | mesh (data, fsdp, tensor) | rows x len / device | params | opt "
-          "| other resident | act (est.) | batch | XLA temp | XLA total "
+          "| other resident | act (est.) | gathered (est.) | batch | XLA temp | XLA total "
           "| estimate / HBM per chip | XLA total + other | fits (estimate, XLA) |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _g(n: int) -> str:
@@ -695,7 +733,7 @@ def format_row(r: Row) -> str:
     mesh = ", ".join(str(r.mesh[a]) for a in ("data", "fsdp", "tensor"))
     return (f"| {r.tpu} | {r.step} | {r.remat} | {mesh} | {r.rows} x {r.length} | "
             f"{_g(r.params)} | {_g(r.opt)} | {_g(r.other)} | "
-            f"{_g(r.act)} | {_g(r.batch)} | {_g(r.temp)} | {_g(r.total)} | "
+            f"{_g(r.act)} | {_g(r.gathered)} | {_g(r.batch)} | {_g(r.temp)} | {_g(r.total)} | "
             f"{_g(r.estimate)} / {_g(r.hbm)} | {_g(r.xla_peak)} | "
             f"{_yes(r.fits)}, {_yes(r.fits_xla)} |")
 

@@ -806,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
     slow = max((r.compile_s for r in rows), default=0.0)
     done = "compiled" if not args.no_compile else "planned (not compiled)"
     print(f"\n{len(rows)} steps {done} (slowest {slow:.0f} s); 'fits': the estimate "
-          f"(params + grads + opt + act + other resident), and XLA:CPU's peak + other "
+          f"(params + grads + opt + act + gathered + other resident), and XLA:CPU's peak + other "
           f"resident, leave 10% of HBM free")
     planned = {r.step for r in rows}
     resident = [describe_resident(s) for s in specs if s.name in planned and s.resident]

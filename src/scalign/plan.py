@@ -52,9 +52,9 @@ buffer assignment differ (the TPU compiler schedules FSDP's all-gathers and the 
 blocks under its HBM limit), so neither number is a TPU measurement (none was made here).
 The estimate leaves out what a compiler adds (transposes, f32 copies, buffers it cannot
 reuse), so XLA:CPU's peak is usually the higher one, and a step that fits by both is the safe
-plan. Not planned: the sampler (KV cache) and the
-log-prob / value forwards between updates (no gradients, no optimizer: smaller than the update
-steps).
+plan. Not planned: the sampler (KV cache) and the log-prob / value forwards between updates
+(no gradients, no optimizer: smaller than the update steps), and anything else a stage holds
+(e.g. the starting policy's artifact while the online loop trains its copy).
 
 `--set key=value` overrides a config key before planning (`--set rl.remat=full --set
 rl.per_method.ppo_prm.minibatches=16`); values are Python literals, else strings. A key must

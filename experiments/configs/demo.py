@@ -74,6 +74,9 @@ def get_config() -> ConfigDict:
     c.reward_models.after_first_error = "drop"  # PRM800K: labels end at the first wrong step
     c.reward_models.max_ratio = 3.0             # ORM positives:negatives within 1:3..3:1
     c.reward_models.keep_one_class = 2
+    # "policy": the evaluators start from the SFT policy (Sun et al. 2024); "init": a fresh
+    # backbone; "blind": their own backbone SFT'd with the goal hidden (stages/reward_models.py)
+    c.reward_models.backbone = "policy"
     c.reward_models.train = ConfigDict()
     c.reward_models.train.steps = 150
     c.reward_models.train.batch_size = 32

@@ -21,14 +21,18 @@ downloaded. What to put there:
   data.math_test          PRM800K's `prm800k/math_splits/test.jsonl` (MATH500).
   reward_models.prm800k   PRM800K's `prm800k/data/phase{1,2}_train.jsonl` label files.
 
-Hardware: a TPU v4-32 slice (16 chips, 32 GiB HBM each). The mesh is pure FSDP (data=1,
-fsdp=-1 -> 16, tensor=1): params, gradients and AdamW moments are sharded 16 ways (float32
-params + 2 moments of 7B = 84 GB -> ~5.3 GB per chip, plus the gradients), the batch of 128
-gives 8 rows per chip, and `remat="full"` keeps only each block's input for the backward pass.
-With tensor parallelism instead (v4-32: data=1, fsdp=4, tensor=4) heads, MLP and vocabulary
-split 4 ways and the batch 4 ways (32 rows per fsdp shard); use it when activation memory,
-not parameter memory, is the limit. On a v5e/v4 slice of another size, fsdp=-1 adapts; the
-batch of 128 must stay divisible by data*fsdp*grad_accum_steps (validation says so).
+Hardware: a TPU v5e-16 slice (v5litepod-16: 16 chips, 16 GiB HBM each, 4 hosts) or a v5p-8
+(4 chips, 95 GiB each, 1 host), the two slices `tpu/README.md` walks through; its memory plan
+(`python -m scalign.plan --config=<this file> --tpu=v5e-16,v5p-8`) is the table there. The mesh
+is pure FSDP (data=1, fsdp=-1 -> 16 on v5e-16, 4 on v5p-8): params, gradients and AdamW moments
+are sharded over every chip (float32 params + 2 moments of 7B = 84 GB -> ~5.3 GB per chip on 16
+chips, plus the gradients), the batch of 128 gives 8 rows per chip on v5e-16 (32 on v5p-8),
+and `remat="full"` keeps only each block's input for the backward pass: with it both steps fit
+both slices by the plan's estimate, without it neither fits. With tensor parallelism instead
+(e.g. 16 chips: data=1, fsdp=4, tensor=4) heads, MLP and vocabulary split 4 ways and the batch
+4 ways (32 rows per fsdp shard); use it when activation memory, not parameter memory, is the
+limit. On a slice of another size fsdp=-1 adapts; the batch of 128 must stay divisible by
+data*fsdp*grad_accum_steps (validation says so).
 
 Hyperparameters. Reward models (the paper's): learning rate 2e-5, 2 epochs, batch 128,
 sequence length 768, bf16 compute (params and AdamW state stay float32). `train.epochs=2`
@@ -50,7 +54,7 @@ EASY = (1, 2, 3)
 
 def get_config() -> ConfigDict:
     c = ConfigDict()
-    c.name = "easy-to-hard: Llemma-7B, MATH + PRM800K (TPU v4-32)"
+    c.name = "easy-to-hard: Llemma-7B, MATH + PRM800K (TPU v5e-16 / v5p-8)"
     c.seed = 0
     c.stages = ("checkpoint", "data", "sft", "reward_models", "rerank", "report")
     c.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
@@ -111,7 +115,7 @@ def get_config() -> ConfigDict:
     c.reward_models.train.epochs = 2            # steps = ceil(2 * records / batch) per evaluator
     c.reward_models.train.batch_size = BATCH
     c.reward_models.train.seq_len = SEQ_LEN     # longer PRM800K solutions are dropped, counted
-    c.reward_models.train.grad_accum_steps = 1  # 8 rows per chip fit with remat on v4
+    c.reward_models.train.grad_accum_steps = 1  # 8 rows per chip fit v5e-16 with remat
     c.reward_models.train.remat = "full"
     c.reward_models.train.clip_norm = 1.0
     c.reward_models.train.log_every = 10

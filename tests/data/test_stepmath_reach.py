@@ -83,3 +83,18 @@ def test_reach_levels_are_disjoint_and_mixing_kinds_is_rejected():
     with pytest.raises(ValueError, match="mixes"):
         stepmath.Design("bad", {1: stepmath.ReachSpec(4, 1, (1, 3)),
                                 2: stepmath.LevelSpec((4,), (0,))}, modulus=10)
+
+
+def test_blind_prompt_hides_only_the_goal():
+    p = _problem()
+    assert p.blind_prompt == stepmath.PROMPT_TEMPLATE.format(question="Mod 10, reach ?: 4?7+6*7*2")
+    # the rest of the record (the demonstration) is unchanged; chain problems have no goal
+    chain = stepmath.generate(2, 1, seed=0, design="graded99")[0]
+    assert chain.blind_prompt == chain.prompt
+    dom = StepMathDomain.build([1, 2], n_train=5, n_test=2, seed=0, design=REACH)
+    plain, blind = dom.train_records([1, 2]), dom.train_records([1, 2], blind=True)
+    assert len(plain) == len(blind) == 10
+    for r, b in zip(plain, blind, strict=True):
+        assert b["prompt"] != r["prompt"] and {k: v for k, v in b.items() if k != "prompt"} == \
+            {k: v for k, v in r.items() if k != "prompt"}
+        assert b["prompt"] == stepmath.from_record(r).blind_prompt

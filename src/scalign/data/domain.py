@@ -66,8 +66,15 @@ class StepMathDomain:
             raise KeyError(f"domain {self.name!r} has no level {level}; levels: {self.levels}")
         return self.splits[level]
 
-    def train_records(self, levels: Sequence[int]) -> list[dict[str, Any]]:
-        return [stepmath.to_record(p) for lv in levels for p in self.train_problems(lv)]
+    def train_records(self, levels: Sequence[int], *, blind: bool = False
+                      ) -> list[dict[str, Any]]:
+        """SFT records of the train problems; `blind`: prompts with the goal hidden
+        (`stepmath.Problem.blind_prompt`)."""
+        records = [stepmath.to_record(p) for lv in levels for p in self.train_problems(lv)]
+        if blind:
+            blind_prompts = [p.blind_prompt for lv in levels for p in self.train_problems(lv)]
+            records = [{**r, "prompt": b} for r, b in zip(records, blind_prompts, strict=True)]
+        return records
 
     def prompt(self, problem: stepmath.Problem) -> str:
         return problem.prompt

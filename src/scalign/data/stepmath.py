@@ -434,6 +434,23 @@ class Problem:
         return PROMPT_TEMPLATE.format(question=self.question)
 
     @property
+    def blind_prompt(self) -> str:
+        """The prompt with the goal hidden: a search problem's target shown as "?" ("Mod 10,
+        reach ?: 3+4?5*2?6"); a chain problem's prompt unchanged (it has no goal to copy).
+
+        Demonstrations of a search problem always end their last step at the target, so a
+        model trained on them can learn to *write* the target there instead of computing the
+        step ("7+5=5" for target 5). Trained on the same demonstrations with the goal hidden,
+        a model has to compute every step's result from its inputs: the backbone an evaluator
+        needs to check the last step (`stages.reward_models`, backbone "blind").
+        """
+        if not self.search:
+            return self.prompt
+        question = QUESTION_TEMPLATE_REACH.format(modulus=self.modulus, target=FREE_OP,
+                                                  pattern=self.pattern)
+        return PROMPT_TEMPLATE.format(question=question)
+
+    @property
     def solution(self) -> str:
         """The gold solution: steps joined by "\\n\\n", then "\\n\\n# Answer\\n\\n{a}"."""
         return (STEP_DELIMITER.join(self.steps) + STEP_DELIMITER + ANSWER_HEADER

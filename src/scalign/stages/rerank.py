@@ -20,6 +20,9 @@ or, as in the easy-to-hard code, as the minimum of the probabilities at the thre
 around it (`"around_min"`: sigma is monotone, so this is sigma of the min logit); the answer
 segment is read at its last token.
 
+`problems_per_level` is one count for every level or a tuple with one count per entry of
+`levels` (e.g. fewer easy and more hard problems, where the effect is measured).
+
 Also the evaluators' ROC-AUCs on the sampled test solutions (`results.json["evaluators"]`):
 step AUC over steps up to and including the first wrong one (the PRM800K labelling), and
 outcome AUC of each aggregated solution score against final-answer correctness.
@@ -71,6 +74,14 @@ def _solution_scores(step_scores: list[list[list[float]]], agg: str) -> np.ndarr
     return np.asarray(aggregate(padded, agg, mask)).reshape(P, K)
 
 
+def per_level_counts(cfg: ml_collections.ConfigDict) -> list[int]:
+    """`problems_per_level` as one count per entry of `levels`."""
+    counts = cfg.problems_per_level
+    if isinstance(counts, (tuple, list)):
+        return [int(c) for c in counts]
+    return [int(counts)] * len(tuple(cfg.levels))
+
+
 @register_stage
 class RerankStage(Stage):
     name = "rerank"
@@ -85,6 +96,10 @@ class RerankStage(Stage):
         if cfg is None:
             return
         check_levels(config, "rerank.levels", errors)
+        counts = cfg.get("problems_per_level")
+        if isinstance(counts, (tuple, list)) and len(counts) != len(tuple(cfg.get("levels", ()))):
+            errors.append(f"config.rerank.problems_per_level has {len(counts)} counts for "
+                          f"{len(tuple(cfg.levels))} levels: give one count, or one per level")
         if cfg.get("max_n", 1) < 1:
             errors.append(f"config.rerank.max_n={cfg.max_n} must be >= 1")
         if cfg.get("step_read", "end") not in ("end", "around_min"):
@@ -110,8 +125,8 @@ class RerankStage(Stage):
         token_bytes = tokenizer.token_bytes()
         around = cfg.get("step_read", "end") == "around_min"
         out = {}
-        for lv in cfg.levels:
-            problems = list(domain.test_problems(lv))[:int(cfg.problems_per_level)]
+        for lv, count in zip(cfg.levels, per_level_counts(cfg), strict=True):
+            problems = list(domain.test_problems(lv))[:count]
             sols = sample_solutions(sampler, domain, problems, n=int(cfg.max_n),
                                     key=ctx.key(self.name, "samples", seed, lv),
                                     temperature=float(cfg.temperature),
@@ -341,7 +356,10 @@ class RerankStage(Stage):
                       "AUC": r["value"], "count": r["count"]}
                      for r in auc_rows if r["kind"] == "step_auc"
                      or r["aggregation"] in (agg, "last")]
-        md = [f"## Re-ranking (easy-to-hard): {int(cfg.problems_per_level)} test problems per "
+        counts = per_level_counts(cfg)
+        count = (f"{counts[0]}" if len(set(counts)) == 1 else
+                 "/".join(str(c) for c in counts) + f" (levels {list(cfg.levels)})")
+        md = [f"## Re-ranking (easy-to-hard): {count} test problems per "
               f"level, up to N={nmax} samples (T={float(cfg.temperature):g}), "
               f"{int(cfg.seeds)} seed(s), {int(cfg.num_subsets)} subsets per N", "",
               "Accuracy (%) in the layout of Sun et al. (2024), Table 1 (mean ± std):", "",

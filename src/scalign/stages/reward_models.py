@@ -34,8 +34,19 @@ optional `train.remat` sets the backbone's rematerialisation for training; the o
 Options as in the easy-to-hard code (Sun et al. 2024): `prm_label_span` puts each PRM step
 label on the delimiter's first token ("end", default), on the 3 positions "around" it, or on
 every token of the "step" (their `train_on_every_token`); `backbone` = "policy" (default: the
-SFT policy's weights) or "init" (the evaluator's own, freshly initialised backbone of the same
-shape: an evaluator that shares nothing with the generator).
+SFT policy's weights), "init" (the evaluator's own, freshly initialised backbone of the same
+shape: an evaluator that shares nothing with the generator) or "blind" (the evaluator's own
+backbone of the same shape, SFT'd from scratch with the `config.sft` recipe on the same easy
+demonstrations, but with the goal hidden in the prompt: `stepmath.Problem.blind_prompt`).
+
+Why "blind": on search designs (`reach4`) every demonstration ends its last step at the
+target, and the SFT policy learns to *write* the target there ("7+5=5" for target 5) -- its
+greedy failures are nearly all such last steps. A PRM started from that policy inherits the
+shortcut: the step looks right to a model that predicts the target, and on the 2026-12-03 run
+the easy-trained PRM's solution-level ROC-AUC on hard problems was 0.51 while its step ROC-AUC
+(pooled over all steps) was 0.98. A backbone trained with the goal hidden must compute each
+step's result from its inputs, so checking the last step is the same local arithmetic as
+checking any other. It sees only easy demonstrations, like the policy.
 Artifacts: `reward_models` = {kind: (ModelConfig, params)}, saved under
 `stages/reward_models/<kind>/`.
 """
@@ -56,19 +67,21 @@ from scalign.algorithms.reward_labels import (
     prm800k_solutions,
 )
 from scalign.data.math import read_prm800k
-from scalign.data.pipeline import make_batch_iterator
+from scalign.data.pipeline import make_batch_iterator, make_sft_iterator
 from scalign.data.records import ON_ERROR_VALUES
 from scalign.evaluation.generation import sample_solutions
 from scalign.models.heads import SCALAR_HEAD, add_scalar_head, scalar_head_logical_axes
 from scalign.models.transformer import init_params as init_params_fn
 from scalign.models.transformer import param_logical_axes
 from scalign.objectives.reward import PRM_LABEL_SPANS, RewardFeaturizer, make_reward_loss
+from scalign.objectives.sft import make_sft_loss
 from scalign.reporting import line_plot, markdown_table
 from scalign.sampling import Sampler
 from scalign.stages.base import Context, Stage, check_levels, register_stage, require_block
 from scalign.stages.common import (
     length_buckets,
     run_training,
+    shardings_for,
     training_model,
     validate_training,
 )
@@ -77,6 +90,7 @@ from scalign.training.checkpoint import load_model, save_model
 from scalign.training.metrics import read_metrics
 
 KINDS = ("orm", "prm", "oprm")
+BACKBONES = ("policy", "init", "blind")
 LABEL_SOURCES = ("verifier", "prm800k")
 SAMPLING_KEYS = ("problems_per_level", "samples_per_problem", "temperature", "max_new_tokens")
 
@@ -147,10 +161,18 @@ class RewardModelsStage(Stage):
         if cfg.get("prm_label_span", "end") not in PRM_LABEL_SPANS:
             errors.append(f"config.reward_models.prm_label_span must be one of "
                           f"{PRM_LABEL_SPANS}, got {cfg.get('prm_label_span')!r}")
-        if cfg.get("backbone", "policy") not in ("policy", "init"):
+        if cfg.get("backbone", "policy") not in BACKBONES:
             errors.append(f"config.reward_models.backbone must be 'policy' (the SFT policy's "
-                          f"weights) or 'init' (a fresh backbone of the same shape), got "
+                          f"weights), 'init' (a fresh backbone of the same shape) or 'blind' "
+                          f"(a backbone SFT'd with the goal hidden), got "
                           f"{cfg.get('backbone')!r}")
+        elif cfg.get("backbone") == "blind":
+            if config.get("data", {}).get("domain", "stepmath") != "stepmath":
+                errors.append("config.reward_models.backbone='blind' needs the stepmath domain "
+                              "(prompts whose goal can be hidden)")
+            if "sft" not in config:
+                errors.append("config.reward_models.backbone='blind' trains with the config.sft "
+                              "recipe: config.sft is missing")
         if cfg.get("after_first_error", "drop") not in ("drop", "keep"):
             errors.append("config.reward_models.after_first_error must be 'drop' or 'keep'")
 
@@ -168,8 +190,13 @@ class RewardModelsStage(Stage):
         by_level = collections.Counter(int(r["level"]) for r in records["oprm"])
         out = {}
         histories = {}
+        backbone = policy_params
+        if cfg.get("backbone", "policy") == "blind":
+            backbone = self._blind_backbone(ctx, model)
+            histories["backbone"] = read_metrics(ctx.workdir / "metrics.jsonl",
+                                                             "rm_backbone")
         for kind in cfg.evaluators:
-            out[kind] = self._train_one(ctx, kind, model, policy_params, records[kind],
+            out[kind] = self._train_one(ctx, kind, model, backbone, records[kind],
                                         ctx.need("tokenizer"))
             histories[kind] = read_metrics(ctx.workdir / "metrics.jsonl", f"rm_{kind}")
         ctx.artifacts["reward_models"] = out
@@ -219,6 +246,25 @@ class RewardModelsStage(Stage):
                  for k, v in sorted(read_stats.reasons.items())]
         rows += [{"metric": f"prm800k_dropped_{k}", "value": v} for k, v in sorted(drops.items())]
         return records, stats, rows
+
+    def _blind_backbone(self, ctx: Context, model):
+        """The evaluators' own backbone: `model`'s shape, SFT'd from scratch (`config.sft`'s
+        steps, batch, optimizer) on the reward levels' demonstrations with the goal hidden."""
+        path = ctx.stage_dir(self.name) / "backbone"
+        if (path / "model_config.json").exists() and ctx.resume:
+            _, params, _ = load_model(path)
+            return jax.device_put(params, shardings_for(ctx, model))
+        sft = ctx.config.sft
+        tokenizer, domain = ctx.need("tokenizer"), ctx.need("domain")
+        records = domain.train_records(tuple(ctx.config.reward_models.levels), blind=True)
+        data_iter = make_sft_iterator(records, tokenizer, batch_size=int(sft.batch_size),
+                                      seq_len=int(sft.seq_len), seed=int(ctx.config.seed) + 1,
+                                      num_epochs=None, on_too_long=sft.get("on_too_long", "error"))
+        result = run_training(ctx, stage="rm_backbone", cfg=sft, model=training_model(model, sft),
+                              loss_fn=make_sft_loss(model), data_iter=data_iter)
+        save_model(path, model, result.state.params,
+                   {"kind": "blind_backbone", "levels": list(ctx.config.reward_models.levels)})
+        return result.state.params
 
     def _train_one(self, ctx: Context, kind: str, model, policy_params, records, tokenizer):
         cfg = ctx.config.reward_models

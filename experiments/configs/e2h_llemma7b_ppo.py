@@ -22,13 +22,16 @@ running the paper's "PPO, all problems + PRM" row (`ppo_prm`) instead of re-rank
   state, `remat="full"`, and `logprob_chunk` 128 (log-softmax over the 32k vocabulary in
   chunks of 128 positions).
 
-Hardware: the prm800k config's TPU v4-32 mesh (data=1, fsdp=-1 -> 16, tensor=1): three 7B
-models train or serve at once: ~215 GB of f32 params and AdamW state (policy and critic
-81 GB each, frozen reference and PRM 27 GB each) over 16 x 32 GiB; `python -m scalign.plan` reads
-`config.rl` (methods, prompts_per_iteration, samples_per_prompt, seq_len,
-per_method.ppo_prm.minibatches, remat) to size the PPO steps. Checked on CPU only: the config
-validates for 8 devices and its PPO policy and value steps lower from abstract shapes on a
-fake 8-device mesh (tests/stages/test_e2h_llemma_ppo_config.py); nothing has run on a TPU.
+Hardware: the prm800k config's pure-FSDP mesh (data=1, fsdp=-1, tensor=1). Three 7B models
+train or serve at once: ~215 GB of f32 params and AdamW state (policy and critic 81 GB each,
+frozen reference and PRM 27 GB each). `python -m scalign.plan --config=<this file>
+--tpu=v5p-8,v5e-16 --no_compile` (it reads config.rl: methods, prompts_per_iteration,
+samples_per_prompt, seq_len, per_method.ppo_prm.minibatches, remat) estimated on 2026-12-04:
+v5p-8 (4 chips x 95 GiB) fits, 66.5 GiB per chip for the policy step and 65.3 for the value
+step; v5e-16 (16 x 16 GiB) does NOT fit (18.9 and 18.0 GiB per chip, mostly the other
+resident models), so use a v5p-8 or a larger slice. Checked on CPU only: the config validates
+for 8 devices and its PPO policy and value steps lower from abstract shapes on a fake 8-device
+mesh (tests/stages/test_e2h_llemma_ppo_config.py); nothing has run on a TPU.
 """
 
 import importlib.util
@@ -48,7 +51,7 @@ def _base_config() -> ConfigDict:
 
 def get_config() -> ConfigDict:
     c = _base_config()
-    c.name = "easy-to-hard PPO: Llemma-7B, PRM shaping from easy PRM800K labels (TPU v4-32)"
+    c.name = "easy-to-hard PPO: Llemma-7B, PRM shaping from easy PRM800K labels (TPU v5p-8)"
     c.stages = ("checkpoint", "data", "sft", "reward_models", "rl", "report")
     c.reward_models.evaluators = ("prm",)   # the PRM shapes rewards and initialises the critic
 

@@ -2,8 +2,9 @@
 
     python experiments/launch.py --config=experiments/configs/e2h_rl_stepmath.py \
         --workdir=runs/e2h_rl_stepmath --seeds=0,1,2
-    python experiments/launch.py --config=experiments/configs/e2h_rl_stepmath.py:ppo_prm,grpo_prm \
-        --workdir=runs/e2h_rl_stepmath_pg                      # a subset of the methods
+    python experiments/launch.py \
+        --config=experiments/configs/e2h_rl_stepmath.py:ppo_prm,grpo_prm \
+        --workdir=runs/e2h_rl_stepmath_pg                  # a subset of the methods
 
 The data, SFT policy and PRM of `demo.py` (design reach4, easy levels 1-3 supervised), then
 stage `rl` with every method of the config argument (default: all six, plus the "sft" row),
@@ -22,13 +23,28 @@ ReST-EM 4 EM iterations of 256 prompts (each fine-tunes the SFT policy afresh on
 iteration's kept solutions, 2 epochs). lr 1e-4 constant for all; greedy evaluation on 200 test
 problems per level.
 
-Measured: see `experiments/results/e2h_rl_stepmath_2026-12-04/` (report.md, results.json).
-An earlier session's single seed-0 run of these settings (greedy %, easy / hard / all; RL wall
-s, 2 shared CPU cores): sft 32.2/8.8/22.8; rest_em 35.3/6.2/23.7 (25 s, fewer samples than
-here); iterative_dpo 36.3/5.5/24.0 (35); ppo_answers 32.8/6.8/22.4 (110); ppo_prm
-35.0/3.8/22.5 (111); grpo_answers 35.3/5.8/23.5 (65); grpo_prm 37.3/5.5/24.6 (70): easy rose
-a little, hard fell for every method. On reach4 the easy-trained PRM gives the last step ~0.28
-on every sample (outcome AUC ~0.5), so its shaping carries little signal about correctness.
+Measured (2026-12-04, the code of branch rl-table at 37b63bc; `--seeds=0,1,2`, seeds 0 and 1
+finished by the deadline; experiments/results/e2h_rl_stepmath_2026-12-04/): greedy
+accuracy %, mean ± std over 2 seeds, easy = levels 1-3 (600 test problems), hard = levels 4-5 (400); RL wall s of
+the training loop on 2 CPU cores shared with 2-3 other jobs (load 6-10), so inflated:
+
+    method           easy         hard        all          RL wall s
+    sft              32.6 ± 0.4   8.2 ± 0.5   22.9 ± 0.1   -
+    rest_em          32.9 ± 1.4   5.5 ± 0.3   21.9 ± 1.0    98
+    iterative_dpo    35.7 ± 2.2   6.0 ± 1.0   23.8 ± 0.9   135
+    ppo_answers      33.8 ± 0.3   5.4 ± 0.1   22.4 ± 0.2   306
+    ppo_prm          32.6 ± 0.6   7.0 ± 0.5   22.4 ± 0.6   368
+    grpo_answers     32.7 ± 1.3   5.9 ± 0.1   21.9 ± 0.9   150
+    grpo_prm         33.1 ± 2.9   4.5 ± 1.0   21.7 ± 1.3   151
+
+Negative: hard accuracy FELL below the SFT policy for every method in both seeds (the issue's
+target, RL with the easy PRM >= 5 points above SFT on hard, is not met; the paper's 12.2 ->
+14.9 is not reproduced here). PPO + PRM kept more of it than PPO on easy answers only in both
+seeds (7.5 vs 5.5 and 6.5 vs 5.25; one seed's standard error on 400 hard problems is ~1.3
+points), GRPO + PRM did not (5.5 vs 6.0, 3.5 vs 5.75). A plausible cause, not tested here:
+on reach4 the easy-trained PRM gives the last step ~0.28 on every sample (outcome AUC ~0.5),
+so its shaping and acceptance carry little signal about correctness on hard problems. An
+earlier session's seed-0 run (other per-method settings and seeds) showed the same pattern.
 """
 
 import importlib.util

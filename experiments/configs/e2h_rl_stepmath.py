@@ -25,8 +25,9 @@ problems per level.
 
 Measured (2026-12-04, the code of branch rl-table at 37b63bc; `--seeds=0,1,2`, seeds 0 and 1
 finished by the deadline; experiments/results/e2h_rl_stepmath_2026-12-04/): greedy
-accuracy %, mean ± std over 2 seeds, easy = levels 1-3 (600 test problems), hard = levels 4-5 (400); RL wall s of
-the training loop on 2 CPU cores shared with 2-3 other jobs (load 6-10), so inflated:
+accuracy %, mean ± std over 2 seeds, easy = levels 1-3 (600 test problems), hard = levels
+4-5 (400); RL wall s of the training loop on 2 CPU cores shared with 2-3 other jobs (load
+6-10), so inflated:
 
     method           easy         hard        all          RL wall s
     sft              32.6 ± 0.4   8.2 ± 0.5   22.9 ± 0.1   -

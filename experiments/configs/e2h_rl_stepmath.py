@@ -23,29 +23,29 @@ ReST-EM 4 EM iterations of 256 prompts (each fine-tunes the SFT policy afresh on
 iteration's kept solutions, 2 epochs). lr 1e-4 constant for all; greedy evaluation on 200 test
 problems per level.
 
-Measured (2026-12-04, the code of branch rl-table at 37b63bc; `--seeds=0,1,2`, seeds 0 and 1
-finished by the deadline; experiments/results/e2h_rl_stepmath_2026-12-04/): greedy
-accuracy %, mean ± std over 2 seeds, easy = levels 1-3 (600 test problems), hard = levels
-4-5 (400); RL wall s of the training loop on 2 CPU cores shared with 2-3 other jobs (load
-6-10), so inflated:
+Measured (2026-12-04, the code of branch rl-table at 37b63bc; `--seeds=0,1,2`;
+experiments/results/e2h_rl_stepmath_2026-12-04/): greedy accuracy %, mean ± std over 3 seeds
+(population std), easy = levels 1-3 (600 test problems), hard = levels 4-5 (400); RL wall s
+of the training loop on 2 CPU cores shared with 2-3 other jobs (load 6-10), so inflated:
 
     method           easy         hard        all          RL wall s
-    sft              32.6 ± 0.4   8.2 ± 0.5   22.9 ± 0.1   -
-    rest_em          32.9 ± 1.4   5.5 ± 0.3   21.9 ± 1.0    98
-    iterative_dpo    35.7 ± 2.2   6.0 ± 1.0   23.8 ± 0.9   135
-    ppo_answers      33.8 ± 0.3   5.4 ± 0.1   22.4 ± 0.2   306
-    ppo_prm          32.6 ± 0.6   7.0 ± 0.5   22.4 ± 0.6   368
-    grpo_answers     32.7 ± 1.3   5.9 ± 0.1   21.9 ± 0.9   150
-    grpo_prm         33.1 ± 2.9   4.5 ± 1.0   21.7 ± 1.3   151
+    sft              35.0 ± 3.4   9.2 ± 1.4   24.7 ± 2.6   -
+    rest_em          34.9 ± 3.0   6.2 ± 1.1   23.4 ± 2.2    82
+    iterative_dpo    37.0 ± 2.6   6.1 ± 0.8   24.6 ± 1.4   116
+    ppo_answers      36.3 ± 3.6   5.5 ± 0.2   24.0 ± 2.2   294
+    ppo_prm          34.9 ± 3.3   7.3 ± 0.5   23.8 ± 2.1   346
+    grpo_answers     35.2 ± 3.8   8.5 ± 3.7   24.5 ± 3.7   149
+    grpo_prm         28.8 ± 6.5   3.9 ± 1.2   18.8 ± 4.1   135
 
-Negative: hard accuracy FELL below the SFT policy for every method in both seeds (the issue's
-target, RL with the easy PRM >= 5 points above SFT on hard, is not met; the paper's 12.2 ->
-14.9 is not reproduced here). PPO + PRM kept more of it than PPO on easy answers only in both
-seeds (7.5 vs 5.5 and 6.5 vs 5.25; one seed's standard error on 400 hard problems is ~1.3
-points), GRPO + PRM did not (5.5 vs 6.0, 3.5 vs 5.75). A plausible cause, not tested here:
+Negative: the issue's target (RL with the easy PRM >= 5 points above SFT on hard, and above
+RL on easy answers only; the paper's 12.2 -> 14.9) is not met. Hard accuracy per seed (SFT
+8.75 / 7.75 / 11.0) fell for every method with the PRM in every seed; the one rise above SFT
+is grpo_answers in seed 2 (13.75 vs 11.0; 6.0 and 5.75 in seeds 0-1). PPO + PRM kept more
+of hard than PPO on easy answers only in all three seeds (7.5 / 6.5 / 7.75 vs 5.5 / 5.25 /
+5.75; one seed's standard error on 400 hard problems is ~1.3 points); GRPO + PRM was the
+worst row (easy fell too in seed 2: 20.2 vs SFT 39.8). A plausible cause, not tested here:
 on reach4 the easy-trained PRM gives the last step ~0.28 on every sample (outcome AUC ~0.5),
-so its shaping and acceptance carry little signal about correctness on hard problems. An
-earlier session's seed-0 run (other per-method settings and seeds) showed the same pattern.
+so its shaping and acceptance carry little signal about correctness on hard problems.
 """
 
 import importlib.util

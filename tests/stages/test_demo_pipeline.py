@@ -129,3 +129,26 @@ def test_launcher_seeds_runs_each_seed_and_aggregates(tmp_path):
     assert row["seeds"] == 2
     assert row["mean"] == pytest.approx(np.mean(list(per_seed.values())))
     assert "SFT policy by level" in (work / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_blind_backbone_is_trained_on_goal_hidden_demos_and_reloaded(tmp_path):
+    """reward_models.backbone='blind': the evaluators' own backbone, SFT'd (config.sft recipe)
+    on the reward levels' demonstrations with the goal hidden; saved once, reloaded on resume."""
+    toy = {**TOY, "stages": ("data", "sft", "reward_models"), "reward_models.backbone": "blind",
+           "reward_models.evaluators": ("prm",)}
+    cfg = _demo(**toy)
+    experiment.run(cfg, tmp_path / "run")
+    out = tmp_path / "run"
+    _, blind, meta = load_model(out / "stages" / "reward_models" / "backbone")
+    _, policy, _ = load_model(out / "stages" / "sft" / "policy")
+    assert meta["kind"] == "blind_backbone"
+    # its own weights: not the policy's, and the PRM's backbone starts from them
+    pairs = zip(jax.tree.leaves(blind), jax.tree.leaves(policy), strict=True)
+    assert not all(np.allclose(a, b) for a, b in pairs)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in metrics if m.get("stage") == "rm_backbone" and "loss" in m]
+    assert steps and max(steps) == cfg.sft.steps
+    rows = {r["metric"]: r["value"] for r in
+            json.loads((out / "results.json").read_text())["reward_models"]["rows"]}
+    assert "backbone_final_loss" in rows and "prm_final_loss" in rows

@@ -76,6 +76,7 @@ def get_config() -> ConfigDict:
     # "policy": the evaluators start from the SFT policy (Sun et al. 2024); "init": a fresh
     # backbone; "blind": their own backbone SFT'd with the goal hidden (stages/reward_models.py)
     c.reward_models.backbone = "policy"
+    c.reward_models.prm_label_span = "end"  # "end" | "around" | "step" (e2h's every-token BCE)
     c.reward_models.train = ConfigDict()
     c.reward_models.train.steps = 150
     c.reward_models.train.batch_size = 32

@@ -72,3 +72,28 @@ def test_aggregate_runs_names_unfinished_runs(tmp_path):
     (tmp_path / "seed_0").mkdir()
     with pytest.raises(FileNotFoundError, match="seed_0"):
         aggregate_runs([tmp_path / "seed_0"], tmp_path / "agg")
+
+
+def test_rl_rows_average_wall_s_over_seeds_and_report_table2(tmp_path):
+    """`wall_s` differs per run: it is averaged, not part of the key (else 3 rows per key)."""
+    runs = []
+    for s, (acc, wall) in enumerate([(0.2, 60.0), (0.3, 70.0), (0.4, 110.0)]):
+        d = tmp_path / f"seed_{s}"
+        d.mkdir()
+        rows = [{"method": m, "split": sp, "mean": a, "std": 0.0, "seeds": 1, "problems": 400,
+                 "wall_s": w}
+                for m, a, w in (("sft", 0.25, 0.0), ("grpo_prm", acc, wall))
+                for sp in ("easy", "hard", "all")]
+        (d / "results.json").write_text(json.dumps({"rl": {"rows": rows}}))
+        runs.append(d)
+    agg = aggregate_runs(runs, tmp_path / "agg")
+    rows = agg["rl"]["rows"]
+    assert len(rows) == 6
+    hard = next(r for r in rows if r["method"] == "grpo_prm" and r["split"] == "hard")
+    assert set(hard) == {"method", "split", "mean", "std", "seeds", "values", "wall_s"}
+    assert hard["seeds"] == 3 and hard["wall_s"] == pytest.approx(80.0)
+    assert hard["mean"] == pytest.approx(0.3) and hard["std"] == pytest.approx(np.std([.2, .3, .4]))
+    report = (tmp_path / "agg" / "report.md").read_text()
+    assert "Table 2 layout" in report
+    assert "| GRPO, all problems + PRM | easy | all | 30.0 ± 8.2 | 30.0 ± 8.2 | 30.0 ± 8.2 | 80 |" \
+        in report

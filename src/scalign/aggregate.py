@@ -12,9 +12,10 @@ separately, `python -m scalign.aggregate RUN_DIR ... --out DIR`). The aggregate
 
 where the per-seed number is the row's `value` (or `mean`, for rows that already average over
 sample subsets, such as `rerank`). Key fields are every field except the number and the
-bookkeeping counts (`std`, `seeds`, `problems`, `count`). `report.md` shows the rerank table in
-the layout of Sun et al. (2024), Table 1, accuracy vs N per split, accuracy by level and the
-evaluators' AUCs, each as mean ± std over seeds.
+bookkeeping counts (`std`, `seeds`, `problems`, `count`) and the measured side numbers
+(`wall_s`), which are averaged over the runs that have them. `report.md` shows the rerank
+table in the layout of Sun et al. (2024), Table 1, accuracy vs N per split, accuracy by level,
+the evaluators' AUCs and the RL table in the layout of Table 2, each as mean ± std over seeds.
 """
 
 from __future__ import annotations
@@ -27,14 +28,18 @@ import numpy as np
 from etils import epath
 
 from scalign.evaluation.rerank import plot_style, table1_methods
+from scalign.evaluation.rl_table import table2
 from scalign.reporting import markdown_table, panels_plot
 
 _NUMBER_FIELDS = ("value", "mean")
 _COUNT_FIELDS = ("std", "seeds", "problems", "count")
+#: measured side numbers of a row (not part of its key): averaged over runs like the number
+_AVERAGED_FIELDS = ("wall_s",)
 
 
 def _key(row: dict[str, Any], number: str) -> tuple[tuple[str, Any], ...]:
-    return tuple((k, v) for k, v in row.items() if k != number and k not in _COUNT_FIELDS)
+    return tuple((k, v) for k, v in row.items() if k != number
+                 and k not in _COUNT_FIELDS and k not in _AVERAGED_FIELDS)
 
 
 def aggregate_rows(per_run: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -43,6 +48,7 @@ def aggregate_rows(per_run: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str
     Rows without a `value`/`mean` number are dropped; a key missing from some runs is
     aggregated over the runs that have it (its `seeds` says how many)."""
     groups: dict[tuple, list[float]] = {}
+    side: dict[tuple, dict[str, list[float]]] = {}
     order: list[tuple] = []
     for rows in per_run:
         for row in rows:
@@ -55,11 +61,15 @@ def aggregate_rows(per_run: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str
                 groups[key] = []
                 order.append(key)
             groups[key].append(float(row[number]))
+            for f in _AVERAGED_FIELDS:
+                if isinstance(row.get(f), (int, float)) and not isinstance(row.get(f), bool):
+                    side.setdefault(key, {}).setdefault(f, []).append(float(row[f]))
     out = []
     for key in order:
         vals = np.asarray(groups[key], np.float64)
         out.append({**dict(key), "mean": float(vals.mean()), "std": float(vals.std()),
-                    "seeds": int(vals.size), "values": ",".join(f"{v:.6g}" for v in vals)})
+                    "seeds": int(vals.size), "values": ",".join(f"{v:.6g}" for v in vals),
+                    **{f: float(np.mean(v)) for f, v in side.get(key, {}).items()}})
     return out
 
 
@@ -106,6 +116,10 @@ def _report(agg: dict, runs: list[epath.Path], out: epath.Path, title: str | Non
     rr = agg.get("rerank", {}).get("rows", [])
     if rr:
         md += _rerank_section(rr, out, plot_aggregation)
+    rl = agg.get("rl", {}).get("rows", [])
+    if rl:
+        md += ["## RL from easy-trained evaluators (Sun et al. 2024, Table 2 layout)", "",
+               table2(rl), ""]
     au = agg.get("evaluators", {}).get("rows", [])
     if au:
         rows = [{"evaluator": r["evaluator"].upper(), "split": r["split"], "kind": r["kind"],

@@ -42,6 +42,8 @@ TOY = {
     "reward_models.problems_per_level": 8, "reward_models.samples_per_problem": 4,
     "reward_models.train.steps": 6, "reward_models.train.checkpoint_every": 6,
     "reward_models.train.batch_size": 8,
+    "rl.problems_per_level": 8, "rl.iterations": 2, "rl.prompts_per_iteration": 4,
+    "rl.samples_per_prompt": 4, "rl.max_new_tokens": 24, "rl.eval_problems": 4,
     "rerank.problems_per_level": 4, "rerank.max_n": 8, "rerank.num_subsets": 3,
 }
 
@@ -52,8 +54,10 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     experiment.run(cfg, tmp_path / "run")
     out = tmp_path / "run"
     results = json.loads((out / "results.json").read_text())
-    for stage in ("data", "sft", "evaluate", "reward_models", "rerank", "evaluators"):
+    for stage in ("data", "sft", "evaluate", "reward_models", "rl", "rerank", "evaluators"):
         assert results[stage]["rows"], stage
+    rl = {(r["method"], r["split"]) for r in results["rl"]["rows"]}
+    assert rl == {(m, s) for m in ("sft", "grpo_prm") for s in ("easy", "hard", "all")}
     sft = {r["metric"]: r["value"] for r in results["sft"]["rows"]}
     assert sft["loss_final"] < sft["loss_first_logged"]
     levels = {r["level"]: r for r in results["reward_models"]["rows"]

@@ -72,3 +72,16 @@ def test_aggregate_runs_names_unfinished_runs(tmp_path):
     (tmp_path / "seed_0").mkdir()
     with pytest.raises(FileNotFoundError, match="seed_0"):
         aggregate_runs([tmp_path / "seed_0"], tmp_path / "agg")
+
+
+def test_ci_bounds_are_values_not_keys():
+    """The eva stage's rows carry a per-run bootstrap interval: runs of one key still group."""
+    def row(mean, lo, hi):
+        return {"loss": "dpo", "variant": "eva", "informativeness": "gap", "metric": "winrate",
+                "mean": mean, "std": 0.0, "ci_low": lo, "ci_high": hi, "seeds": 1}
+    rows = aggregate_rows([[row(0.5, 0.4, 0.6)], [row(0.7, 0.6, 0.8)]])
+    assert len(rows) == 1
+    (r,) = rows
+    assert r["seeds"] == 2 and r["mean"] == pytest.approx(0.6) and r["std"] == pytest.approx(0.1)
+    assert r["ci_low"] == pytest.approx(0.5) and r["ci_high"] == pytest.approx(0.7)
+    assert r["ci_low_values"] == "0.4,0.6" and r["ci_high_values"] == "0.6,0.8"

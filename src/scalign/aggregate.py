@@ -11,8 +11,10 @@ separately, `python -m scalign.aggregate RUN_DIR ... --out DIR`). The aggregate
      "seeds": number of runs, "values": "v_0,v_1,..." (per seed, in run order)}
 
 where the per-seed number is the row's `value` (or `mean`, for rows that already average over
-sample subsets, such as `rerank`). Key fields are every field except the number and the
-bookkeeping counts (`std`, `seeds`, `problems`, `count`). `report.md` shows the rerank table in
+sample subsets, such as `rerank`). Key fields are every field except the number, the
+bookkeeping counts (`std`, `seeds`, `problems`, `count`) and the per-run interval bounds
+`ci_low` / `ci_high` (the eva stage's bootstrap CI), which are values: the aggregate row has
+their mean over runs and each run's in `ci_low_values` / `ci_high_values`. `report.md` shows the rerank table in
 the layout of Sun et al. (2024), Table 1, accuracy vs N per split, accuracy by level and the
 evaluators' AUCs, each as mean ± std over seeds.
 """
@@ -31,10 +33,14 @@ from scalign.reporting import markdown_table, panels_plot
 
 _NUMBER_FIELDS = ("value", "mean")
 _COUNT_FIELDS = ("std", "seeds", "problems", "count")
+#: per-run numbers that travel with a row's number without identifying it (e.g. the eva
+#: stage's bootstrap interval): averaged over runs, each run's value kept in "<field>_values"
+_VALUE_FIELDS = ("ci_low", "ci_high")
 
 
 def _key(row: dict[str, Any], number: str) -> tuple[tuple[str, Any], ...]:
-    return tuple((k, v) for k, v in row.items() if k != number and k not in _COUNT_FIELDS)
+    return tuple((k, v) for k, v in row.items()
+                 if k != number and k not in _COUNT_FIELDS and k not in _VALUE_FIELDS)
 
 
 def aggregate_rows(per_run: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -43,6 +49,7 @@ def aggregate_rows(per_run: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str
     Rows without a `value`/`mean` number are dropped; a key missing from some runs is
     aggregated over the runs that have it (its `seeds` says how many)."""
     groups: dict[tuple, list[float]] = {}
+    extra: dict[tuple, dict[str, list[float]]] = {}
     order: list[tuple] = []
     for rows in per_run:
         for row in rows:
@@ -55,11 +62,18 @@ def aggregate_rows(per_run: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str
                 groups[key] = []
                 order.append(key)
             groups[key].append(float(row[number]))
+            for f in _VALUE_FIELDS:
+                if isinstance(row.get(f), (int, float)) and not isinstance(row.get(f), bool):
+                    extra.setdefault(key, {}).setdefault(f, []).append(float(row[f]))
     out = []
     for key in order:
         vals = np.asarray(groups[key], np.float64)
-        out.append({**dict(key), "mean": float(vals.mean()), "std": float(vals.std()),
-                    "seeds": int(vals.size), "values": ",".join(f"{v:.6g}" for v in vals)})
+        agg = {**dict(key), "mean": float(vals.mean()), "std": float(vals.std()),
+               "seeds": int(vals.size), "values": ",".join(f"{v:.6g}" for v in vals)}
+        for f, xs in extra.get(key, {}).items():
+            agg[f] = float(np.mean(xs))
+            agg[f"{f}_values"] = ",".join(f"{v:.6g}" for v in xs)
+        out.append(agg)
     return out
 
 

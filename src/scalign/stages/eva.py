@@ -102,8 +102,16 @@ def eva_config(cfg: ml_collections.ConfigDict, pad_id: int = 0) -> EvaConfig:
 
 
 def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
-    return OptimizerConfig.from_config({**cfg.optimizer.to_dict(),
-                                        "total_steps": int(cfg.iterations) * int(cfg.updates)})
+    """`config.eva.optimizer` over iterations x updates steps; an optional `warmup_ratio`
+    (the paper's 0.1) sets warmup_steps = round(ratio x total steps)."""
+    opt = dict(cfg.optimizer.to_dict())
+    total = int(cfg.iterations) * int(cfg.updates)
+    ratio = opt.pop("warmup_ratio", None)
+    if ratio is not None:
+        if not 0.0 <= float(ratio) < 1.0:
+            raise ValueError(f"optimizer.warmup_ratio={ratio} must be in [0, 1)")
+        opt["warmup_steps"] = int(round(float(ratio) * total))
+    return OptimizerConfig.from_config({**opt, "total_steps": total})
 
 
 def level_shares(pool: PromptPool, ids: list[int], levels: tuple[int, ...]) -> dict[int, float]:

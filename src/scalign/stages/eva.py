@@ -30,7 +30,8 @@ Rows (`results.json["eva"]`): {"loss", "variant", "informativeness", "metric", "
 variant "sft"). `results.json["eva_pool"]`: the active prompt set's level shares per iteration
 ({"iteration", "level", "share"}); the report has them as a table and a PNG. The pool (with
 informativeness and lineage) is checkpointed with the loop every iteration (restored on resume)
-and also written to `stages/eva/pool/iteration_<k>.json`.
+and also written to `stages/eva/pool/iteration_<k>.json`. `config.debug.stop_after_iterations`
+(test drill) stops the stage with `training.loop.Interrupted` after that many iterations.
 
 Artifact: `eva_policy` <- the trained policy (saved under `stages/eva/policy/`); `policy` is
 left as it was, so stages after this one (rerank, rl) still see the SFT policy.
@@ -267,7 +268,9 @@ class EvaStage(Stage):
         iterate.load_state_dict = iteration.load_state_dict  # travels with the checkpoint
         t0 = time.perf_counter()
         try:
-            history = loop.run(int(cfg.iterations), iterate)
+            debug = ctx.config.get("debug", {}) or {}
+            history = loop.run(int(cfg.iterations), iterate,
+                               stop_after=debug.get("stop_after_iterations"))
         finally:
             ckpt.close()
         wall = time.perf_counter() - t0

@@ -47,15 +47,22 @@ def _parse():
     return mod.parse
 
 
-def collect(study: Path) -> dict[str, dict[int, dict]]:
-    """{run name: {seed: results.json}} of the finished eva runs under `study`."""
+def collect(study: Path, suffix: str = "") -> dict[str, dict[int, dict]]:
+    """{run name: {seed: results.json}} of the finished eva runs under `study` whose directory
+    is `<config arg><suffix>` (suffix "": the main study; e.g. "_lr3e-4": a sensitivity run
+    made with --config.eva.optimizer.learning_rate=3e-4)."""
     parse = _parse()
     runs: dict[str, dict[int, dict]] = {}
     for d in sorted(study.iterdir()):
         if not d.is_dir() or d.name == "sft":
             continue
+        base = d.name
+        if suffix:
+            if not base.endswith(suffix):
+                continue
+            base = base[:-len(suffix)]
         try:
-            parse(d.name)
+            parse(base)
         except ValueError:
             continue
         for s in sorted(d.glob("seed_*")):
@@ -107,7 +114,25 @@ def _cell(row: dict | None) -> str:
     return f"{row['mean']:.3f} ± {row['std']:.3f} (n={row['seeds']}){ci}"
 
 
-def report(rows: list[dict], pool_rows: list[dict], runs: dict, out: Path) -> str:
+def paired_diffs(runs: dict[str, dict[int, dict]], a: str, b: str, metric: str
+                 ) -> list[float]:
+    """Per-seed difference (run a - run b) of `metric` over the seeds both ran."""
+    def value(res: dict) -> float:
+        return next(r["mean"] for r in res["eva"]["rows"]
+                    if r["metric"] == metric and r["variant"] != "sft")
+    common = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
+    return [value(runs[a][s]) - value(runs[b][s]) for s in common]
+
+
+def _diff_cell(d: list[float]) -> str:
+    if not d:
+        return "-"
+    return (f"{np.mean(d):+.3f} ± {np.std(d):.3f} (n={len(d)}; per seed "
+            + ", ".join(f"{x:+.3f}" for x in d) + ")")
+
+
+def report(rows: list[dict], pool_rows: list[dict], runs: dict, out: Path,
+           sensitivity: dict[str, tuple[list[dict], dict]] | None = None) -> str:
     idx = {(r["loss"], r["variant"], r["informativeness"], r["metric"]): r for r in rows}
     seeds = {name: sorted(s) for name, s in runs.items()}
     md = ["# eva on stepmath: fixed prompts vs evolved prompts (Ye et al. 2024 layout)", "",
@@ -124,9 +149,12 @@ def report(rows: list[dict], pool_rows: list[dict], runs: dict, out: Path) -> st
                           "SFT": "0.500 (by definition)" if metric == "winrate" else
                           _cell(idx.get(("none", "sft", "none", metric))),
                           "fixed prompts": _cell(idx.get((loss, "fixed", "none", metric))),
-                          "+ eva (gap)": _cell(idx.get((loss, "eva", "gap", metric)))})
+                          "+ eva (gap)": _cell(idx.get((loss, "eva", "gap", metric))),
+                          "eva - fixed (paired by seed)": _diff_cell(paired_diffs(
+                              runs, f"{loss}_eva", f"{loss}_fixed", metric))})
         md += [f"## Headline: {METRIC_LABEL[metric]}", "",
-               markdown_table(table, ["loss", "SFT", "fixed prompts", "+ eva (gap)"]), ""]
+               markdown_table(table, ["loss", "SFT", "fixed prompts", "+ eva (gap)",
+                                      "eva - fixed (paired by seed)"]), ""]
     abl = [{"informativeness": info, **{METRIC_LABEL[m]: _cell(idx.get(("dpo", "eva", info, m)))
                                          for m in METRIC_LABEL}}
            for info in ABLATION if any(k[:3] == ("dpo", "eva", info) for k in idx)]
@@ -167,6 +195,14 @@ def report(rows: list[dict], pool_rows: list[dict], runs: dict, out: Path) -> st
                "Iteration 0 is the initial set (20 problems of each easy level 1-3).", "",
                markdown_table(table, ["iteration", *[f"L{lv}" for lv in levels]]), "",
                f"![levels]({fig.relative_to(out)})", ""]
+    for tag, (srows, sruns) in (sensitivity or {}).items():
+        sidx = {(r["loss"], r["variant"], r["informativeness"], r["metric"]): r for r in srows}
+        table = [{"run": f"{lo}_{v}{tag}", **{METRIC_LABEL[m]: _cell(sidx.get((lo, v, i, m)))
+                                              for m in METRIC_LABEL}}
+                 for lo, v, i in sorted({k[:3] for k in sidx if k[1] != "sft"}, key=_order)]
+        md += [f"## Sensitivity: runs with suffix {tag} (same SFT policies, one change)", "",
+               markdown_table(table, ["run", *METRIC_LABEL.values()]), ""]
+        seeds.update({f"{n}{tag}": sorted(x) for n, x in sruns.items()})
     md += ["## Runs", "", markdown_table([{"run": n, "seeds": ",".join(map(str, s))}
                                           for n, s in sorted(seeds.items())],
                                          ["run", "seeds"]), ""]
@@ -177,13 +213,22 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("study", type=Path)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--sensitivity", nargs="*", default=[],
+                        help="directory suffixes of sensitivity runs, e.g. _lr3e-4")
     args = parser.parse_args(argv)
     runs = collect(args.study)
     if not runs:
         raise SystemExit(f"no finished eva runs under {args.study}")
     rows, pool_rows = aggregate(runs)
+    sens = {}
+    for tag in args.sensitivity:
+        sruns = collect(args.study, tag)
+        if sruns:
+            sens[tag] = (aggregate(sruns)[0], sruns)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, seeds in runs.items():
+    copies = dict(runs)
+    copies.update({f"{n}{tag}": r for tag, (_, sr) in sens.items() for n, r in sr.items()})
+    for name, seeds in copies.items():
         for seed in seeds:
             src = args.study / name / f"seed_{seed}"
             dst = args.out / "runs" / name / f"seed_{seed}"
@@ -192,11 +237,12 @@ def main(argv=None) -> None:
                 shutil.copy(src / f, dst / f)
             if (src / "figures").is_dir():
                 shutil.copytree(src / "figures", dst / "figures", dirs_exist_ok=True)
-    run_rows = [{"run": n, "seed": s} for n, ss in sorted(runs.items()) for s in sorted(ss)]
-    (args.out / "results.json").write_text(json.dumps(
-        {"eva": {"rows": rows}, "eva_pool": {"rows": pool_rows}, "runs": {"rows": run_rows}},
-        indent=1))
-    (args.out / "report.md").write_text(report(rows, pool_rows, runs, args.out))
+    run_rows = [{"run": n, "seed": s} for n, ss in sorted(copies.items()) for s in sorted(ss)]
+    out = {"eva": {"rows": rows}, "eva_pool": {"rows": pool_rows}, "runs": {"rows": run_rows}}
+    for tag, (srows, _) in sens.items():
+        out[f"eva{tag}"] = {"rows": srows}
+    (args.out / "results.json").write_text(json.dumps(out, indent=1))
+    (args.out / "report.md").write_text(report(rows, pool_rows, runs, args.out, sens))
     print(f"wrote {args.out}/report.md and results.json ({len(run_rows)} runs)")
 
 

@@ -117,11 +117,12 @@ def _cell(row: dict | None) -> str:
 def paired_diffs(runs: dict[str, dict[int, dict]], a: str, b: str, metric: str
                  ) -> list[float]:
     """Per-seed difference (run a - run b) of `metric` over the seeds both ran."""
-    def value(res: dict) -> float:
-        return next(r["mean"] for r in res["eva"]["rows"]
-                    if r["metric"] == metric and r["variant"] != "sft")
+    def value(res: dict) -> float | None:
+        return next((r["mean"] for r in res["eva"]["rows"]
+                     if r["metric"] == metric and r["variant"] != "sft"), None)
     common = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
-    return [value(runs[a][s]) - value(runs[b][s]) for s in common]
+    pairs = [(value(runs[a][s]), value(runs[b][s])) for s in common]
+    return [x - y for x, y in pairs if x is not None and y is not None]
 
 
 def _diff_cell(d: list[float]) -> str:
@@ -202,7 +203,7 @@ def report(rows: list[dict], pool_rows: list[dict], runs: dict, out: Path,
                  for lo, v, i in sorted({k[:3] for k in sidx if k[1] != "sft"}, key=_order)]
         md += [f"## Sensitivity: runs with suffix {tag} (same SFT policies, one change)", "",
                markdown_table(table, ["run", *METRIC_LABEL.values()]), ""]
-        seeds.update({f"{n}{tag}": sorted(x) for n, x in sruns.items()})
+        seeds.update({n: sorted(x) for n, x in sruns.items()})
     md += ["## Runs", "", markdown_table([{"run": n, "seeds": ",".join(map(str, s))}
                                           for n, s in sorted(seeds.items())],
                                          ["run", "seeds"]), ""]
@@ -227,7 +228,7 @@ def main(argv=None) -> None:
             sens[tag] = (aggregate(sruns)[0], sruns)
     args.out.mkdir(parents=True, exist_ok=True)
     copies = dict(runs)
-    copies.update({f"{n}{tag}": r for tag, (_, sr) in sens.items() for n, r in sr.items()})
+    copies.update({n: r for _, sr in sens.values() for n, r in sr.items()})
     for name, seeds in copies.items():
         for seed in seeds:
             src = args.study / name / f"seed_{seed}"

@@ -45,6 +45,7 @@ TOY = {
     "rl.problems_per_level": 8, "rl.iterations": 2, "rl.prompts_per_iteration": 4,
     "rl.samples_per_prompt": 4, "rl.max_new_tokens": 24, "rl.eval_problems": 4,
     "rerank.problems_per_level": 4, "rerank.max_n": 8, "rerank.num_subsets": 3,
+    "eva.prompts_per_level": 2, "eva.samples": 3, "eva.eval_problems": 2,
 }
 
 
@@ -82,7 +83,12 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     kinds = {(r["evaluator"], r["kind"]) for r in results["evaluators"]["rows"]}
     assert ("prm", "step_auc") in kinds and ("orm", "outcome_auc") in kinds
     report = (out / "report.md").read_text()
-    for fig in ("sft_loss.png", "accuracy_by_level.png", "rerank_accuracy_vs_n.png"):
+    eva = results["eva"]["rows"]
+    assert {(r["variant"], r["metric"]) for r in eva} >= {("eva", "winrate"), ("eva", "hard_acc")}
+    assert all(r["ci_low"] <= r["mean"] <= r["ci_high"] for r in eva)
+    assert {r["iteration"] for r in results["eva_pool"]["rows"]} == {0, 1, 2}
+    for fig in ("sft_loss.png", "accuracy_by_level.png", "rerank_accuracy_vs_n.png",
+                "eva_pool_levels.png"):
         assert f"figures/{fig}" in report and (out / "figures" / fig).exists()
     assert (out / "metrics.jsonl").exists() and (out / "tensorboard").exists()
 

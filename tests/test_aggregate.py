@@ -90,10 +90,24 @@ def test_rl_rows_average_wall_s_over_seeds_and_report_table2(tmp_path):
     rows = agg["rl"]["rows"]
     assert len(rows) == 6
     hard = next(r for r in rows if r["method"] == "grpo_prm" and r["split"] == "hard")
-    assert set(hard) == {"method", "split", "mean", "std", "seeds", "values", "wall_s"}
+    assert set(hard) == {"method", "split", "mean", "std", "seeds", "values", "wall_s",
+                         "wall_s_values"}
     assert hard["seeds"] == 3 and hard["wall_s"] == pytest.approx(80.0)
     assert hard["mean"] == pytest.approx(0.3) and hard["std"] == pytest.approx(np.std([.2, .3, .4]))
     report = (tmp_path / "agg" / "report.md").read_text()
     assert "Table 2 layout" in report
     assert "| GRPO, all problems + PRM | easy | all | 30.0 ± 8.2 | 30.0 ± 8.2 | 30.0 ± 8.2 | 80 |" \
         in report
+
+
+def test_ci_bounds_are_values_not_keys():
+    """The eva stage's rows carry a per-run bootstrap interval: runs of one key still group."""
+    def row(mean, lo, hi):
+        return {"loss": "dpo", "variant": "eva", "informativeness": "gap", "metric": "winrate",
+                "mean": mean, "std": 0.0, "ci_low": lo, "ci_high": hi, "seeds": 1}
+    rows = aggregate_rows([[row(0.5, 0.4, 0.6)], [row(0.7, 0.6, 0.8)]])
+    assert len(rows) == 1
+    (r,) = rows
+    assert r["seeds"] == 2 and r["mean"] == pytest.approx(0.6) and r["std"] == pytest.approx(0.1)
+    assert r["ci_low"] == pytest.approx(0.5) and r["ci_high"] == pytest.approx(0.7)
+    assert r["ci_low_values"] == "0.4,0.6" and r["ci_high_values"] == "0.6,0.8"

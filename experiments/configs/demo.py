@@ -14,7 +14,7 @@ def get_config() -> ConfigDict:
     c = ConfigDict()
     c.name = "scalign demo: easy-to-hard on stepmath (CPU)"
     c.seed = 0
-    c.stages = ("data", "sft", "evaluate", "reward_models", "rl", "rerank", "report")
+    c.stages = ("data", "sft", "evaluate", "reward_models", "rl", "eva", "rerank", "report")
     c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
     c.data = ConfigDict()
@@ -77,6 +77,7 @@ def get_config() -> ConfigDict:
     # "policy": the evaluators start from the SFT policy (Sun et al. 2024); "init": a fresh
     # backbone; "blind": their own backbone SFT'd with the goal hidden (stages/reward_models.py)
     c.reward_models.backbone = "policy"
+    c.reward_models.prm_label_span = "end"  # "end" | "around" | "step" (e2h's every-token BCE)
     c.reward_models.train = ConfigDict()
     c.reward_models.train.steps = 150
     c.reward_models.train.batch_size = 32
@@ -124,6 +125,30 @@ def get_config() -> ConfigDict:
     c.rerank.score_batch_size = 256
     c.rerank.aggregations = ("min", "prod", "mean", "max", "last")
     c.rerank.plot_aggregation = "prod"
+
+    # eva (Ye et al. 2024), short: 2 iterations of asymmetric self-play with DPO from the SFT
+    # policy on easy prompts, verifier reward; judged against the SFT policy. The study is
+    # experiments/configs/eva_stepmath.py. Leaves `policy` untouched (its policy: `eva_policy`).
+    c.eva = ConfigDict()
+    c.eva.loss = "dpo"
+    c.eva.hparams = ConfigDict({"beta": 0.1})
+    c.eva.variant = "eva"
+    c.eva.informativeness = "gap"
+    c.eva.levels = (1, 2, 3)
+    c.eva.prompts_per_level = 8
+    c.eva.iterations = 2
+    c.eva.samples = 4
+    c.eva.max_new_tokens = 40
+    c.eva.batch_size = 8
+    c.eva.updates = 2
+    c.eva.seq_len = 72
+    c.eva.optimizer = ConfigDict({"learning_rate": 3e-5, "schedule": "constant",
+                                  "weight_decay": 0.0})
+    c.eva.eval_levels = (1, 2, 3, 4, 5)
+    c.eva.hard_levels = (4, 5)
+    c.eva.eval_problems = 20
+    c.eva.eval_samples = 2
+    c.eva.progress = False
 
     c.debug = ConfigDict({"stop_after_steps": placeholder(int), "nan_at_step": placeholder(int)})
     return c

@@ -11,9 +11,11 @@ separately, `python -m scalign.aggregate RUN_DIR ... --out DIR`). The aggregate
      "seeds": number of runs, "values": "v_0,v_1,..." (per seed, in run order)}
 
 where the per-seed number is the row's `value` (or `mean`, for rows that already average over
-sample subsets, such as `rerank`). Key fields are every field except the number and the
-bookkeeping counts (`std`, `seeds`, `problems`, `count`) and the measured side numbers
-(`wall_s`), which are averaged over the runs that have them. `report.md` shows the rerank
+sample subsets, such as `rerank`). Key fields are every field except the number, the
+bookkeeping counts (`std`, `seeds`, `problems`, `count`) and the per-run side numbers that
+travel with a row's number without identifying it -- the measured `wall_s` (RL) and the
+bootstrap interval bounds `ci_low` / `ci_high` (eva): the aggregate row has their mean over the
+runs that have them and each run's in `<field>_values`. `report.md` shows the rerank
 table in the layout of Sun et al. (2024), Table 1, accuracy vs N per split, accuracy by level,
 the evaluators' AUCs and the RL table in the layout of Table 2, each as mean ± std over seeds.
 """
@@ -33,8 +35,9 @@ from scalign.reporting import markdown_table, panels_plot
 
 _NUMBER_FIELDS = ("value", "mean")
 _COUNT_FIELDS = ("std", "seeds", "problems", "count")
-#: measured side numbers of a row (not part of its key): averaged over runs like the number
-_AVERAGED_FIELDS = ("wall_s",)
+#: per-run side numbers of a row (not part of its key): averaged over runs, each run's value
+#: kept in "<field>_values"
+_AVERAGED_FIELDS = ("wall_s", "ci_low", "ci_high")
 
 
 def _key(row: dict[str, Any], number: str) -> tuple[tuple[str, Any], ...]:
@@ -67,9 +70,12 @@ def aggregate_rows(per_run: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str
     out = []
     for key in order:
         vals = np.asarray(groups[key], np.float64)
-        out.append({**dict(key), "mean": float(vals.mean()), "std": float(vals.std()),
-                    "seeds": int(vals.size), "values": ",".join(f"{v:.6g}" for v in vals),
-                    **{f: float(np.mean(v)) for f, v in side.get(key, {}).items()}})
+        agg = {**dict(key), "mean": float(vals.mean()), "std": float(vals.std()),
+               "seeds": int(vals.size), "values": ",".join(f"{v:.6g}" for v in vals)}
+        for f, xs in side.get(key, {}).items():
+            agg[f] = float(np.mean(xs))
+            agg[f"{f}_values"] = ",".join(f"{v:.6g}" for v in xs)
+        out.append(agg)
     return out
 
 

@@ -45,6 +45,7 @@ TOY = {
     "rl.problems_per_level": 8, "rl.iterations": 2, "rl.prompts_per_iteration": 4,
     "rl.samples_per_prompt": 4, "rl.max_new_tokens": 24, "rl.eval_problems": 4,
     "rerank.problems_per_level": 4, "rerank.max_n": 8, "rerank.num_subsets": 3,
+    "eva.prompts_per_level": 2, "eva.samples": 3, "eva.eval_problems": 2,
 }
 
 
@@ -82,7 +83,12 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     kinds = {(r["evaluator"], r["kind"]) for r in results["evaluators"]["rows"]}
     assert ("prm", "step_auc") in kinds and ("orm", "outcome_auc") in kinds
     report = (out / "report.md").read_text()
-    for fig in ("sft_loss.png", "accuracy_by_level.png", "rerank_accuracy_vs_n.png"):
+    eva = results["eva"]["rows"]
+    assert {(r["variant"], r["metric"]) for r in eva} >= {("eva", "winrate"), ("eva", "hard_acc")}
+    assert all(r["ci_low"] <= r["mean"] <= r["ci_high"] for r in eva)
+    assert {r["iteration"] for r in results["eva_pool"]["rows"]} == {0, 1, 2}
+    for fig in ("sft_loss.png", "accuracy_by_level.png", "rerank_accuracy_vs_n.png",
+                "eva_pool_levels.png"):
         assert f"figures/{fig}" in report and (out / "figures" / fig).exists()
     assert (out / "metrics.jsonl").exists() and (out / "tensorboard").exists()
 
@@ -133,3 +139,26 @@ def test_launcher_seeds_runs_each_seed_and_aggregates(tmp_path):
     assert row["seeds"] == 2
     assert row["mean"] == pytest.approx(np.mean(list(per_seed.values())))
     assert "SFT policy by level" in (work / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_blind_backbone_is_trained_on_goal_hidden_demos_and_reloaded(tmp_path):
+    """reward_models.backbone='blind': the evaluators' own backbone, SFT'd (config.sft recipe)
+    on the reward levels' demonstrations with the goal hidden; saved once, reloaded on resume."""
+    toy = {**TOY, "stages": ("data", "sft", "reward_models"), "reward_models.backbone": "blind",
+           "reward_models.evaluators": ("prm",)}
+    cfg = _demo(**toy)
+    experiment.run(cfg, tmp_path / "run")
+    out = tmp_path / "run"
+    _, blind, meta = load_model(out / "stages" / "reward_models" / "backbone")
+    _, policy, _ = load_model(out / "stages" / "sft" / "policy")
+    assert meta["kind"] == "blind_backbone"
+    # its own weights: not the policy's, and the PRM's backbone starts from them
+    pairs = zip(jax.tree.leaves(blind), jax.tree.leaves(policy), strict=True)
+    assert not all(np.allclose(a, b) for a, b in pairs)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in metrics if m.get("stage") == "rm_backbone" and "loss" in m]
+    assert steps and max(steps) == cfg.sft.steps
+    rows = {r["metric"]: r["value"] for r in
+            json.loads((out / "results.json").read_text())["reward_models"]["rows"]}
+    assert "backbone_final_loss" in rows and "prm_final_loss" in rows

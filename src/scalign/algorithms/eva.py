@@ -51,7 +51,8 @@ import jax
 import numpy as np
 
 from scalign.algorithms.evolve import evolve_chain
-from scalign.algorithms.loop import host_rng, preference_batch
+from scalign.algorithms.loop import host_rng, pack_rollout, pair_batches, sequence_log_probs
+from scalign.objectives.preference import REFERENCE_FREE
 
 METRICS = ("gap", "maxmean", "var", "mean", "mean_inv", "loo", "loo_abs", "dts", "uniform")
 SELECTIONS = ("importance_weighted", "greedy", "stratified")
@@ -171,6 +172,24 @@ def mix_prompts(evolved: Sequence[int], current: Sequence[int], total: int,
     return [int(i) for i in pick_e] + [int(i) for i in pick_c]
 
 
+def update_order(n_pairs: int, rows: int, updates: int | None, rng: np.random.Generator
+                 ) -> np.ndarray:
+    """The order in which an iteration's pairs are fed to the preference steps (indices into
+    the pairs, cut into batches of `rows` by `loop.pair_batches`): a shuffle of all of them
+    (updates=None: one pass, ceil(n / rows) steps), or exactly `updates * rows` indices made
+    of consecutive independent shuffles, truncated (updates=u: exactly u full steps, each pair
+    used floor or ceil of u * rows / n times). Empty when there are no pairs."""
+    if n_pairs == 0:
+        return np.zeros(0, np.int64)
+    if updates is None:
+        return rng.permutation(n_pairs).astype(np.int64)
+    if updates < 1:
+        raise ValueError(f"updates must be >= 1 or None, got {updates}")
+    need = updates * rows
+    reps = -(-need // n_pairs)
+    return np.concatenate([rng.permutation(n_pairs) for _ in range(reps)])[:need].astype(np.int64)
+
+
 # ============================================================================ the solver loop
 def bradley_terry_win_rates(rewards: np.ndarray) -> np.ndarray:
     """P-hat(y_i beats another sample of its prompt) = mean_{j != i} sigmoid(r_i - r_j), [P, K]
@@ -192,6 +211,10 @@ class EvaConfig:
     the fixed-prompt baseline (same updates, same start, no creator).
     min_gap: pairs need a reward gap above this. rows: pairs per preference step (batches are
     padded to it). width: token length of a pair row (prompt + response).
+    updates: preference steps per iteration. None: one pass over the iteration's pairs (the
+    count then varies with how many prompts have a reward gap); an int fixes it, cycling
+    through reshuffled pairs (or taking the first `updates * rows` of a shuffle), so eva and
+    the fixed-prompt baseline take exactly the same number of updates (`update_order`).
     """
 
     samples: int = 6
@@ -208,6 +231,7 @@ class EvaConfig:
     rows: int = 8
     width: int = 128
     pad_id: int = 0
+    updates: int | None = None
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -311,33 +335,36 @@ class EvaIteration:
                                  for n, i in enumerate(fresh)})
             metrics.update(selected=float(len(chosen)), evolved=float(len(new_ids)),
                            evolved_in_train=float(sum(i not in active for i in train_ids)))
-        # pairs over the training set
+        # pairs over the training set: rows p * K + j of the packed rollout
+        K = c.samples
         P_prompts = [rollouts[i][0] for i in train_ids]
         tokens = np.stack([rollouts[i][1] for i in train_ids])
         lengths = np.stack([rollouts[i][2] for i in train_ids])
         train_rewards = np.stack([rollouts[i][3] for i in train_ids])
-        pairs = preference_pairs(train_rewards, c.min_gap)
-        metrics["pairs"] = float(len(pairs))
-        if pairs:
-            win = bradley_terry_win_rates(train_rewards)
-            batches = preference_batch(P_prompts, tokens, lengths, pairs, pad_id=c.pad_id,
-                                       width=c.width, rows=c.rows)
+        triples = preference_pairs(train_rewards, c.min_gap)
+        metrics["pairs"] = float(len(triples))
+        metrics["train_reward_mean"] = float(train_rewards.mean())
+        if triples:
+            packed = pack_rollout(P_prompts, tokens, lengths, pad_id=c.pad_id, width=c.width)
+            pairs = [(p * K + ch, p * K + rj) for p, ch, rj in triples]
+            ref = None
+            if self.loss_kind not in REFERENCE_FREE:
+                # one reference forward over the whole rollout (fixed shape), shared by all
+                ref = sequence_log_probs(loop, packed["tokens"], packed["response_mask"])
+            extras = None
+            if self.loss_kind == "sppo":
+                win = bradley_terry_win_rates(train_rewards)
+                extras = {"chosen_win_rate": np.asarray([win[p, ch] for p, ch, _ in triples]),
+                          "rejected_win_rate": np.asarray([win[p, rj] for p, _, rj in triples])}
+            batches = pair_batches(packed["tokens"], packed["response_mask"], pairs,
+                                   rows=c.rows, order=update_order(len(pairs), c.rows,
+                                                                   c.updates, rng),
+                                   ref_logps=ref, extras=extras)
             losses = []
             for b in batches:
-                idx = np.maximum(b.pop("pair_index"), 0)
-                if self.loss_kind not in ("simpo", "orpo"):
-                    both = np.concatenate([b["chosen_tokens"], b["rejected_tokens"]])
-                    mask = np.concatenate([b["chosen_mask"], b["rejected_mask"]])
-                    ref = (loop.log_probs(both, "reference") * mask).sum(-1)
-                    b["ref_chosen_logps"] = ref[:c.rows].astype(np.float32)
-                    b["ref_rejected_logps"] = ref[c.rows:].astype(np.float32)
-                if self.loss_kind == "sppo":
-                    b["chosen_win_rate"] = np.asarray(
-                        [win[pairs[i][0], pairs[i][1]] for i in idx], np.float32)
-                    b["rejected_win_rate"] = np.asarray(
-                        [win[pairs[i][0], pairs[i][2]] for i in idx], np.float32)
-                m = loop.update(b)
-                losses.append(m["loss"])
+                b.pop("pair_index")
+                losses.append(loop.update(b)["loss"])
             metrics["loss"] = float(np.mean([float(x) for x in losses]))
+            metrics["updates"] = float(len(batches))
         loop.pool.set_active(train_ids)
         return metrics

@@ -7,9 +7,9 @@ One iteration (`IterativeDPO.__call__(loop, k, key)`):
         without a PRM) + correctness_weight x answer correctness where known (easy problems)
     pairs per problem: best vs worst, 2nd best vs 2nd worst, ... while the score gap exceeds
         `gap_threshold`, at most `max_pairs_per_problem` (3), never two identical completions
-    reference log-probs of every sample precomputed once (`loop.log_probs(..., "reference")`,
-        TRL #2421's memory saving) and handed to the loss as `ref_chosen_logps` /
-        `ref_rejected_logps`
+    reference log-probs of every sample precomputed once, one forward over the rollout
+        (`loop.sequence_log_probs`, TRL #2421's memory saving), handed to the loss as
+        `ref_chosen_logps` / `ref_rejected_logps` by the shared `loop.pair_batches`
     DPO steps (`objectives.preference.make_preference_loss("dpo")`), `batch_size` pairs per step
         (the last one padded with weight-0 pairs), for `epochs` passes
 """
@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from scalign import parallel
-from scalign.algorithms.loop import OnlineLoop, host_rng
+from scalign.algorithms.loop import OnlineLoop, host_rng, pair_batches, sequence_log_probs
 from scalign.algorithms.rollout import RewardFn, RolloutSpec, collect, mean_metrics, record
 from scalign.models.config import ModelConfig
 from scalign.objectives.preference import make_preference_loss
@@ -97,22 +97,13 @@ class IterativeDPO:
         tokens, mask = ro.batch["tokens"], ro.batch["response_mask"]
         metrics = []
         if pairs:
-            ref = (loop.log_probs(tokens, "reference") * mask).sum(-1).astype(np.float32)
-            pairs_arr = np.asarray(pairs)
+            ref = sequence_log_probs(loop, tokens, mask, "reference")
             rng = host_rng(jax.random.fold_in(key, 3))
             for _ in range(cfg.epochs):
-                order = rng.permutation(len(pairs))
-                for s in range(0, order.size, cfg.batch_size):
-                    part = order[s:s + cfg.batch_size]
-                    weight = np.zeros(cfg.batch_size, np.float32)
-                    weight[:part.size] = 1.0
-                    idx = np.concatenate([part, np.full(cfg.batch_size - part.size, part[0])])
-                    c, r = pairs_arr[idx, 0], pairs_arr[idx, 1]
-                    metrics.append(loop.update({
-                        "chosen_tokens": tokens[c], "chosen_mask": mask[c],
-                        "rejected_tokens": tokens[r], "rejected_mask": mask[r],
-                        "ref_chosen_logps": ref[c], "ref_rejected_logps": ref[r],
-                        "weight": weight}))
+                for batch in pair_batches(tokens, mask, pairs, rows=cfg.batch_size,
+                                          order=rng.permutation(len(pairs)), ref_logps=ref):
+                    batch.pop("pair_index")
+                    metrics.append(loop.update(batch))
         loop.pool.record(ro.ids, "num_pairs",
                          np.bincount(np.asarray([c // N for c, _ in pairs], np.int64),
                                      minlength=P))

@@ -615,35 +615,68 @@ class OnlineLoop:
         return self.history
 
 
-def preference_batch(prompts: Sequence[Sequence[int]], completions: np.ndarray,
-                     lengths: np.ndarray, pairs: Sequence[tuple[int, int, int]], *,
-                     pad_id: int, width: int, rows: int) -> list[dict[str, np.ndarray]]:
-    """Preference batches (the layout of `objectives.preference.make_preference_loss`) from
-    sampled completions: pair (p, c, r) is prompt p's sample c (chosen) against sample r
-    (rejected). Pairs are cut into batches of exactly `rows` rows, the last one padded with
-    weight-0 copies of its first row, so every batch has one shape (no recompiles).
+def sequence_log_probs(loop: OnlineLoop, tokens: np.ndarray, mask: np.ndarray,
+                       which: str | Any = "reference") -> np.ndarray:
+    """Per-row sums of masked token log-probs, float32 [R], of packed rows `tokens` / `mask`
+    [R, T] (`pack_rollout`) under `which` ("reference", "policy" or params): ONE forward
+    over all rows (padded with copies of row 0 to a multiple of data x fsdp, so the shape,
+    and the compiled program, depends only on R)."""
+    tokens = np.asarray(tokens, np.int32)
+    mask = np.asarray(mask, np.float32)
+    R = tokens.shape[0]
+    div = parallel.batch_divisor(loop.mesh)
+    pad = (-R) % div
+    if pad:
+        tokens = np.concatenate([tokens, np.repeat(tokens[:1], pad, 0)])
+    lp = loop.log_probs(tokens, which)[:R]
+    return (lp * mask).sum(-1).astype(np.float32)
 
-    Each batch: chosen_tokens / rejected_tokens int32 [rows, width], chosen_mask /
-    rejected_mask float32 [rows, width] (1 on response tokens), weight float32 [rows],
-    pair_index int32 [rows] (index into `pairs`, -1 on padding).
+
+def pair_batches(tokens: np.ndarray, mask: np.ndarray, pairs: Sequence[tuple[int, int]], *,
+                 rows: int, order: Sequence[int] | None = None,
+                 ref_logps: np.ndarray | None = None,
+                 extras: dict[str, np.ndarray] | None = None) -> list[dict[str, np.ndarray]]:
+    """Preference batches (the layout of `objectives.preference.make_preference_loss`) from
+    packed rollout rows: pair (c, r) is row c (chosen) against row r (rejected) of `tokens` /
+    `mask` [R, T]. The one pairing helper of iterative DPO and eva.
+
+    Pairs are taken in `order` (indices into `pairs`, repeats allowed; default 0..n-1) and cut
+    into batches of exactly `rows` rows, the last one padded with weight-0 copies of its first
+    row, so every batch has one shape (no recompiles).
+
+    `ref_logps` [R]: reference log-prob sums per packed row (`sequence_log_probs`, computed
+    once for the whole rollout and shared by every epoch and batch); when given, batches carry
+    `ref_chosen_logps` / `ref_rejected_logps` and the loss runs no reference forward.
+    `extras`: per-pair arrays [len(pairs)] copied into each batch under their names (e.g.
+    SPPO's `chosen_win_rate`).
+
+    Each batch: chosen_tokens / rejected_tokens int32 [rows, T], chosen_mask / rejected_mask
+    float32 [rows, T], weight float32 [rows], pair_index int32 [rows] (index into `pairs`,
+    -1 on padding) and the optional keys above.
     """
     if rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}")
-    packed = pack_rollout(prompts, completions, lengths, pad_id=pad_id, width=width)
-    N = np.asarray(completions).shape[1]
+    pairs_arr = np.asarray(pairs, np.int64).reshape(-1, 2)
+    order = np.arange(len(pairs_arr)) if order is None else np.asarray(order, np.int64)
+    if order.size and (order.min() < 0 or order.max() >= len(pairs_arr)):
+        raise ValueError(f"order indexes pairs outside 0..{len(pairs_arr) - 1}")
     out = []
-    for s in range(0, len(pairs), rows):
-        chunk = list(pairs[s:s + rows])
-        real = len(chunk)
-        chunk += [chunk[0]] * (rows - real)
-        c_rows = np.asarray([p * N + c for p, c, _ in chunk])
-        r_rows = np.asarray([p * N + r for p, _, r in chunk])
-        out.append({
-            "chosen_tokens": packed["tokens"][c_rows],
-            "chosen_mask": packed["response_mask"][c_rows],
-            "rejected_tokens": packed["tokens"][r_rows],
-            "rejected_mask": packed["response_mask"][r_rows],
-            "weight": (np.arange(rows) < real).astype(np.float32),
-            "pair_index": np.where(np.arange(rows) < real, s + np.arange(rows), -1
-                                   ).astype(np.int32)})
+    for s in range(0, order.size, rows):
+        part = order[s:s + rows]
+        real = part.size
+        idx = np.concatenate([part, np.full(rows - real, part[0], np.int64)])
+        c, r = pairs_arr[idx, 0], pairs_arr[idx, 1]
+        real_mask = np.arange(rows) < real
+        batch = {"chosen_tokens": np.asarray(tokens[c], np.int32),
+                 "chosen_mask": np.asarray(mask[c], np.float32),
+                 "rejected_tokens": np.asarray(tokens[r], np.int32),
+                 "rejected_mask": np.asarray(mask[r], np.float32),
+                 "weight": real_mask.astype(np.float32),
+                 "pair_index": np.where(real_mask, idx, -1).astype(np.int32)}
+        if ref_logps is not None:
+            batch["ref_chosen_logps"] = np.asarray(ref_logps, np.float32)[c]
+            batch["ref_rejected_logps"] = np.asarray(ref_logps, np.float32)[r]
+        for name, values in (extras or {}).items():
+            batch[name] = np.asarray(values, np.float32)[idx]
+        out.append(batch)
     return out

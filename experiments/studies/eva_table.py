@@ -67,7 +67,7 @@ def collect(study: Path, suffix: str = "") -> dict[str, dict[int, dict]]:
             continue
         for s in sorted(d.glob("seed_*")):
             f = s / "results.json"
-            if f.exists():
+            if f.exists() and (s / "report.md").exists():  # finished (the report is last)
                 res = json.loads(f.read_text())
                 if res.get("eva", {}).get("rows"):
                     runs.setdefault(d.name, {})[int(s.name.split("_")[1])] = res

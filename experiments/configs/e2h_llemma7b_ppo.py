@@ -34,19 +34,17 @@ for 8 devices and its PPO policy and value steps lower from abstract shapes on a
 mesh (tests/stages/test_e2h_llemma_ppo_config.py); nothing has run on a TPU.
 """
 
-import importlib.util
 import os
 
 from ml_collections import ConfigDict
+
+from scalign.experiment import load_config_file
 
 _BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2h_llemma7b_prm800k.py")
 
 
 def _base_config() -> ConfigDict:
-    spec = importlib.util.spec_from_file_location("scalign_e2h_llemma7b_prm800k", _BASE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(_BASE)
 
 
 def get_config() -> ConfigDict:

@@ -48,20 +48,18 @@ on reach4 the easy-trained PRM gives the last step ~0.28 on every sample (outcom
 so its shaping and acceptance carry little signal about correctness on hard problems.
 """
 
-import importlib.util
 import os
 
 from ml_collections import ConfigDict
+
+from scalign.experiment import load_config_file
 
 _DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
 METHODS = ("rest_em", "iterative_dpo", "ppo_answers", "ppo_prm", "grpo_answers", "grpo_prm")
 
 
 def _demo_config() -> ConfigDict:
-    spec = importlib.util.spec_from_file_location("scalign_demo_config", _DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(_DEMO)
 
 
 def get_config(methods: str = ",".join(METHODS)) -> ConfigDict:

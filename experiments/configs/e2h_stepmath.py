@@ -21,25 +21,25 @@ seeds to `runs/e2h_stepmath/report.md` (`scalign.aggregate`). About 13 minutes p
 2-core CPU.
 """
 
-import importlib.util
 import os
 
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
 
+from scalign.experiment import load_config_file
+
 _DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
 
 
 def _demo_config() -> ConfigDict:
-    spec = importlib.util.spec_from_file_location("scalign_demo_config", _DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(_DEMO)
 
 
 def get_config() -> ConfigDict:
     c = _demo_config()
     c.name = "easy-to-hard re-ranking on stepmath (CPU study)"
+    # the re-ranking study: the demo's stages without its short rl / eva demonstrations
+    c.stages = ("data", "sft", "evaluate", "reward_models", "rerank", "report")
 
     c.evaluate.pass_problems = 100
 

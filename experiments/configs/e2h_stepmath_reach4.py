@@ -12,19 +12,17 @@ shared 2-core CPU: 800 easy problems per level x 8 labelled samples for the eval
 study: 1500), 100 test problems per level (200 hard problems) x 64 samples, 20 subsets per N.
 """
 
-import importlib.util
 import os
 
 from ml_collections import ConfigDict
+
+from scalign.experiment import load_config_file
 
 _BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2h_stepmath.py")
 
 
 def get_config() -> ConfigDict:
-    spec = importlib.util.spec_from_file_location("scalign_e2h_config", _BASE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = load_config_file(_BASE)
     c.name = "easy-to-hard re-ranking on stepmath reach4 (CPU, reduced)"
     c.data.design = "reach4"
     c.sft.steps = 1200           # the run committed with this config (the demo now uses 2000)

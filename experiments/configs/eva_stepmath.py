@@ -39,12 +39,12 @@ Settings (one rule each, fixed before any eva run):
   bootstrap 95% CIs over problems.
 """
 
-import importlib.util
 import os
 
 from ml_collections import ConfigDict
 
 from scalign.algorithms.eva import METRICS
+from scalign.experiment import load_config_file
 from scalign.objectives.preference import LOSSES
 
 _DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
@@ -53,10 +53,7 @@ SFT_STEPS = 1200
 
 
 def _demo_config() -> ConfigDict:
-    spec = importlib.util.spec_from_file_location("scalign_demo_config", _DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(_DEMO)
 
 
 def parse(arg: str) -> tuple[str, str, str]:

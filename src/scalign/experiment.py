@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -56,6 +57,23 @@ from scalign.stages.base import (  # noqa: F401  (re-exported: the public names 
 )
 from scalign.training.metrics import MetricsWriter
 from scalign.utils import is_main_process
+
+
+def load_config_file(path: str | os.PathLike, arg: str | None = None
+                     ) -> ml_collections.ConfigDict:
+    """`get_config()` (or `get_config(arg)`) of a config file, as the launcher reads it.
+
+    Configs that build on another config (`e2h_stepmath.py` on `demo.py`) and tests load
+    config files through this one function.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path} not found")
+    name = "scalign_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
 
 
 def registered_stages() -> dict[str, type[Stage]]:

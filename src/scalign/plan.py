@@ -66,7 +66,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import importlib.util
 import os
 import re
 import sys
@@ -233,13 +232,10 @@ def gathered_bytes(model, params, mesh_shape: dict[str, int], lm_head: bool = Tr
 # ============================================================================ config
 def load_config(spec: str, sets: list[str] | tuple[str, ...] = ()):
     """`get_config()` of a config file (`file.py` or `file.py:arg`), with `--set` overrides."""
+    from scalign.experiment import load_config_file
+
     path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("scalign_plan_config", path)
-    if module_spec is None or module_spec.loader is None or not os.path.exists(path):
-        raise FileNotFoundError(f"config file {path} not found")
-    mod = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(mod)
-    config = mod.get_config(arg) if arg else mod.get_config()
+    config = load_config_file(path, arg or None)
     apply_overrides(config, sets)
     return config
 

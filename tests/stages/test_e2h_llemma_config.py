@@ -12,7 +12,6 @@ lowering takes ~0.5 s of CPU and compiling ~7 s (unrolled: ~4.5 s and ~38 s; see
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import re
 import resource
@@ -26,6 +25,7 @@ import numpy as np
 import pytest
 
 from scalign import experiment, parallel
+from scalign.experiment import load_config_file
 from scalign.models import presets
 from scalign.models.convert.hf import config_from_hf, config_to_hf
 from scalign.models.heads import add_scalar_head
@@ -45,10 +45,7 @@ GiB = 2**30
 
 
 def load_config() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("e2h_llemma7b_prm800k", CONFIG)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return load_config_file(CONFIG)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ AdamW state sharded over fsdp, the state donated, [64, 768] minibatches. Lowerin
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import resource
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 
 from scalign import experiment, parallel
+from scalign.experiment import load_config_file
 from scalign.models import presets
 from scalign.models.convert.hf import config_to_hf
 from scalign.models.heads import add_scalar_head, scalar_head_logical_axes
@@ -38,10 +38,7 @@ GiB = 2**30
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("e2h_llemma7b_ppo", CONFIG)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = load_config_file(CONFIG)
     folder = tmp_path_factory.mktemp("llemma_7b")  # what validation reads of the HF folder
     (folder / "config.json").write_text(json.dumps(config_to_hf(presets.get("llemma_7b"))))
     (folder / "tokenizer.model").write_bytes(b"validation only checks that it exists")

@@ -7,7 +7,6 @@ donated, the scanned rematerialised layers, a batch of `config.eva.batch_size` p
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 from scalign import experiment, parallel
+from scalign.experiment import load_config_file
 from scalign.models import presets
 from scalign.models.convert.hf import config_from_hf, config_to_hf
 from scalign.models.transformer import init_params, param_logical_axes
@@ -32,10 +32,7 @@ CONFIG = ROOT / "experiments" / "configs" / "eva_gemma2_9b_dpo.py"
 
 
 def load_config() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("eva_gemma2_9b_dpo", CONFIG)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return load_config_file(CONFIG)
 
 
 @pytest.fixture(scope="module")

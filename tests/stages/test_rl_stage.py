@@ -4,7 +4,6 @@ toy data -> sft -> reward_models -> rl run of two methods reports Table-2 rows."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from scalign import experiment
 from scalign.algorithms.rest_em import RestEMConfig
 from scalign.evaluation.rl_table import table2
+from scalign.experiment import load_config_file
 from scalign.objectives import policy_gradient as pg
 from scalign.stages.rl import METHODS as STAGE_METHODS
 from scalign.stages.rl import method_plan
@@ -24,10 +24,7 @@ METHODS = ("rest_em", "iterative_dpo", "ppo_answers", "ppo_prm", "grpo_answers",
 
 
 def load(path: Path, *args):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(*args)
+    return load_config_file(path, *args)
 
 
 def load_config(methods: str | None = None):

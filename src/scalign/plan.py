@@ -515,35 +515,6 @@ def _shard_bytes(tree) -> int:
     return total
 
 
-def abstract_state(model, head: bool, optimizer, mesh):
-    """(TrainState of ShapeDtypeStructs carrying their shardings, its sharding tree) of `model`
-    (with a scalar head: a reward / value model), placed as `training.step.init_train_state`
-    places a real one."""
-    import jax
-
-    from scalign import parallel
-    from scalign.models import init_params, param_logical_axes
-    from scalign.models.heads import SCALAR_HEAD, add_scalar_head, scalar_head_logical_axes
-    from scalign.training.state import TrainState
-
-    axes = param_logical_axes(model)
-    if head:
-        axes = {**axes, SCALAR_HEAD: scalar_head_logical_axes()}
-
-    def init(key):
-        p = init_params(model, key)
-        return add_scalar_head(model, p, key) if head else p
-
-    params = jax.eval_shape(init, jax.random.PRNGKey(0))
-    p_sh = parallel.tree_shardings(axes, params, mesh)
-    state = jax.eval_shape(lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)),
-                           params)
-    st_sh = parallel.state_shardings(optimizer, state, p_sh, mesh)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         state, st_sh)
-    return state, st_sh
-
-
 def _make_optimizer(spec: StepSpec):
     from scalign.training.state import OptimizerConfig, make_optimizer
 
@@ -555,17 +526,23 @@ def resident_bytes(spec: StepSpec, policy, reward, mesh) -> dict[str, int]:
     """Bytes per device of each model in `spec.resident` (exact shard sizes): the reference
     (the policy's params on the policy's shardings), a reward model (its params with the
     scalar head), the value state or the policy state (params + AdamW + step + rng)."""
+    from scalign.training.step import abstract_train_state
+
     optimizer = _make_optimizer(spec)
+
+    def state(model, head):
+        return abstract_train_state(model, optimizer, mesh, head=head)[0]
+
     out = {}
     for item in spec.resident:
         if item == "reference":
-            out[item] = _shard_bytes(abstract_state(policy, False, optimizer, mesh)[0].params)
+            out[item] = _shard_bytes(state(policy, False).params)
         elif item.startswith("reward_model:"):
-            out[item] = _shard_bytes(abstract_state(reward, True, optimizer, mesh)[0].params)
+            out[item] = _shard_bytes(state(reward, True).params)
         elif item == "value_state":
-            out[item] = _shard_bytes(abstract_state(reward, True, optimizer, mesh)[0])
+            out[item] = _shard_bytes(state(reward, True))
         elif item == "policy_state":
-            out[item] = _shard_bytes(abstract_state(policy, False, optimizer, mesh)[0])
+            out[item] = _shard_bytes(state(policy, False))
         else:
             raise ValueError(f"unknown resident model {item!r}")
     return out
@@ -623,12 +600,12 @@ def plan_step(spec: StepSpec, model, mesh, *, reward_model=None,
 
     from scalign import parallel
     from scalign.objectives.logprobs import auto_chunk
-    from scalign.training.step import make_train_step
+    from scalign.training.step import abstract_train_state, make_train_step
 
     reward_model = reward_model or model
     m = reward_model if spec.model == "reward" else model
     optimizer = _make_optimizer(spec)
-    state, st_sh = abstract_state(m, spec.kind in ("reward", "value"), optimizer, mesh)
+    state, st_sh = abstract_train_state(m, optimizer, mesh, head=spec.kind in ("reward", "value"))
     loss, shapes = _loss_and_batch(spec, m)
     div = parallel.batch_divisor(mesh)
     A = spec.grad_accum_steps

@@ -13,11 +13,9 @@ import pytest
 
 from scalign import parallel
 from scalign.models import presets
-from scalign.models.heads import add_scalar_head, scalar_head_logical_axes
-from scalign.models.transformer import init_params, param_logical_axes
 from scalign.objectives import policy_gradient as pg
-from scalign.training.state import OptimizerConfig, TrainState, make_optimizer
-from scalign.training.step import make_train_step
+from scalign.training.state import OptimizerConfig, make_optimizer
+from scalign.training.step import abstract_train_state, make_train_step
 
 B, T = 64, 1024   # e2h PPO step batch; prompt + response length
 
@@ -25,28 +23,18 @@ B, T = 64, 1024   # e2h PPO step batch; prompt + response length
 def _abstract_step(kind: str, mesh):
     model = presets.get("llemma_7b").replace(dtype="bfloat16", remat="full")
     optimizer = make_optimizer(OptimizerConfig(learning_rate=2e-5, total_steps=100))
-    axes = param_logical_axes(model)
     if kind == "value":
-        axes = {**axes, "scalar_head": scalar_head_logical_axes()}
-        params = jax.eval_shape(lambda k: add_scalar_head(model, init_params(model, k), k),
-                                jax.random.PRNGKey(0))
         loss = pg.make_value_loss(model)
         keys = ("tokens", "response_mask", "old_values", "returns")
     else:
-        params = jax.eval_shape(lambda k: init_params(model, k), jax.random.PRNGKey(0))
         if kind == "ppo":
             loss = pg.make_ppo_loss(model, pg.PPOConfig(logprob_chunk=128))
             keys = ("tokens", "response_mask", "old_logp", "advantages")
         else:
             loss = pg.make_grpo_loss(model, pg.GRPOConfig(logprob_chunk=128))
             keys = ("tokens", "response_mask", "ref_logp", "advantages")
-    p_sh = parallel.tree_shardings(axes, params, mesh)
-    state = jax.eval_shape(lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)),
-                           params)
-    st_sh = parallel.state_shardings(optimizer, state, p_sh, mesh)
+    state, st_sh = abstract_train_state(model, optimizer, mesh, head=kind == "value")
     step = make_train_step(loss, optimizer, mesh, state_sharding=st_sh, grad_accum_steps=2)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         state, st_sh)
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32 if k == "tokens" else jnp.float32)
              for k in keys}
     return model, step, state, batch

@@ -28,14 +28,12 @@ from scalign import experiment, parallel
 from scalign.experiment import load_config_file
 from scalign.models import presets
 from scalign.models.convert.hf import config_from_hf, config_to_hf
-from scalign.models.heads import add_scalar_head
 from scalign.models.transformer import init_params
 from scalign.objectives.reward import make_reward_loss
 from scalign.stages.common import optimizer_for, training_model
-from scalign.stages.reward_models import _reward_axes, epoch_steps, train_block
+from scalign.stages.reward_models import epoch_steps, train_block
 from scalign.stages.sft import check_shapes
-from scalign.training.state import TrainState
-from scalign.training.step import make_train_step
+from scalign.training.step import abstract_train_state, make_train_step
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "experiments" / "configs" / "e2h_llemma7b_prm800k.py"
@@ -77,19 +75,10 @@ def abstract_step(config, model, mesh):
     train = train_block(config.reward_models.train, EST_RECORDS)
     optimizer, schedule = optimizer_for(train)
 
-    def init(key):
-        return add_scalar_head(model, init_params(model, key), key)
-
-    params = jax.eval_shape(init, jax.random.PRNGKey(0))
-    p_sh = parallel.tree_shardings(_reward_axes(model), params, mesh)
-    state = jax.eval_shape(lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)),
-                           params)
-    st_sh = parallel.state_shardings(optimizer, state, p_sh, mesh)
+    state, st_sh = abstract_train_state(model, optimizer, mesh, head=True)
     step = make_train_step(make_reward_loss(model), optimizer, mesh, state_sharding=st_sh,
                            clip_norm=train.clip_norm,
                            grad_accum_steps=int(train.grad_accum_steps), lr_schedule=schedule)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         state, st_sh)
     B, T = int(train.batch_size), int(train.seq_len)
     batch = {"tokens": jax.ShapeDtypeStruct((B, T), jnp.int32),
              "labels": jax.ShapeDtypeStruct((B, T), jnp.float32),

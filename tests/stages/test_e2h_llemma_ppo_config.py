@@ -23,13 +23,11 @@ from scalign import experiment, parallel
 from scalign.experiment import load_config_file
 from scalign.models import presets
 from scalign.models.convert.hf import config_to_hf
-from scalign.models.heads import add_scalar_head, scalar_head_logical_axes
-from scalign.models.transformer import init_params, param_logical_axes
 from scalign.objectives import policy_gradient as pg
 from scalign.stages.common import training_model
 from scalign.stages.rl import method_plan
-from scalign.training.state import OptimizerConfig, TrainState, make_optimizer
-from scalign.training.step import make_train_step
+from scalign.training.state import OptimizerConfig, make_optimizer
+from scalign.training.step import abstract_train_state, make_train_step
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "experiments" / "configs" / "e2h_llemma7b_ppo.py"
@@ -79,24 +77,14 @@ def _abstract_step(config, kind: str, mesh):
     model = training_model(model, config.rl)
     optimizer = make_optimizer(OptimizerConfig.from_config(
         {**plan.optimizer, "total_steps": plan.iterations * 8}))
-    axes = param_logical_axes(model)
     if kind == "value":
-        axes = {**axes, "scalar_head": scalar_head_logical_axes()}
-        params = jax.eval_shape(lambda k: add_scalar_head(model, init_params(model, k), k),
-                                jax.random.PRNGKey(0))
         loss = pg.make_value_loss(model, plan.hparams)
         keys = ("tokens", "response_mask", "old_values", "returns")
     else:
-        params = jax.eval_shape(lambda k: init_params(model, k), jax.random.PRNGKey(0))
         loss = pg.make_ppo_loss(model, plan.hparams)
         keys = ("tokens", "response_mask", "old_logp", "advantages")
-    p_sh = parallel.tree_shardings(axes, params, mesh)
-    state = jax.eval_shape(lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)),
-                           params)
-    st_sh = parallel.state_shardings(optimizer, state, p_sh, mesh)
+    state, st_sh = abstract_train_state(model, optimizer, mesh, head=kind == "value")
     step = make_train_step(loss, optimizer, mesh, state_sharding=st_sh, clip_norm=1.0)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         state, st_sh)
     rows = (config.rl.prompts_per_iteration * config.rl.samples_per_prompt
             // plan.hparams.minibatches)
     batch = {k: jax.ShapeDtypeStruct((rows, int(config.rl.seq_len)),

@@ -20,12 +20,11 @@ from scalign import experiment, parallel
 from scalign.experiment import load_config_file
 from scalign.models import presets
 from scalign.models.convert.hf import config_from_hf, config_to_hf
-from scalign.models.transformer import init_params, param_logical_axes
 from scalign.objectives.preference import make_preference_loss
 from scalign.stages.common import training_model
 from scalign.stages.eva import optimizer_config
-from scalign.training.state import TrainState, make_optimizer
-from scalign.training.step import make_train_step
+from scalign.training.state import make_optimizer
+from scalign.training.step import abstract_train_state, make_train_step
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "experiments" / "configs" / "eva_gemma2_9b_dpo.py"
@@ -85,15 +84,9 @@ def test_dpo_step_lowers_for_gemma2_9b_on_a_fake_8_device_mesh(config, hf_folder
     model = training_model(model.replace(dtype=config.checkpoint.compute_dtype), config.eva)
     assert model.n_layers == 42 and model.remat == "full" and model.dtype == "bfloat16"
     optimizer = make_optimizer(optimizer_config(config.eva))
-    params = jax.eval_shape(lambda k: init_params(model, k), jax.random.PRNGKey(0))
-    p_sh = parallel.tree_shardings(param_logical_axes(model), params, mesh)
-    state = jax.eval_shape(lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)),
-                           params)
-    st_sh = parallel.state_shardings(optimizer, state, p_sh, mesh)
+    state, st_sh = abstract_train_state(model, optimizer, mesh)
     loss = make_preference_loss(model, config.eva.loss, **config.eva.hparams.to_dict())
     step = make_train_step(loss, optimizer, mesh, state_sharding=st_sh)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         state, st_sh)
     B, T = int(config.eva.batch_size), int(config.eva.seq_len)
     batch = {"chosen_tokens": jax.ShapeDtypeStruct((B, T), jnp.int32),
              "rejected_tokens": jax.ShapeDtypeStruct((B, T), jnp.int32),

@@ -174,6 +174,32 @@ def make_eval_step(fn: Callable[..., Any], mesh: Mesh, *, in_shardings: Any,
                    else parallel.replicated(mesh))
 
 
+def abstract_train_state(model: Any, optimizer: optax.GradientTransformation, mesh: Mesh, *,
+                         head: bool = False) -> tuple[TrainState, TrainState]:
+    """(TrainState of ShapeDtypeStructs carrying their shardings, its sharding tree) of `model`
+    (`head`: with a scalar head, a reward / value model), placed as `init_train_state` places a
+    real one -- for lowering and memory planning without allocating any weight."""
+    from scalign.models import init_params, param_logical_axes
+    from scalign.models.heads import SCALAR_HEAD, add_scalar_head, scalar_head_logical_axes
+
+    axes = param_logical_axes(model)
+    if head:
+        axes = {**axes, SCALAR_HEAD: scalar_head_logical_axes()}
+
+    def init(key):
+        p = init_params(model, key)
+        return add_scalar_head(model, p, key) if head else p
+
+    params = jax.eval_shape(init, jax.random.PRNGKey(0))
+    p_sh = parallel.tree_shardings(axes, params, mesh)
+    state = jax.eval_shape(lambda p: TrainState.create(p, optimizer, jax.random.PRNGKey(0)),
+                           params)
+    st_sh = parallel.state_shardings(optimizer, state, p_sh, mesh)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         state, st_sh)
+    return state, st_sh
+
+
 def init_train_state(init_params_fn: Callable[[jax.Array], Any], param_logical_axes: Any,
                      optimizer: optax.GradientTransformation, mesh: Mesh, *, seed: int,
                      rules: parallel.Rules = parallel.DEFAULT_RULES,

@@ -98,3 +98,21 @@ class DemoSftLauncher:
 @pytest.fixture
 def demo_sft():
     return DemoSftLauncher()
+
+
+@pytest.fixture(scope="session")
+def hf_folder_of(tmp_path_factory):
+    """`hf_folder_of(preset)`: what config validation reads of an HF checkpoint folder of a
+    named preset (its config.json, a tokenizer file), for real-scale configs whose weights are
+    never loaded in a test."""
+    import json
+
+    from scalign.models import presets
+    from scalign.models.convert.hf import config_to_hf
+
+    def make(preset: str):
+        folder = tmp_path_factory.mktemp(preset)
+        (folder / "config.json").write_text(json.dumps(config_to_hf(presets.get(preset))))
+        (folder / "tokenizer.model").write_bytes(b"validation only checks that it exists")
+        return folder
+    return make

@@ -27,7 +27,7 @@ import pytest
 from scalign import experiment, parallel
 from scalign.experiment import load_config_file
 from scalign.models import presets
-from scalign.models.convert.hf import config_from_hf, config_to_hf
+from scalign.models.convert.hf import config_from_hf
 from scalign.models.transformer import init_params
 from scalign.objectives.reward import make_reward_loss
 from scalign.stages.common import optimizer_for, training_model
@@ -47,12 +47,9 @@ def load_config() -> ml_collections.ConfigDict:
 
 
 @pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory) -> Path:
+def hf_folder(hf_folder_of) -> Path:
     """What validation looks at in an HF Llemma-7B folder: its config.json and tokenizer."""
-    folder = tmp_path_factory.mktemp("llemma_7b")
-    (folder / "config.json").write_text(json.dumps(config_to_hf(presets.get("llemma_7b"))))
-    (folder / "tokenizer.model").write_bytes(b"validation only checks that it exists")
-    return folder
+    return hf_folder_of("llemma_7b")
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ AdamW state sharded over fsdp, the state donated, [64, 768] minibatches. Lowerin
 
 from __future__ import annotations
 
-import json
 import resource
 from pathlib import Path
 
@@ -22,7 +21,6 @@ import pytest
 from scalign import experiment, parallel
 from scalign.experiment import load_config_file
 from scalign.models import presets
-from scalign.models.convert.hf import config_to_hf
 from scalign.objectives import policy_gradient as pg
 from scalign.stages.common import training_model
 from scalign.stages.rl import method_plan
@@ -35,12 +33,9 @@ GiB = 2**30
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory):
+def config(hf_folder_of):
     c = load_config_file(CONFIG)
-    folder = tmp_path_factory.mktemp("llemma_7b")  # what validation reads of the HF folder
-    (folder / "config.json").write_text(json.dumps(config_to_hf(presets.get("llemma_7b"))))
-    (folder / "tokenizer.model").write_bytes(b"validation only checks that it exists")
-    c.checkpoint.path = str(folder)
+    c.checkpoint.path = str(hf_folder_of("llemma_7b"))
     return c
 
 

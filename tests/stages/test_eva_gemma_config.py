@@ -18,8 +18,7 @@ import pytest
 
 from scalign import experiment, parallel
 from scalign.experiment import load_config_file
-from scalign.models import presets
-from scalign.models.convert.hf import config_from_hf, config_to_hf
+from scalign.models.convert.hf import config_from_hf
 from scalign.objectives.preference import make_preference_loss
 from scalign.stages.common import training_model
 from scalign.stages.eva import optimizer_config
@@ -35,11 +34,8 @@ def load_config() -> ml_collections.ConfigDict:
 
 
 @pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("gemma2_9b")
-    (folder / "config.json").write_text(json.dumps(config_to_hf(presets.get("gemma2_9b"))))
-    (folder / "tokenizer.model").write_bytes(b"validation only checks that it exists")
-    return folder
+def hf_folder(hf_folder_of) -> Path:
+    return hf_folder_of("gemma2_9b")
 
 
 @pytest.fixture

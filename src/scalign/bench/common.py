@@ -60,6 +60,34 @@ def model_config_from_spec(m: dict[str, Any], **overrides: Any) -> ModelConfig:
     return cfg.replace(**overrides) if overrides else cfg
 
 
+MODEL_OVERRIDES = ("dtype", "param_dtype", "remat", "attention_impl")
+
+
+def bench_model_config(m: dict[str, Any], extra: dict[str, Any]) -> ModelConfig:
+    """The workload's model, or `--extra model=PRESET` (a `models.presets` name: NOT the spec's
+    workload, for scale checks such as the GPU MFU of `llama3_2_1b`), with `--extra` overrides of
+    `MODEL_OVERRIDES` (dtype, param_dtype, remat, attention_impl)."""
+    overrides = {k: extra[k] for k in MODEL_OVERRIDES if k in extra}
+    if "model" in extra:
+        from scalign.models import presets
+
+        return presets.get(str(extra["model"]), **overrides)
+    return model_config_from_spec(m, **overrides)
+
+
+def workload_overrides(wl: dict, extra: dict[str, Any]) -> dict:
+    """The workload with `--extra batch=/seq_len=/warmup_steps=/timed_steps=` applied (ints)."""
+    keys = ("batch", "seq_len", "warmup_steps", "timed_steps", "batch_pairs")
+    return {**wl, **{k: int(extra[k]) for k in keys if k in extra}}
+
+
+def nondefault_notes(extra: dict[str, Any]) -> list[str]:
+    """The `--extra` keys that make a run differ from the spec's workload (for the line's notes)."""
+    keys = ("model",) + MODEL_OVERRIDES + ("batch", "seq_len", "batch_pairs")
+    changed = {k: extra[k] for k in keys if k in extra}
+    return [f"NOT the spec's workload: {changed}"] if changed else []
+
+
 def random_ids(seed: int, low: int, high: int, shape: tuple[int, ...]) -> np.ndarray:
     return np.random.default_rng(seed).integers(low, high, size=shape).astype(np.int32)
 
@@ -94,8 +122,8 @@ def train_setup(workload: str, spec_path: str | Path | None, kind: str,
     wl, m = load_workload(workload, spec_path)
     if wl["kind"] != kind:
         raise ValueError(f"workload {workload!r} is a {wl['kind']!r} workload, not {kind!r}")
-    overrides = {k: extra[k] for k in ("dtype", "remat") if k in extra}
-    config = model_config_from_spec(m, **overrides)
+    wl = workload_overrides(wl, extra)
+    config = bench_model_config(m, extra)
     mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
     opt = make_optimizer(OptimizerConfig(learning_rate=wl["learning_rate"],
                                          weight_decay=wl["weight_decay"], schedule="constant"))
@@ -124,13 +152,14 @@ def time_steps(step: Callable[..., Any], state: Any, batch: Any, wl: dict, *args
 
 
 def peak_matmul_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
-    """Best of `repeats` jitted n x n @ n x n matmuls, in FLOP/s (2 n^3 per matmul)."""
+    """Best of `repeats` jitted n x n @ n x n matmuls, in FLOP/s (2 n^3 per matmul); a bf16 or
+    fp16 product accumulates in float32 (the compute dtype's convention in the model)."""
     import jax
     import jax.numpy as jnp
 
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
     b = jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), dtype)
-    mm = jax.jit(lambda x, y: x @ y)
+    mm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     mm(a, b).block_until_ready()
     best = min(time_calls(lambda: mm(a, b).block_until_ready(), warmup=1, timed=repeats))
     return 2 * n**3 / best

@@ -33,7 +33,10 @@ the decode weights' packing); `cache_phases=K` overrides the decode loop's phase
 `attention=xla|cpu_kernel` overrides the decode attention (`Sampler(attention=...)`);
 `param_dtype=bfloat16` / `dtype=bfloat16` run a bf16 variant (not the
 spec's f32 workload; the line's `notes` say so); `scan_layers=0|1` overrides
-`ModelConfig.scan_layers` (the same weights, stacked or per layer).
+`ModelConfig.scan_layers` (the same weights, stacked or per layer); `model=PRESET` (a
+`models.presets` name, random init, e.g. `llama3_2_1b` with `dtype=bfloat16
+param_dtype=bfloat16`: a decode that reads GBs per step, for bandwidth on a GPU) and
+`batch=` replace the spec's model and batch (the line's `notes` say so).
 
 `sample_gemma3_270m` needs the real Gemma-3-270M weights through `scalign.models.load_gguf`
 and the assembled GGUF (`gguf=PATH`, `$PEERS_GGUF`, or /tmp/peers/gguf/gemma-3-270m-q4_k_m.gguf);
@@ -95,7 +98,12 @@ def run(workload: str, spec_path: str | None = None, **extra: Any) -> dict:
         raise SystemExit(f"workload {workload!r} is of kind {wl['kind']!r}, not 'sample'")
     notes = []
     overrides = {k: extra[k] for k in ("dtype", "param_dtype") if k in extra}
-    if model["architecture"] == "llama":
+    if "model" in extra:  # a scale check on a named preset (random init), not the spec's model
+        config = common.bench_model_config(model, extra)
+        params = init_params(config, jax.random.PRNGKey(0))
+        tokenizer = None
+        notes.append(f"NOT the spec's model: {extra['model']} random init (seed 0)")
+    elif model["architecture"] == "llama":
         config = common.model_config_from_spec(model, **overrides)
         params = init_params(config, jax.random.PRNGKey(model.get("init_seed", 0)))
         tokenizer = None
@@ -118,6 +126,7 @@ def run(workload: str, spec_path: str | None = None, **extra: Any) -> dict:
         config = scanned
         notes.append(f"scan_layers={config.scan_layers}")
 
+    wl = common.workload_overrides(wl, extra)
     B, T, M = wl["batch"], wl["prompt_len"], wl["max_new_tokens"]
     high = wl.get("prompt_token_high", config.vocab_size)
     prompts = common.random_ids(wl["prompt_seed"], wl["prompt_token_low"], high, (B, T))

@@ -22,6 +22,7 @@ ROPE_SCALING_KEYS = {
     "yarn": ("factor", "original_max_position_embeddings"),
 }
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn")
 SCAN_LAYERS_FROM = 16  # scan_layers=None scans models with at least this many layers
 
 
@@ -60,6 +61,13 @@ class ModelConfig:
       dtype: compute dtype of activations and matmul inputs ("float32" | "bfloat16"); matmuls
         accumulate in float32. param_dtype: storage dtype of the params.
       remat: rematerialisation of each block in the backward pass ("none" | "full" | "dots").
+      attention_impl: how full-sequence attention (training, scoring, uncached prefill) is
+        computed. "einsum" (default): the model's own scores / mask / softmax / values einsums
+        (f32 scores; every backend). "dot_product": `jax.nn.dot_product_attention` with XLA's
+        implementation. "cudnn": the same call with `implementation="cudnn"` (cuDNN's fused
+        flash attention on NVIDIA GPUs; bf16/fp16 compute only). Neither fused form has an
+        attention soft-cap, so a config with `attn_softcap` must use "einsum". Cached decode
+        steps and cached prefills always use the einsum form (or the sampler's kernels).
       scan_layers: run the L blocks as one `nn.scan` over stacked params (each block param gets
         a leading "layers" axis of size L and lives under params["layers"]) instead of L unrolled
         blocks under params["layer_i"]: the compiled program holds one block, so compile time
@@ -100,6 +108,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    attention_impl: str = "einsum"
     scan_layers: bool | None = None
     max_position_embeddings: int | None = None
     family: str = "llama"
@@ -124,6 +133,16 @@ class ModelConfig:
                              f"got {self.activation!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, "
+                             f"got {self.attention_impl!r}")
+        if self.attention_impl != "einsum" and self.attn_softcap is not None:
+            raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r} has no "
+                             f"attention soft-cap; attn_softcap={self.attn_softcap} needs "
+                             f"attention_impl='einsum'")
+        if self.attention_impl == "cudnn" and self.dtype == "float32":
+            raise ValueError("ModelConfig.attention_impl='cudnn' needs dtype bfloat16 or "
+                             "float16 (cuDNN's fused attention has no float32 kernel)")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"ModelConfig.{name} must be float32/bfloat16/float16, "

@@ -26,6 +26,18 @@ def llama_small(vocab_size: int = 8192) -> ModelConfig:
                        tie_embeddings=False, family="llama")
 
 
+def llama3_2_1b() -> ModelConfig:
+    """Llama-3.2-1B (Meta 2024): 16 layers, d 2048, 32 query / 8 KV heads, tied 128k embeddings,
+    RoPE base 5e5 with llama3 scaling (factor 32). ~1.24B params; the GPU step-efficiency check
+    (`tools/gpu_check.sh`) measures MFU on it."""
+    return ModelConfig(
+        vocab_size=128_256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+        mlp_dim=8192, norm_eps=1e-5, rope_theta=500_000.0, tie_embeddings=True,
+        rope_scaling=(("type", "llama3"), ("factor", 32.0), ("low_freq_factor", 1.0),
+                      ("high_freq_factor", 4.0), ("original_max_position_embeddings", 8192)),
+        max_position_embeddings=131_072, family="llama")
+
+
 def llama2_7b() -> ModelConfig:
     """Llama-2-7B (Touvron et al. 2023)."""
     return ModelConfig(vocab_size=32_000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
@@ -64,6 +76,7 @@ def gemma3_270m() -> ModelConfig:
 PRESETS: dict[str, Callable[..., ModelConfig]] = {
     "tiny": tiny,
     "llama_small": llama_small,
+    "llama3_2_1b": llama3_2_1b,
     "llama2_7b": llama2_7b,
     "llemma_7b": llemma_7b,
     "gemma2_9b": gemma2_9b,

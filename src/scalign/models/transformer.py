@@ -203,6 +203,33 @@ def attention_mask(q_slots: Array, num_slots: int, key_start: Array,
     return visible
 
 
+def _fused_attention(c: ModelConfig, q: Array, k: Array, v: Array, q_slots: Array,
+                     key_start: Array, window: int | Array | None) -> Array:
+    """Uncached attention through `jax.nn.dot_product_attention` (`ModelConfig.attention_impl`
+    "dot_product": XLA's implementation; "cudnn": cuDNN's fused flash attention). Same mask as
+    the einsum path (`attention_mask`: causal, key_start, window), passed as a boolean
+    [B, 1, T, S] mask; `is_causal` is set as well, so cuDNN can skip the tiles above the
+    diagonal. q [B, T, H, Dh], k/v [B, T, K, Dh] (grouped-query heads natively) -> [B, T, H, Dh].
+    """
+    dt = c.compute_dtype
+    T = q.shape[1]
+    q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
+    pad = 0
+    if c.attention_impl == "cudnn":
+        # cuDNN's flash kernel with a mask needs even lengths in training (an SFT batch feeds
+        # T - 1 tokens); pad to a multiple of 64 (its tile). Padded keys come after every real
+        # query, so the causal mask hides them; padded query rows are sliced off.
+        pad = -T % 64
+        if pad:
+            q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+            q_slots = jnp.concatenate([q_slots, q_slots[-1] + 1 + jnp.arange(pad, dtype=q_slots.dtype)])
+    mask = attention_mask(q_slots, T + pad, key_start, window)[:, None]
+    impl = "cudnn" if c.attention_impl == "cudnn" else "xla"
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=c.attention_scale,
+                                       is_causal=True, implementation=impl)
+    return constrain(out[:, :T].astype(dt), ("act_batch", "act_length", "act_heads", None))
+
+
 # ------------------------------------------------------------------------ modules
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * (offset + w), computed in float32 (Zhang & Sennrich 2019)."""
@@ -259,6 +286,10 @@ class Attention(nn.Module):
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
 
         G = H // K
+        if cache is None and c.attention_impl != "einsum":
+            y = self.ops.project(_fused_attention(c, q, k, v, q_slots, key_start, window),
+                                 wo, dt, in_axes=2)
+            return y, None
         qg = (q.astype(jnp.float32) * c.attention_scale).astype(dt).reshape(B, T, K, G, Dh)
         if cache is not None:
             k_all = jax.lax.dynamic_update_slice(

@@ -44,7 +44,7 @@ def test_dot_product_matches_einsum(windowed):
     np.testing.assert_allclose(np.asarray(h1)[valid], np.asarray(h0)[valid], rtol=2e-5,
                                atol=2e-5)
     np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
 
 

@@ -359,7 +359,9 @@ class EvaIteration:
             batches = pair_batches(packed["tokens"], packed["response_mask"], pairs,
                                    rows=c.rows, order=update_order(len(pairs), c.rows,
                                                                    c.updates, rng),
-                                   ref_logps=ref, extras=extras)
+                                   ref_logps=ref, extras=extras,
+                                   response_start=packed["response_start"],
+                                   prompt_width=c.width - c.max_new_tokens)
             losses = []
             for b in batches:
                 b.pop("pair_index")

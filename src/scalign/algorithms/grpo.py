@@ -13,7 +13,9 @@ One iteration (`GRPO.__call__(loop, k, key)`):
         A_t = the sum of the normalised rewards at or after t
     for each of `minibatches` parts: loop.update(clipped surrogate + kl_coef KL_k3)
 
-With one minibatch the ratio's denominator is the current policy itself (old_logp is taken as
+With one minibatch (and `GRPOConfig.shared_prompt`, the default) the update runs in the
+shared-prompt layout (`loop.shared_prompt_rows`): each prompt's forward once, its N completions
+against the prompt's K/V cache. With one minibatch the ratio's denominator is the current policy itself (old_logp is taken as
 stop_gradient(logp) inside the loss), so no extra policy forward runs; with several, old
 log-probs come from `loop.log_probs` before the first update.
 """
@@ -28,7 +30,7 @@ import jax
 import numpy as np
 
 from scalign import parallel
-from scalign.algorithms.loop import OnlineLoop, host_rng
+from scalign.algorithms.loop import OnlineLoop, host_rng, shared_prompt_rows
 from scalign.algorithms.rollout import (
     RewardFn,
     RewardSpec,
@@ -88,28 +90,43 @@ class GRPO:
         ro = collect(loop, self.rollout, self.reward_fn, key)
         t1 = time.perf_counter()
         tokens, mask = ro.batch["tokens"], ro.batch["response_mask"]
-        ref_logp = loop.log_probs(tokens, "reference")
-        t2 = time.perf_counter()
         several = self.grpo.minibatches > 1
-        old_logp = loop.log_probs(tokens) if several else None
         rewards, adv = self.advantages(ro)
         adv = adv.astype(np.float32)
-        t3 = time.perf_counter()
-        rng = host_rng(jax.random.fold_in(key, 3))
-        metrics = []
-        for rows in minibatch_rows(ro.num_rows, self.grpo.minibatches, rng,
-                                   parallel.batch_divisor(loop.mesh)):
-            rows = np.sort(rows)
-            batch = {"tokens": tokens[rows], "response_mask": mask[rows],
-                     "ref_logp": ref_logp[rows], "advantages": adv[rows]}
-            if several:
-                batch["old_logp"] = old_logp[rows]
-            metrics.append(loop.update(batch))
+        ta = time.perf_counter()
+        shared = None
+        if self.grpo.shared_prompt and not several:  # one update on the whole rollout
+            shared = shared_prompt_rows(
+                {"tokens": tokens, "response_mask": mask, "advantages": adv,
+                 "response_start": ro.batch["response_start"]},
+                self.rollout.samples_per_prompt,
+                self.rollout.width - self.rollout.max_new_tokens,
+                divisor=parallel.batch_divisor(loop.mesh))
+        if shared is not None:
+            shared.pop("response_start")
+            shared["ref_logp"] = loop.log_probs_batch(shared, "reference")
+            t2 = time.perf_counter()
+            metrics = [loop.update(shared)]
+        else:
+            ref_logp = loop.log_probs(tokens, "reference")
+            t2 = time.perf_counter()
+            old_logp = loop.log_probs(tokens) if several else None
+            rng = host_rng(jax.random.fold_in(key, 3))
+            metrics = []
+            for rows in minibatch_rows(ro.num_rows, self.grpo.minibatches, rng,
+                                       parallel.batch_divisor(loop.mesh)):
+                rows = np.sort(rows)
+                batch = {"tokens": tokens[rows], "response_mask": mask[rows],
+                         "ref_logp": ref_logp[rows], "advantages": adv[rows]}
+                if several:
+                    batch["old_logp"] = old_logp[rows]
+                metrics.append(loop.update(batch))
         out = mean_metrics(metrics)  # blocks on the last update
         t4 = time.perf_counter()
         out.update(record(loop, ro, rewards))
-        out.update({"time/rollout_s": t1 - t0, "time/reference_s": t2 - t1,
-                    "time/advantages_s": t3 - t2, "time/update_s": t4 - t3})
+        out.update({"time/rollout_s": t1 - t0, "time/advantages_s": ta - t1,
+                    "time/reference_s": t2 - ta, "time/update_s": t4 - t2,
+                    "shared_prompt": float(shared is not None)})
         return out
 
 

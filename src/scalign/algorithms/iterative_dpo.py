@@ -100,8 +100,11 @@ class IterativeDPO:
             ref = sequence_log_probs(loop, tokens, mask, "reference")
             rng = host_rng(jax.random.fold_in(key, 3))
             for _ in range(cfg.epochs):
-                for batch in pair_batches(tokens, mask, pairs, rows=cfg.batch_size,
-                                          order=rng.permutation(len(pairs)), ref_logps=ref):
+                for batch in pair_batches(
+                        tokens, mask, pairs, rows=cfg.batch_size,
+                        order=rng.permutation(len(pairs)), ref_logps=ref,
+                        response_start=ro.batch["response_start"],
+                        prompt_width=self.rollout.width - self.rollout.max_new_tokens):
                     batch.pop("pair_index")
                     metrics.append(loop.update(batch))
         loop.pool.record(ro.ids, "num_pairs",

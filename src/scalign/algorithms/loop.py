@@ -62,7 +62,7 @@ from jax.sharding import Mesh
 from scalign import parallel
 from scalign.models.config import ModelConfig
 from scalign.models.transformer import param_logical_axes
-from scalign.objectives.logprobs import token_log_probs
+from scalign.objectives.logprobs import batch_token_log_probs, token_log_probs
 from scalign.objectives.policy_gradient import token_values
 from scalign.training import preemption
 from scalign.training.checkpoint import Checkpointer
@@ -298,6 +298,9 @@ class OnlineLoop:
         self._log_probs = make_eval_step(
             functools.partial(token_log_probs, config, chunk=logprob_chunk), mesh,
             in_shardings=(state_sharding.policy.params, bsh), out_shardings=bsh, rules=rules)
+        self._batch_log_probs = make_eval_step(
+            functools.partial(batch_token_log_probs, config, chunk=logprob_chunk), mesh,
+            in_shardings=(state_sharding.policy.params, bsh), out_shardings=bsh, rules=rules)
         self._optimizer = optimizer
         # a copy of params onto the policy's shardings (reference refresh, policy reset): one
         # program for the loop's life (a fresh jit per call would compile every iteration)
@@ -412,6 +415,16 @@ class OnlineLoop:
             self._sampler_source = first
         return self.sampler.generate_ids(prompts, n, key=key, **kwargs)
 
+    def _params_of(self, which: str | Any) -> Any:
+        if not isinstance(which, str):
+            return which
+        if which == "reference" and self.state.reference is None:
+            raise ValueError("the loop has no reference model (create(..., reference=True))")
+        params = {"policy": self.params, "reference": self.state.reference}.get(which)
+        if params is None:
+            raise ValueError(f"which must be 'policy', 'reference' or params, got {which!r}")
+        return params
+
     def log_probs(self, tokens: np.ndarray, which: str | Any = "policy") -> np.ndarray:
         """Per-token log-probs float32 [R, T] of `tokens` [R, T] under the training forward
         (`objectives.logprobs.token_log_probs`; column 0 is 0), as numpy on every process.
@@ -419,17 +432,22 @@ class OnlineLoop:
         `which`: "policy", "reference", or a params tree shaped like the policy's. R must be
         a multiple of data x fsdp (pad rows if needed).
         """
-        if isinstance(which, str):
-            if which == "reference" and self.state.reference is None:
-                raise ValueError("the loop has no reference model (create(..., reference=True))")
-            params = {"policy": self.params, "reference": self.state.reference}.get(which)
-            if params is None:
-                raise ValueError(f"which must be 'policy', 'reference' or params, got {which!r}")
-        else:
-            params = which
+        params = self._params_of(which)
         tokens = parallel.shard_batch({"t": np.asarray(tokens, np.int32)}, self.mesh,
                                       global_batch=True)["t"]
         return np.asarray(to_host(self._log_probs(params, tokens)))
+
+    def log_probs_batch(self, batch: dict[str, np.ndarray], which: str | Any = "policy"
+                        ) -> np.ndarray:
+        """Per-token log-probs of a policy-gradient batch in either layout
+        (`objectives.logprobs.batch_token_log_probs`): packed `tokens` [R, T] -> [R, T], or the
+        shared-prompt layout of `shared_prompt_rows` -> [R, M] aligned with its
+        `response_tokens`. `which` as in `log_probs`."""
+        params = self._params_of(which)
+        keys = ("prompt_tokens", "prompt_start", "response_tokens", "tokens")
+        device = parallel.shard_batch({k: np.asarray(batch[k], np.int32) for k in keys
+                                       if k in batch}, self.mesh, global_batch=True)
+        return np.asarray(to_host(self._batch_log_probs(params, device)))
 
     def values(self, tokens: np.ndarray) -> np.ndarray:
         """Value-model scores float32 [R, T] of `tokens` [R, T], aligned with the tokens as
@@ -492,6 +510,8 @@ class OnlineLoop:
         constant after the first iteration of a loop whose shapes do not change."""
         sizes = {"policy_step": self._policy_step._cache_size(),
                  "log_probs": self._log_probs._cache_size()}
+        if self._batch_log_probs._cache_size():  # once used (GRPO's shared-prompt layout)
+            sizes["batch_log_probs"] = self._batch_log_probs._cache_size()
         if self._value_step is not None:
             sizes["value_step"] = self._value_step._cache_size()
         if self._values is not None:
@@ -632,10 +652,89 @@ def sequence_log_probs(loop: OnlineLoop, tokens: np.ndarray, mask: np.ndarray,
     return (lp * mask).sum(-1).astype(np.float32)
 
 
+def shared_prompt_rows(batch: dict[str, np.ndarray], group_size: int, prompt_width: int, *,
+                       divisor: int = 1) -> dict[str, np.ndarray] | None:
+    """A packed policy-gradient batch in the shared-prompt layout, or None when it does not fit.
+
+    `batch`: `tokens` [R, T] (rows r = p * group_size + j, as `pack_rollout` writes them),
+    `response_start` [R] and per-token arrays [R, T] aligned with the tokens (response_mask,
+    advantages, ref_logp, old_logp, ...). Returns `prompt_tokens` int32 [P, W] (left-padded to
+    W = `prompt_width`), `prompt_start` int32 [P], `response_tokens` int32 [R, T - W] and every
+    other [R, T] array cut to the same response columns (row r's column j is its token
+    response_start[r] + j); [R]-shaped arrays are kept. The policy-gradient losses then compute
+    each prompt once (`objectives.logprobs.batch_token_log_probs`): B(W + N(T - W)) positions
+    instead of BN T. None when a prompt is longer than W, a response longer than T - W, a
+    group's rows differ in their prompt, or P is not a multiple of `divisor` (the mesh's batch
+    divisor: the prompts are sharded like the rows).
+    """
+    tokens = np.asarray(batch["tokens"])
+    start = np.asarray(batch["response_start"])
+    R, T = tokens.shape
+    W, M = int(prompt_width), T - int(prompt_width)
+    if R % group_size or W <= 0 or M <= 0:
+        return None
+    P = R // group_size
+    mask = np.asarray(batch["response_mask"])
+    ends = np.where(mask.any(1), T - np.argmax(mask[:, ::-1] > 0, axis=1), start)
+    if P % divisor or (start > W).any() or (ends - start > M).any():
+        return None
+    first = np.arange(P) * group_size
+    for r in range(R):
+        f = first[r // group_size]
+        if start[r] != start[f] or not np.array_equal(tokens[r, :start[r]], tokens[f, :start[f]]):
+            return None
+    cols = start[:, None] + np.arange(M)[None, :]          # [R, M], may run past T
+    valid = cols < T
+    cols = np.minimum(cols, T - 1)
+    out: dict[str, np.ndarray] = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        if key == "tokens":
+            out["response_tokens"] = np.where(valid, np.take_along_axis(value, cols, 1), 0
+                                              ).astype(np.int32)
+        elif value.ndim == 2 and value.shape == (R, T):
+            out[key] = np.where(valid, np.take_along_axis(value, cols, 1), 0).astype(value.dtype)
+        else:
+            out[key] = value
+    prompt = np.zeros((P, W), np.int32)
+    for p in range(P):
+        s = int(start[first[p]])
+        prompt[p, W - s:] = tokens[first[p], :s]
+    out["prompt_tokens"] = prompt
+    out["prompt_start"] = (W - start[first]).astype(np.int32)
+    return out
+
+
+def _shared_prompt_rows(tokens: np.ndarray, mask: np.ndarray, start: np.ndarray,
+                        pairs: np.ndarray, width: int
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Packed rows [R, T] split at `start` into prompts left-padded to `width` and responses
+    [R, T - width]; None when a prompt or a response does not fit, or a pair's rows differ in
+    their prompt (then the concatenated layout is used)."""
+    R, T = tokens.shape
+    ends = np.where(mask.any(1), T - np.argmax(mask[:, ::-1] > 0, axis=1), start)
+    if width <= 0 or width >= T or (start > width).any() or (ends - start > T - width).any():
+        return None
+    for c, r in pairs:
+        if start[c] != start[r] or not np.array_equal(tokens[c, :start[c]], tokens[r, :start[r]]):
+            return None
+    prompt = np.zeros((R, width), np.int32)
+    response = np.zeros((R, T - width), np.int32)
+    response_mask = np.zeros((R, T - width), np.float32)
+    for i in range(R):
+        s = int(start[i])
+        prompt[i, width - s:] = tokens[i, :s]
+        response[i, :T - s] = tokens[i, s:][:T - width]
+        response_mask[i, :T - s] = mask[i, s:][:T - width]
+    return prompt, (width - start).astype(np.int32), response, response_mask
+
+
 def pair_batches(tokens: np.ndarray, mask: np.ndarray, pairs: Sequence[tuple[int, int]], *,
                  rows: int, order: Sequence[int] | None = None,
                  ref_logps: np.ndarray | None = None,
-                 extras: dict[str, np.ndarray] | None = None) -> list[dict[str, np.ndarray]]:
+                 extras: dict[str, np.ndarray] | None = None,
+                 response_start: np.ndarray | None = None,
+                 prompt_width: int | None = None) -> list[dict[str, np.ndarray]]:
     """Preference batches (the layout of `objectives.preference.make_preference_loss`) from
     packed rollout rows: pair (c, r) is row c (chosen) against row r (rejected) of `tokens` /
     `mask` [R, T]. The one pairing helper of iterative DPO and eva.
@@ -653,6 +752,13 @@ def pair_batches(tokens: np.ndarray, mask: np.ndarray, pairs: Sequence[tuple[int
     Each batch: chosen_tokens / rejected_tokens int32 [rows, T], chosen_mask / rejected_mask
     float32 [rows, T], weight float32 [rows], pair_index int32 [rows] (index into `pairs`,
     -1 on padding) and the optional keys above.
+
+    `response_start` [R] (`pack_rollout`'s) and `prompt_width` W: batches in the shared-prompt
+    layout of `make_preference_loss` instead (prompt_tokens [rows, W] left-padded with
+    prompt_start, chosen_response / rejected_response and their masks [rows, T - W]): the
+    prompt is computed once per pair (1.44x the pairs/s on `dpo_llama_small`). Every pair's
+    rows must hold the same prompt; when a prompt is longer than W or a response longer than
+    T - W, the concatenated layout is used for the whole call (the same losses either way).
     """
     if rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}")
@@ -660,6 +766,10 @@ def pair_batches(tokens: np.ndarray, mask: np.ndarray, pairs: Sequence[tuple[int
     order = np.arange(len(pairs_arr)) if order is None else np.asarray(order, np.int64)
     if order.size and (order.min() < 0 or order.max() >= len(pairs_arr)):
         raise ValueError(f"order indexes pairs outside 0..{len(pairs_arr) - 1}")
+    shared = None
+    if response_start is not None and prompt_width is not None:
+        shared = _shared_prompt_rows(tokens, mask, np.asarray(response_start), pairs_arr,
+                                     int(prompt_width))
     out = []
     for s in range(0, order.size, rows):
         part = order[s:s + rows]
@@ -667,12 +777,19 @@ def pair_batches(tokens: np.ndarray, mask: np.ndarray, pairs: Sequence[tuple[int
         idx = np.concatenate([part, np.full(rows - real, part[0], np.int64)])
         c, r = pairs_arr[idx, 0], pairs_arr[idx, 1]
         real_mask = np.arange(rows) < real
-        batch = {"chosen_tokens": np.asarray(tokens[c], np.int32),
-                 "chosen_mask": np.asarray(mask[c], np.float32),
-                 "rejected_tokens": np.asarray(tokens[r], np.int32),
-                 "rejected_mask": np.asarray(mask[r], np.float32),
-                 "weight": real_mask.astype(np.float32),
-                 "pair_index": np.where(real_mask, idx, -1).astype(np.int32)}
+        if shared is not None:
+            prompt, prompt_start, response, response_mask = shared
+            batch = {"prompt_tokens": prompt[c], "prompt_start": prompt_start[c],
+                     "chosen_response": response[c], "chosen_response_mask": response_mask[c],
+                     "rejected_response": response[r],
+                     "rejected_response_mask": response_mask[r]}
+        else:
+            batch = {"chosen_tokens": np.asarray(tokens[c], np.int32),
+                     "chosen_mask": np.asarray(mask[c], np.float32),
+                     "rejected_tokens": np.asarray(tokens[r], np.int32),
+                     "rejected_mask": np.asarray(mask[r], np.float32)}
+        batch.update(weight=real_mask.astype(np.float32),
+                     pair_index=np.where(real_mask, idx, -1).astype(np.int32))
         if ref_logps is not None:
             batch["ref_chosen_logps"] = np.asarray(ref_logps, np.float32)[c]
             batch["ref_rejected_logps"] = np.asarray(ref_logps, np.float32)[r]

@@ -80,3 +80,60 @@ def token_log_probs(config: ModelConfig, params: Any, tokens: jax.Array, *,
     hidden, _ = forward(config, params, tokens[:, :-1])
     lp = log_probs_from_hidden(config, params, hidden, tokens[:, 1:], chunk=chunk)
     return jnp.pad(lp, ((0, 0), (1, 0)))
+
+
+def shared_prompt_log_probs(config: ModelConfig, params: Any, prompt: jax.Array,
+                            responses: jax.Array, *, prompt_start: jax.Array | None = None,
+                            chunk: int | None = None, group: str = "tile") -> jax.Array:
+    """Per-token log-probs of n responses to each prompt, the prompt computed once.
+
+    prompt int32 [B, P] (left-padded: row b's first real slot is `prompt_start[b]`, default 0),
+    responses int32 [n*B, R] -> float32 [n*B, R] with
+    lp[i, j] = log p(responses[i, j] | prompt, responses[i, <j]). `group`: "tile" (row i answers
+    prompt i % B, as `concat_pair` stacks chosen then rejected) or "repeat" (row i answers
+    prompt i // n, as `algorithms.loop.pack_rollout` orders a rollout's groups).
+
+    One forward over the prompts fills a K/V cache of P + R slots (the same cached forward the
+    sampler uses, `models.transformer.forward(cache=...)`, differentiable); the n*B responses
+    then run as one forward over R tokens against that cache repeated n times. Response token 0
+    is scored by the prompt's last hidden state, token j by the response's hidden j - 1. For a
+    DPO pair batch (n = 2) of prompt P and responses R this runs B*(P + 2R) token positions
+    instead of 2B*(P + R), and the LM head only on the 2B*R response positions.
+    """
+    from scalign.models.transformer import init_cache
+
+    B, P = prompt.shape
+    nB, R = responses.shape
+    if nB % B:
+        raise ValueError(f"shared_prompt_log_probs: {nB} response rows is not a multiple of "
+                         f"{B} prompts")
+    n = nB // B
+    start = (jnp.zeros((B,), jnp.int32) if prompt_start is None
+             else jnp.asarray(prompt_start, jnp.int32))
+    cache = init_cache(config, B, P + R)
+    hidden_p, cache = forward(config, params, prompt, cache=cache, cache_index=0,
+                              key_start=start)
+    if group not in ("tile", "repeat"):
+        raise ValueError(f"shared_prompt_log_probs: group must be 'tile' or 'repeat', got {group!r}")
+    if group == "tile":
+        tile = lambda x: jnp.concatenate([x] * n, axis=0)  # noqa: E731
+    else:
+        tile = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
+    hidden_r, _ = forward(config, params, responses, cache=jax.tree.map(tile, cache),
+                          cache_index=P, key_start=tile(start))
+    hidden = jnp.concatenate([tile(hidden_p[:, -1:]), hidden_r[:, :-1]], axis=1)
+    return log_probs_from_hidden(config, params, hidden, responses, chunk=chunk)
+
+
+def batch_token_log_probs(config: ModelConfig, params: Any, batch: dict[str, jax.Array], *,
+                          chunk: int | None = None) -> jax.Array:
+    """Per-token log-probs aligned with a policy-gradient batch's per-token arrays: packed rows
+    (`tokens` [R, T] -> `token_log_probs`) or the shared-prompt rollout layout of
+    `algorithms.loop.shared_prompt_rows` (`prompt_tokens` [P, W], `prompt_start` [P],
+    `response_tokens` [R, M], R = P * n, rows grouped by prompt -> [R, M])."""
+    if "prompt_tokens" in batch:
+        return shared_prompt_log_probs(config, params, batch["prompt_tokens"],
+                                       batch["response_tokens"],
+                                       prompt_start=batch.get("prompt_start"), chunk=chunk,
+                                       group="repeat")
+    return token_log_probs(config, params, batch["tokens"], chunk=chunk)

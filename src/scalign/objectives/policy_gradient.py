@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from scalign.models.config import ModelConfig
 from scalign.models.heads import scalar_from_hidden
 from scalign.models.transformer import forward
-from scalign.objectives.logprobs import token_log_probs
+from scalign.objectives.logprobs import batch_token_log_probs, token_log_probs
 
 Metrics = dict[str, jax.Array]
 KL_ESTIMATORS = ("k1", "k1_clamped", "k2", "k3")
@@ -316,6 +316,9 @@ class GRPOConfig:
     minibatches: int = 1
     process: bool = False         # process supervision (step rewards) instead of outcomes
     logprob_chunk: int | None = None
+    # one forward per prompt, its N completions against the prompt's K/V cache
+    # (`algorithms.loop.shared_prompt_rows`; with one minibatch, when the prompts fit)
+    shared_prompt: bool = True
 
 
 def make_ppo_loss(config: ModelConfig, ppo: PPOConfig = PPOConfig()):
@@ -348,10 +351,12 @@ def make_grpo_loss(config: ModelConfig, grpo: GRPOConfig = GRPOConfig()):
     rollout, and no extra forward runs),
     `ref_logp` (reference log-probs precomputed by `OnlineLoop.log_probs(..., "reference")`)
     and `advantages` (float32 [B, T]; a sequence advantage broadcast over its tokens, or
-    `group_process_advantages`)."""
+    `group_process_advantages`). Or the shared-prompt layout (`prompt_tokens`,
+    `prompt_start`, `response_tokens` and every per-token array cut to the response columns;
+    `algorithms.loop.shared_prompt_rows`): the same loss, each prompt computed once."""
     def loss_fn(params, batch, rng=None, frozen=None):
         del rng, frozen
-        lp = token_log_probs(config, params, batch["tokens"], chunk=grpo.logprob_chunk)
+        lp = batch_token_log_probs(config, params, batch, chunk=grpo.logprob_chunk)
         old = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(lp)
         return grpo_loss(lp, old, batch["ref_logp"], batch["advantages"],
                          batch["response_mask"], clip_eps=grpo.clip_eps, kl_coef=grpo.kl_coef,

@@ -52,6 +52,9 @@ FLAGS = flags.FLAGS
 
 
 def _setup_jax() -> None:
+    from scalign.utils import tune_cpu_xla_flags
+
+    tune_cpu_xla_flags()  # before the first backend reads XLA_FLAGS
     import jax
 
     # Persistent XLA cache: reruns (resume, the demo twice, a config tweak) skip most compiles.

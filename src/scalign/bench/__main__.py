@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra", action="append", default=[],
                         help="kind-specific key=value options (see each module)")
     args = parser.parse_args(argv)
+    from scalign.utils import tune_cpu_xla_flags
+
+    tune_cpu_xla_flags()  # the launcher's XLA:CPU flags, so a benchmark measures what runs
     try:
         module = importlib.import_module(KINDS[args.kind])
     except ModuleNotFoundError as e:

@@ -66,6 +66,7 @@ def test_config_validates_with_the_papers_settings(config):
     ("batch_size", 100, r"eva\.batch_size=100 must be divisible by data\*fsdp"),
     ("seq_len", 512, r"config\.eva\.seq_len=512 must exceed max_new_tokens"),
     ("remat", "some", r"config\.eva\.remat must be one of"),
+    ("grad_accum_steps", 3, r"eva\.batch_size=128 must be divisible by data\*fsdp\*grad_accum"),
     ("prompts", "", r"config\.eva\.prompts is missing"),
 ])
 def test_validation_names_the_key(config, key, value, message):
@@ -82,7 +83,9 @@ def test_dpo_step_lowers_for_gemma2_9b_on_a_fake_8_device_mesh(config, hf_folder
     optimizer = make_optimizer(optimizer_config(config.eva))
     state, st_sh = abstract_train_state(model, optimizer, mesh)
     loss = make_preference_loss(model, config.eva.loss, **config.eva.hparams.to_dict())
-    step = make_train_step(loss, optimizer, mesh, state_sharding=st_sh)
+    accum = int(config.eva.grad_accum_steps)
+    assert accum == 4  # 4 micro-batches of 32 pairs (tpu/README.md: fits a v5p-16)
+    step = make_train_step(loss, optimizer, mesh, state_sharding=st_sh, grad_accum_steps=accum)
     B, T = int(config.eva.batch_size), int(config.eva.seq_len)
     batch = {"chosen_tokens": jax.ShapeDtypeStruct((B, T), jnp.int32),
              "rejected_tokens": jax.ShapeDtypeStruct((B, T), jnp.int32),
@@ -93,7 +96,7 @@ def test_dpo_step_lowers_for_gemma2_9b_on_a_fake_8_device_mesh(config, hf_folder
              "weight": jax.ShapeDtypeStruct((B,), jnp.float32)}
     lowered = step.lower(state, batch)
     text = lowered.as_text()
-    assert model.scanned and text.count("stablehlo.while") >= 2  # layers scanned fwd + bwd
+    assert model.scanned and text.count("stablehlo.while") >= 3  # micro-batches; layers fwd + bwd
     assert "tf.aliasing_output" in text                          # the state is donated
     _, metrics = lowered.out_info
     assert {"loss", "grad_norm", "accuracy", "margins"} <= set(metrics)

@@ -18,7 +18,10 @@ lowest reward (`preference_pairs`); exactly `updates` preference steps of `batch
 (`objectives.preference`: dpo | ipo | hinge | simpo | orpo | sppo; its hyperparameters in
 `config.eva.hparams`). With a reference (all but SimPO / ORPO) the reference is the policy at
 the start of each iteration (`refresh_reference`, default True: iterative DPO's and eva's
-per-iteration reset) and its log-probs come from one forward over the rollout.
+per-iteration reset) and its log-probs come from one forward over the rollout. Pairs whose
+prompt fits `seq_len - max_new_tokens` train in the shared-prompt layout (`loop.pair_batches`:
+the prompt's forward once per pair). Optional `grad_accum_steps` (default 1: micro-batches of
+`batch_size / grad_accum_steps` pairs, the same gradient) and `clip_norm` (default 1.0).
 
 Judging (held-out test problems of `eval_levels`, `eval_problems` each):
   winrate  `evaluation.winrate.win_rate` of the trained policy against the starting (SFT)
@@ -153,7 +156,11 @@ class EvaStage(Stage):
         for key in ("iterations", "updates", "samples", "max_new_tokens"):
             if int(cfg[key]) < 1:
                 errors.append(f"config.eva.{key}={cfg[key]} must be >= 1")
-        check_batch(errors, "eva.batch_size", int(cfg.batch_size), mesh_shape)
+        accum = int(cfg.get("grad_accum_steps") or 1)
+        if accum < 1:
+            errors.append(f"config.eva.grad_accum_steps={accum} must be >= 1")
+            accum = 1
+        check_batch(errors, "eva.batch_size", int(cfg.batch_size), mesh_shape, accum=accum)
         if int(cfg.seq_len) <= int(cfg.max_new_tokens):
             errors.append(f"config.eva.seq_len={cfg.seq_len} must exceed max_new_tokens="
                           f"{cfg.max_new_tokens} (it holds prompt + response)")
@@ -246,7 +253,9 @@ class EvaStage(Stage):
                                                                        or {})),
             seed=int(jax.random.randint(ctx.key(self.name, "loop"), (), 0, 2**31 - 1)),
             reference=reference, pool=pool, checkpointer=ckpt, metrics=ctx.metrics,
-            stage=self.name, progress=bool(cfg.get("progress", True)))
+            stage=self.name, progress=bool(cfg.get("progress", True)),
+            clip_norm=cfg.get("clip_norm", 1.0),
+            grad_accum_steps=int(cfg.get("grad_accum_steps") or 1))
         pool_dir = ctx.stage_dir(self.name) / "pool"
         pool_dir.mkdir(parents=True, exist_ok=True)
         initial = level_shares(pool, list(pool.active), levels)

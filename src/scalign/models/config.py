@@ -22,7 +22,7 @@ ROPE_SCALING_KEYS = {
     "yarn": ("factor", "original_max_position_embeddings"),
 }
 REMAT_POLICIES = ("none", "full", "dots")
-ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn")
+ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn", "splash")
 SCAN_LAYERS_FROM = 16  # scan_layers=None scans models with at least this many layers
 
 
@@ -65,9 +65,14 @@ class ModelConfig:
         computed. "einsum" (default): the model's own scores / mask / softmax / values einsums
         (f32 scores; every backend). "dot_product": `jax.nn.dot_product_attention` with XLA's
         implementation. "cudnn": the same call with `implementation="cudnn"` (cuDNN's fused
-        flash attention on NVIDIA GPUs; bf16/fp16 compute only). Neither fused form has an
-        attention soft-cap, so a config with `attn_softcap` must use "einsum". Cached decode
-        steps and cached prefills always use the einsum form (or the sampler's kernels).
+        flash attention on NVIDIA GPUs; bf16/fp16 compute only). Neither of those has an
+        attention soft-cap, so a config with `attn_softcap` uses "einsum" or "splash".
+        "splash": the Pallas splash-attention kernel for TPUs (block-sparse causal / local
+        masks, soft-cap, left padding as segment ids), under `shard_map` over the batch and
+        head axes on a multi-device mesh; off a TPU it runs in Pallas' interpret mode (slow:
+        for tests). Needs static windows, so a model with local layers must not be scanned.
+        Cached decode steps and cached prefills always use the einsum form (or the sampler's
+        kernels).
       scan_layers: run the L blocks as one `nn.scan` over stacked params (each block param gets
         a leading "layers" axis of size L and lives under params["layers"]) instead of L unrolled
         blocks under params["layer_i"]: the compiled program holds one block, so compile time
@@ -136,10 +141,13 @@ class ModelConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, "
                              f"got {self.attention_impl!r}")
-        if self.attention_impl != "einsum" and self.attn_softcap is not None:
+        if self.attention_impl in ("dot_product", "cudnn") and self.attn_softcap is not None:
             raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r} has no "
                              f"attention soft-cap; attn_softcap={self.attn_softcap} needs "
                              f"attention_impl='einsum'")
+        if self.attention_impl == "splash" and "local" in self.layer_types and self.scanned:
+            raise ValueError("ModelConfig.attention_impl='splash' needs static sliding windows: "
+                             "set scan_layers=False for a model with local layers")
         if self.attention_impl == "cudnn" and self.dtype == "float32":
             raise ValueError("ModelConfig.attention_impl='cudnn' needs dtype bfloat16 or "
                              "float16 (cuDNN's fused attention has no float32 kernel)")

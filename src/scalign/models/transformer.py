@@ -230,6 +230,75 @@ def _fused_attention(c: ModelConfig, q: Array, k: Array, v: Array, q_slots: Arra
     return constrain(out[:, :T].astype(dt), ("act_batch", "act_length", "act_heads", None))
 
 
+def _splash_attention(c: ModelConfig, q: Array, k: Array, v: Array, q_slots: Array,
+                      key_start: Array, window: int | Array | None) -> Array:
+    """Uncached attention through the Pallas splash-attention kernel (`attention_impl`
+    "splash"): one grouped-query kernel per (example, KV head), its G query heads sharing the
+    KV head; causal or local (`window`) block-sparse mask; left padding (`key_start`) as segment
+    ids (pad slots are segment 0 and see only each other); the soft-cap inside the kernel. T is
+    padded to a multiple of 128 (the kernel's block); padded keys come after every real query.
+    On a multi-device mesh (`parallel.active_context`) the kernel runs under `shard_map` with
+    the batch and head shardings of the activations (the sequence must not be sharded). Off a
+    TPU, Pallas' interpret mode (slow; for tests). q [B, T, H, Dh], k/v [B, T, K, Dh]."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as sk,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as sm,
+    )
+
+    from scalign.parallel import active_context, logical_to_spec
+
+    if window is not None and not isinstance(window, int):
+        raise ValueError("attention_impl='splash' needs a static window (an unscanned model)")
+    dt = c.compute_dtype
+    B, T, H, Dh = q.shape
+    K = k.shape[2]
+    G = H // K
+    pad = -T % 128
+    Tp = T + pad
+    q = (q.astype(jnp.float32) * c.attention_scale).astype(dt)
+    q, k, v = (jnp.pad(a.astype(dt), ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+    segments = (jnp.arange(Tp, dtype=jnp.int32)[None] >= key_start[:, None]).astype(jnp.int32)
+    base = (sm.CausalMask((Tp, Tp)) if window is None
+            else sm.LocalMask((Tp, Tp), window_size=(window - 1, 0), offset=0))
+    kernel = sk.make_splash_mqa_single_device(
+        sm.MultiHeadMask([base] * G), attn_logits_soft_cap=c.attn_softcap,
+        interpret=jax.default_backend() != "tpu")
+
+    def local(q, k, v, seg):
+        b, _, h, _ = q.shape
+        kh = k.shape[2]
+        qg = q.reshape(b, Tp, kh, h // kh, Dh).transpose(0, 2, 3, 1, 4)  # [b, kh, G, Tp, Dh]
+        kk, vv = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)          # [b, kh, Tp, Dh]
+
+        def one(q1, k1, v1, s1):
+            return kernel(q1, k1, v1, segment_ids=sk.SegmentIds(s1, s1))
+
+        out = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None)))(qg, kk, vv, seg)
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, Tp, h, Dh)
+
+    ctx = active_context()
+    if ctx is None:
+        out = local(q, k, v, segments)
+    else:
+        mesh, rules = ctx
+        spec_q = logical_to_spec(("act_batch", "act_length", "act_heads", None), q.shape, mesh,
+                                 rules)
+        spec_kv = logical_to_spec(("act_batch", "act_length", "act_kv_heads", None), k.shape,
+                                  mesh, rules)
+        if spec_q[1] is not None or spec_kv[1] is not None:
+            raise ValueError("attention_impl='splash' needs the whole sequence on each device "
+                             "(the activations' length axis is sharded)")
+        if spec_q[2] != spec_kv[2]:
+            raise ValueError(f"attention_impl='splash': query heads sharded {spec_q[2]} but KV "
+                             f"heads {spec_kv[2]} (make both divisible by the tensor axis)")
+        out = jax.shard_map(local, mesh=mesh, in_specs=(spec_q, spec_kv, spec_kv,
+                                                        jax.sharding.PartitionSpec(spec_q[0])),
+                            out_specs=spec_q, check_vma=False)(q, k, v, segments)
+    return constrain(out[:, :T].astype(dt), ("act_batch", "act_length", "act_heads", None))
+
+
 # ------------------------------------------------------------------------ modules
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * (offset + w), computed in float32 (Zhang & Sennrich 2019)."""
@@ -287,8 +356,9 @@ class Attention(nn.Module):
 
         G = H // K
         if cache is None and c.attention_impl != "einsum":
-            y = self.ops.project(_fused_attention(c, q, k, v, q_slots, key_start, window),
-                                 wo, dt, in_axes=2)
+            fused = _splash_attention if c.attention_impl == "splash" else _fused_attention
+            y = self.ops.project(fused(c, q, k, v, q_slots, key_start, window), wo, dt,
+                                 in_axes=2)
             return y, None
         qg = (q.astype(jnp.float32) * c.attention_scale).astype(dt).reshape(B, T, K, G, Dh)
         if cache is not None:

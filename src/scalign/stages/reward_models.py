@@ -364,7 +364,11 @@ class RewardModelsStage(Stage):
         md = [f"## Reward models trained on levels {list(levels)} only", "",
               f"{source}; PRM labels "
               f"{cfg.get('after_first_error', 'drop')} after the first wrong step; ORM data "
-              f"balanced to at most {float(cfg.get('max_ratio', 3.0)):g}:1 per problem.", "",
+              f"balanced to at most {float(cfg.get('max_ratio', 3.0)):g}:1 per problem."
+              + (f" PRM data augmented with verifier-labelled failing corruptions of the same "
+                 f"easy problems' correct solutions ({float(cfg.augment_failures):g} per real "
+                 f"record requested; rows augment_*)."
+                 if float(cfg.get("augment_failures", 0.0)) > 0 else ""), "",
               markdown_table(rows, ["metric", "value"]), ""]
         if any(xs for xs, _ in series.values()):
             md += [f"![reward model loss]({ctx.report.rel(fig)})", ""]

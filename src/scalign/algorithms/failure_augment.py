@@ -13,8 +13,10 @@ or a policy sample the verifier passed (every step right and the answer right); 
 (`ops`, the filling of a search problem) are the base. A corruption changes one step k:
 
   operation_kept     step k's operation replaced by another of + - *, the written result kept
-                     (the remaining steps as before). At the last step of a search problem this
-                     is the policy's failure: "x op' b = target".
+                     (the remaining steps as before); in a search problem k is a "?" position
+                     (the policy copies the given operations; it errs where it chooses), so the
+                     step's arithmetic is what is wrong. At the last step this is the policy's
+                     failure: "x op' b = target".
   operation_forward  step k's operation replaced, every later result computed from it, but the
                      last step's result written as the original final value (the target of a
                      search problem, the gold answer of a chain problem): a chain that went
@@ -98,7 +100,7 @@ def corrupt(problem: stepmath.Problem, ops: Sequence[str], kind: str,
         steps[k] = (a, op, int(rng.choice(other)), c)
         return _text(problem, steps, ops)
     free = list(problem.free) if problem.search else list(range(n))
-    k = int(rng.choice(free)) if kind == "operation_forward" else int(rng.integers(n))
+    k = int(rng.choice(free))
     new_op = str(rng.choice([o for o in stepmath.OPS if o != ops[k]]))
     written = list(ops)
     written[k] = new_op

@@ -77,6 +77,9 @@ def get_config() -> ConfigDict:
     # "policy": the evaluators start from the SFT policy (Sun et al. 2024); "init": a fresh
     # backbone; "blind": their own backbone SFT'd with the goal hidden (stages/reward_models.py)
     c.reward_models.backbone = "policy"
+    # > 0: that many verifier-labelled corrupted easy solutions per real PRM record (policy-like
+    # failures, e.g. the last step's result written as the target; algorithms/failure_augment.py)
+    c.reward_models.augment_failures = 0.0
     c.reward_models.prm_label_span = "end"  # "end" | "around" | "step" (e2h's every-token BCE)
     c.reward_models.train = ConfigDict()
     c.reward_models.train.steps = 150

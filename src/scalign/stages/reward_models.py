@@ -47,6 +47,12 @@ the easy-trained PRM's solution-level ROC-AUC on hard problems was 0.51 while it
 (pooled over all steps) was 0.98. A backbone trained with the goal hidden must compute each
 step's result from its inputs, so checking the last step is the same local arithmetic as
 checking any other. It sees only easy demonstrations, like the policy.
+`augment_failures` (float, default 0.0 = off): with label_source "verifier" on stepmath, add
+about that many verifier-labelled *failing* solutions per real PRM record, made from the same
+easy problems' correct solutions (gold or verified samples) by changing one step's operation or
+operand while its written result is kept, or set to the goal (`algorithms.failure_augment`):
+the policy-like last-step failures ("4+4=6" for target 6) the PRM does not learn to catch from
+the policy's own samples alone. PRM (and OPRM's PRM part) only; ORM data unchanged.
 Artifacts: `reward_models` = {kind: (ModelConfig, params)}, saved under
 `stages/reward_models/<kind>/`.
 """
@@ -60,6 +66,7 @@ import math
 import jax
 import ml_collections
 
+from scalign.algorithms.failure_augment import augment_records
 from scalign.algorithms.reward_labels import (
     LabelStats,
     assert_levels,
@@ -173,6 +180,20 @@ class RewardModelsStage(Stage):
             if "sft" not in config:
                 errors.append("config.reward_models.backbone='blind' trains with the config.sft "
                               "recipe: config.sft is missing")
+        augment = cfg.get("augment_failures", 0.0)
+        if isinstance(augment, bool) or not isinstance(augment, (int, float)) \
+                or not math.isfinite(augment) or augment < 0:
+            errors.append(f"config.reward_models.augment_failures must be a number >= 0 "
+                          f"(corrupted easy solutions per real PRM record; 0 = off), got "
+                          f"{augment!r}")
+        elif augment > 0:
+            if source != "verifier":
+                errors.append("config.reward_models.augment_failures > 0 needs "
+                              "label_source='verifier' (it corrupts the sampled problems' "
+                              "correct solutions and labels them with the verifier)")
+            if config.get("data", {}).get("domain", "stepmath") != "stepmath":
+                errors.append("config.reward_models.augment_failures > 0 needs the stepmath "
+                              "domain (a step verifier to label the corrupted solutions)")
         if cfg.get("after_first_error", "drop") not in ("drop", "keep"):
             errors.append("config.reward_models.after_first_error must be 'drop' or 'keep'")
 
@@ -183,8 +204,7 @@ class RewardModelsStage(Stage):
         if cfg.get("label_source", "verifier") == "prm800k":
             records, stats, extra_rows = self._prm800k_records(ctx)
         else:
-            records, stats = self._verifier_records(ctx)
-            extra_rows = []
+            records, stats, extra_rows = self._verifier_records(ctx)
         for kind in cfg.evaluators:
             assert_levels(records[kind], levels)  # the premise: no hard-level supervision
         by_level = collections.Counter(int(r["level"]) for r in records["oprm"])
@@ -203,8 +223,10 @@ class RewardModelsStage(Stage):
         self._report(ctx, levels, stats, histories, {k: len(v) for k, v in records.items()},
                      by_level, extra_rows)
 
-    def _verifier_records(self, ctx: Context) -> tuple[dict, LabelStats]:
-        """Label policy samples of easy train problems with the domain's verifier."""
+    def _verifier_records(self, ctx: Context) -> tuple[dict, LabelStats, list[dict]]:
+        """Label policy samples of easy train problems with the domain's verifier (plus,
+        with `augment_failures` > 0, verifier-labelled corruptions of their correct
+        solutions: `augment_records`)."""
         cfg = ctx.config.reward_models
         model, policy_params = ctx.need("policy")
         tokenizer = ctx.need("tokenizer")
@@ -218,11 +240,18 @@ class RewardModelsStage(Stage):
             key=ctx.key(self.name, "labels"), temperature=float(cfg.temperature),
             max_new_tokens=int(cfg.max_new_tokens), batch_rows=int(cfg.get("batch_size", 256)),
             desc="label samples")
-        return build_reward_records(
+        records, stats = build_reward_records(
             solutions, domain, tokenizer.token_bytes(), solutions.prompt_ids,
             after_first_error=cfg.get("after_first_error", "drop"),
             max_ratio=float(cfg.get("max_ratio", 3.0)),
             keep_one_class=int(cfg.get("keep_one_class", 2)), seed=int(ctx.config.seed))
+        fraction = float(cfg.get("augment_failures", 0.0))
+        if fraction <= 0:
+            return records, stats, []
+        records, rows = augment_records(records, solutions, domain, tokenizer, fraction,
+                                        after_first_error=cfg.get("after_first_error", "drop"),
+                                        seed=int(ctx.config.seed))
+        return records, stats, rows
 
     def _prm800k_records(self, ctx: Context) -> tuple[dict, LabelStats, list[dict]]:
         """PRM800K human labels of easy train problems (see the module docstring)."""
@@ -335,7 +364,11 @@ class RewardModelsStage(Stage):
         md = [f"## Reward models trained on levels {list(levels)} only", "",
               f"{source}; PRM labels "
               f"{cfg.get('after_first_error', 'drop')} after the first wrong step; ORM data "
-              f"balanced to at most {float(cfg.get('max_ratio', 3.0)):g}:1 per problem.", "",
+              f"balanced to at most {float(cfg.get('max_ratio', 3.0)):g}:1 per problem."
+              + (f" PRM data augmented with verifier-labelled failing corruptions of the same "
+                 f"easy problems' correct solutions ({float(cfg.augment_failures):g} per real "
+                 f"record requested; rows augment_*)."
+                 if float(cfg.get("augment_failures", 0.0)) > 0 else ""), "",
               markdown_table(rows, ["metric", "value"]), ""]
         if any(xs for xs, _ in series.values()):
             md += [f"![reward model loss]({ctx.report.rel(fig)})", ""]

@@ -30,6 +30,20 @@ def _hidden_and_grad(config, params, tokens, key_start):
     return h, val, g
 
 
+def _assert_impl_matches_einsum(ref_cfg, impl, params, tokens, key_start):
+    """Hidden states on the real (unpadded) rows, the loss and every gradient of
+    `attention_impl=impl` equal the einsum path's."""
+    h0, v0, g0 = _hidden_and_grad(ref_cfg, params, tokens, key_start)
+    h1, v1, g1 = _hidden_and_grad(ref_cfg.replace(attention_impl=impl), params, tokens,
+                                  key_start)
+    valid = np.arange(tokens.shape[1])[None] >= np.asarray(key_start)[:, None]
+    np.testing.assert_allclose(np.asarray(h1)[valid], np.asarray(h0)[valid], rtol=2e-5,
+                               atol=2e-5)
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("windowed", [False, True])
 def test_dot_product_matches_einsum(windowed):
     kw = dict(sliding_window=5, layer_types=("local", "global")) if windowed else {}
@@ -37,15 +51,7 @@ def test_dot_product_matches_einsum(windowed):
     params = init_params(ref_cfg, jax.random.PRNGKey(0))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (3, 12)), jnp.int32)
     key_start = jnp.asarray([0, 3, 7], jnp.int32)  # left padding on two rows
-    h0, v0, g0 = _hidden_and_grad(ref_cfg, params, tokens, key_start)
-    h1, v1, g1 = _hidden_and_grad(ref_cfg.replace(attention_impl="dot_product"), params,
-                                  tokens, key_start)
-    valid = np.arange(12)[None] >= np.asarray(key_start)[:, None]
-    np.testing.assert_allclose(np.asarray(h1)[valid], np.asarray(h0)[valid], rtol=2e-5,
-                               atol=2e-5)
-    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
+    _assert_impl_matches_einsum(ref_cfg, "dot_product", params, tokens, key_start)
 
 
 def test_invalid_attention_impls_are_refused():
@@ -81,15 +87,7 @@ def test_splash_matches_einsum_with_padding_windows_and_softcap():
     params = init_params(ref_cfg, jax.random.PRNGKey(0))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 12)), jnp.int32)
     key_start = jnp.asarray([0, 4], jnp.int32)
-    h0, v0, g0 = _hidden_and_grad(ref_cfg, params, tokens, key_start)
-    h1, v1, g1 = _hidden_and_grad(ref_cfg.replace(attention_impl="splash"), params, tokens,
-                                  key_start)
-    valid = np.arange(12)[None] >= np.asarray(key_start)[:, None]
-    np.testing.assert_allclose(np.asarray(h1)[valid], np.asarray(h0)[valid], rtol=2e-5,
-                               atol=2e-5)
-    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
+    _assert_impl_matches_einsum(ref_cfg, "splash", params, tokens, key_start)
 
 
 @pytest.mark.slow

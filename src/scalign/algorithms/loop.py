@@ -705,30 +705,6 @@ def shared_prompt_rows(batch: dict[str, np.ndarray], group_size: int, prompt_wid
     return out
 
 
-def _shared_prompt_rows(tokens: np.ndarray, mask: np.ndarray, start: np.ndarray,
-                        pairs: np.ndarray, width: int
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-    """Packed rows [R, T] split at `start` into prompts left-padded to `width` and responses
-    [R, T - width]; None when a prompt or a response does not fit, or a pair's rows differ in
-    their prompt (then the concatenated layout is used)."""
-    R, T = tokens.shape
-    ends = np.where(mask.any(1), T - np.argmax(mask[:, ::-1] > 0, axis=1), start)
-    if width <= 0 or width >= T or (start > width).any() or (ends - start > T - width).any():
-        return None
-    for c, r in pairs:
-        if start[c] != start[r] or not np.array_equal(tokens[c, :start[c]], tokens[r, :start[r]]):
-            return None
-    prompt = np.zeros((R, width), np.int32)
-    response = np.zeros((R, T - width), np.int32)
-    response_mask = np.zeros((R, T - width), np.float32)
-    for i in range(R):
-        s = int(start[i])
-        prompt[i, width - s:] = tokens[i, :s]
-        response[i, :T - s] = tokens[i, s:][:T - width]
-        response_mask[i, :T - s] = mask[i, s:][:T - width]
-    return prompt, (width - start).astype(np.int32), response, response_mask
-
-
 def pair_batches(tokens: np.ndarray, mask: np.ndarray, pairs: Sequence[tuple[int, int]], *,
                  rows: int, order: Sequence[int] | None = None,
                  ref_logps: np.ndarray | None = None,
@@ -768,8 +744,14 @@ def pair_batches(tokens: np.ndarray, mask: np.ndarray, pairs: Sequence[tuple[int
         raise ValueError(f"order indexes pairs outside 0..{len(pairs_arr) - 1}")
     shared = None
     if response_start is not None and prompt_width is not None:
-        shared = _shared_prompt_rows(tokens, mask, np.asarray(response_start), pairs_arr,
-                                     int(prompt_width))
+        rows_of = shared_prompt_rows({"tokens": tokens, "response_mask": mask,
+                                      "response_start": response_start}, 1, int(prompt_width))
+        if rows_of is not None and all(
+                np.array_equal(rows_of["prompt_tokens"][c], rows_of["prompt_tokens"][r])
+                and rows_of["prompt_start"][c] == rows_of["prompt_start"][r]
+                for c, r in pairs_arr):
+            shared = (rows_of["prompt_tokens"], rows_of["prompt_start"],
+                      rows_of["response_tokens"], rows_of["response_mask"].astype(np.float32))
     out = []
     for s in range(0, order.size, rows):
         part = order[s:s + rows]

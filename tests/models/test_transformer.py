@@ -140,6 +140,50 @@ def test_cached_decode_with_sliding_window_matches_full_forward(layer_types):
     assert np.abs(no_window - full).max() > 1e-3  # the window changes the result
 
 
+
+# ------------------------------------------------------------------ blocked attention
+@pytest.mark.parametrize("layer_types", [(), ("local", "global")])
+def test_blocked_attention_matches_one_block_and_the_cached_prefill(layer_types):
+    """`attention_block` (query blocks that skip the tiles above the causal diagonal, softmax
+    normalised after p.v) gives the same logits and gradients as one block, and the same logits
+    as a cached prefill (a separate code path: one softmax over every slot), with left padding,
+    a soft-cap, grouped-query heads and sliding windows; block sizes that do and do not divide T."""
+    config = _tiny(layer_types=layer_types, sliding_window=4 if layer_types else None,
+                   attn_softcap=20.0, attention_block=0)
+    key = jax.random.PRNGKey(3)
+    params = jax.tree.map(lambda x: x * 4.0 if x.ndim >= 2 else x, init_params(config, key))
+    T = 13
+    tokens = jnp.asarray(jax.random.randint(key, (2, T), 1, config.vocab_size))
+    key_start = jnp.asarray([0, 4], jnp.int32)
+
+    def run(block):
+        c = config.replace(attention_block=block)
+
+        def loss(p):
+            hidden, _ = forward(c, p, tokens, key_start=key_start)
+            out = lm_logits(c, p, hidden)
+            return jnp.sum(jnp.where(jnp.arange(T)[None, :, None] >= key_start[:, None, None],
+                                     jnp.sin(out), 0.0)), out
+
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return np.asarray(out), grads
+
+    one, one_grads = run(0)
+    hidden, _ = forward(config, params, tokens, cache=init_cache(config, 2, T), cache_index=0,
+                        key_start=key_start)
+    cached = np.asarray(lm_logits(config, params, hidden))
+    for b, start in enumerate([0, 4]):
+        np.testing.assert_allclose(one[b, start:], cached[b, start:], atol=2e-4)
+    for block in (1, 4, 5, 64):
+        out, grads = run(block)
+        for b, start in enumerate([0, 4]):
+            np.testing.assert_allclose(out[b, start:], one[b, start:], atol=2e-4)
+        for g, g1 in zip(jax.tree.leaves(grads), jax.tree.leaves(one_grads)):
+            np.testing.assert_allclose(g, g1, atol=2e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="attention_block"):
+        config.replace(attention_block=-1)
+
+
 # ------------------------------------------------------------------------ config
 def test_rope_scaling_config_is_checked():
     with pytest.raises(ValueError, match=r"needs key\(s\) \['original_max_position_embeddings'\]"):

@@ -299,6 +299,43 @@ def _splash_attention(c: ModelConfig, q: Array, k: Array, v: Array, q_slots: Arr
     return constrain(out[:, :T].astype(dt), ("act_batch", "act_length", "act_heads", None))
 
 
+def _blocked_attention(c: ModelConfig, qg: Array, k: Array, v: Array, q_slots: Array,
+                       key_start: Array, window: int | Array | None) -> Array:
+    """Uncached einsum attention (`attention_impl` "einsum"), in query blocks of
+    `c.attention_block` positions (0: one block). Block [lo, hi) attends to keys [0, hi) only:
+    no key after its last query is visible (`attention_mask`), so the tiles above the causal
+    diagonal are skipped. Within a block the G query heads sharing a KV head are stacked as
+    rows, [B, K, G*t, Dh] x [B, K, Dh, hi], one batched GEMM per product (XLA:CPU ran the
+    [B, T, K, G, Dh] form with G minor through ~2x slower dots and transposes). Softmax with
+    late normalisation: p = exp(s - max s), out = (p v) / sum p (the max is a constant for the
+    gradient: softmax is shift-invariant), dividing [.., Dh] outputs instead of [.., S] scores.
+    Scores and softmax in float32; p v in the compute dtype with float32 accumulation.
+    qg [B, T, K, G, Dh] (scaled queries), k/v [B, T, K, Dh] -> [B, T, H, Dh]."""
+    dt = c.compute_dtype
+    B, T, K, G, Dh = qg.shape
+    step = c.attention_block or T
+    keys, values = k.astype(dt).transpose(0, 2, 1, 3), v.astype(dt).transpose(0, 2, 1, 3)
+    outs = []
+    for lo in range(0, T, step):
+        hi = min(T, lo + step)
+        t = hi - lo
+        rows = qg[:, lo:hi].transpose(0, 2, 3, 1, 4).reshape(B, K, G * t, Dh)
+        scores = jax.lax.dot_general(rows, keys[:, :, :hi], (((3,), (3,)), ((0, 1), (0, 1))),
+                                     preferred_element_type=jnp.float32)
+        scores = _softcap(scores.reshape(B, K, G, t, hi), c.attn_softcap)
+        mask = attention_mask(q_slots[lo:hi], hi, key_start, window)  # [B, t, hi]
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        p = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+        total = jnp.sum(p, axis=-1).reshape(B, K, G * t, 1)
+        out = jax.lax.dot_general(p.reshape(B, K, G * t, hi).astype(dt), values[:, :, :hi],
+                                  (((3,), (2,)), ((0, 1), (0, 1))),
+                                  preferred_element_type=jnp.float32)
+        out = (out / total).astype(dt).reshape(B, K, G, t, Dh).transpose(0, 3, 1, 2, 4)
+        outs.append(out.reshape(B, t, K * G, Dh))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    return constrain(out, ("act_batch", "act_length", "act_heads", None))
+
+
 # ------------------------------------------------------------------------ modules
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * (offset + w), computed in float32 (Zhang & Sennrich 2019)."""
@@ -361,46 +398,44 @@ class Attention(nn.Module):
                                  in_axes=2)
             return y, None
         qg = (q.astype(jnp.float32) * c.attention_scale).astype(dt).reshape(B, T, K, G, Dh)
-        if cache is not None:
-            k_all = jax.lax.dynamic_update_slice(
-                cache["k"], k.transpose(0, 2, 3, 1).astype(cache["k"].dtype),
-                (0, 0, 0, cache_index))
-            v_all = jax.lax.dynamic_update_slice(
-                cache["v"], v.swapaxes(1, 2).astype(cache["v"].dtype), (0, 0, cache_index, 0))
-            k_all = constrain(k_all, CACHE_AXES["k"])
-            v_all = constrain(v_all, CACHE_AXES["v"])
-            new_cache = {"k": k_all, "v": v_all}
-            if T == 1:  # a decode step: the injected op may have its own one-token attention
-                hi = q_slots[0]  # the visible slots of `attention_mask`
-                lo = key_start if window is None else jnp.maximum(key_start, hi - window + 1)
-                out = self.ops.decode_attention(qg.reshape(B, K, G, Dh), k_all, v_all, lo, hi,
-                                                softcap=c.attn_softcap, dtype=dt)
-                if out is not None:
-                    y = self.ops.project(out.reshape(B, T, H, Dh), wo, dt, in_axes=2)
-                    return y, new_cache
-            S, vs = k_all.shape[3], "bksd"  # keys [B, K, Dh, S], values [B, K, S, Dh]
-            # q as the left operand, [B, K, G*T, Dh] x [B, K, Dh, S]: jnp.einsum put the cache on
-            # the left, a transposed-A product that ran 1.4x slower than this one
-            qk = qg.transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)
-            scores = jax.lax.dot_general(qk, k_all.astype(dt), (((3,), (2,)), ((0, 1), (0, 1))),
-                                         preferred_element_type=jnp.float32)
-            scores = scores.reshape(B, K, G, T, S)
-        else:
-            v_all, new_cache = v, None
-            S, vs = T, "bskd"
-            scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(dt),
-                                preferred_element_type=jnp.float32)
+        if cache is None:
+            out = _blocked_attention(c, qg, k, v, q_slots, key_start, window)
+            return self.ops.project(out, wo, dt, in_axes=2), None
+        k_all = jax.lax.dynamic_update_slice(
+            cache["k"], k.transpose(0, 2, 3, 1).astype(cache["k"].dtype),
+            (0, 0, 0, cache_index))
+        v_all = jax.lax.dynamic_update_slice(
+            cache["v"], v.swapaxes(1, 2).astype(cache["v"].dtype), (0, 0, cache_index, 0))
+        k_all = constrain(k_all, CACHE_AXES["k"])
+        v_all = constrain(v_all, CACHE_AXES["v"])
+        new_cache = {"k": k_all, "v": v_all}
+        if T == 1:  # a decode step: the injected op may have its own one-token attention
+            hi = q_slots[0]  # the visible slots of `attention_mask`
+            lo = key_start if window is None else jnp.maximum(key_start, hi - window + 1)
+            out = self.ops.decode_attention(qg.reshape(B, K, G, Dh), k_all, v_all, lo, hi,
+                                            softcap=c.attn_softcap, dtype=dt)
+            if out is not None:
+                y = self.ops.project(out.reshape(B, T, H, Dh), wo, dt, in_axes=2)
+                return y, new_cache
+        S = k_all.shape[3]  # keys [B, K, Dh, S], values [B, K, S, Dh]
+        # q as the left operand, [B, K, G*T, Dh] x [B, K, Dh, S]: jnp.einsum put the cache on
+        # the left, a transposed-A product that ran 1.4x slower than this one
+        qk = qg.transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)
+        scores = jax.lax.dot_general(qk, k_all.astype(dt), (((3,), (2,)), ((0, 1), (0, 1))),
+                                     preferred_element_type=jnp.float32)
+        scores = scores.reshape(B, K, G, T, S)
         scores = _softcap(scores, c.attn_softcap)
         mask = attention_mask(q_slots, S, key_start, window)  # [B, T, S]
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         # batch dims (b, k) leading in the output, so XLA CPU runs one batched GEMM (an output in
         # btkgd order fell back to a ~2x slower generic dot); the transpose is activation-sized
-        out = _matmul(f"bkgts,{vs}->bkgtd", probs, v_all, dt)
+        out = _matmul("bkgts,bksd->bkgtd", probs, v_all, dt)
         out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
         y = self.ops.project(out, wo, dt, in_axes=2)
         return y, new_cache
+
 
 class MLP(nn.Module):
     """Gated MLP: down(act(x W_gate) * (x W_up)) (SwiGLU / GeGLU, Shazeer 2020)."""

@@ -208,4 +208,7 @@ def _run_seeds(config, seeds: list[int]) -> None:
 
 
 if __name__ == "__main__":
+    from scalign.hostenv import reexec_with_malloc_tuning
+
+    reexec_with_malloc_tuning()  # glibc malloc on huge pages (scalign.hostenv), before JAX
     app.run(main, flags_parser=_parse_flags)

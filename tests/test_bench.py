@@ -149,3 +149,34 @@ def test_tuned_cpu_flags_run_a_training_step_in_a_fresh_process():
         outs.append(run.stdout.split("\n"))
     assert outs[1][0] == "[]"
     assert abs(float(outs[0][1]) - float(outs[1][1])) <= 1e-5 * abs(float(outs[1][1]))
+
+
+def test_malloc_tuning_env_sets_the_hugetlb_tunable_once():
+    from scalign.hostenv import HUGETLB_TUNABLE, malloc_tuning_env, reexec_with_malloc_tuning
+
+    thp = "always [madvise] never\n"
+    env = malloc_tuning_env({"PATH": "/bin"}, libc=(2, 36), thp=thp)
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": HUGETLB_TUNABLE}
+    # the restarted process sees the tunable and does not restart again
+    assert malloc_tuning_env(env, libc=(2, 36), thp=thp) is None
+    kept = malloc_tuning_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, libc=(2, 36),
+                             thp=thp)
+    assert kept["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{HUGETLB_TUNABLE}"
+    assert malloc_tuning_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, libc=(2, 36),
+                             thp=thp) is None  # the user's value wins
+    assert malloc_tuning_env({"SCALIGN_MALLOC_TUNING": "0"}, libc=(2, 36), thp=thp) is None
+    assert malloc_tuning_env({}, libc=(2, 31), thp=thp) is None  # tunable unknown before 2.35
+    assert malloc_tuning_env({}, libc=(2, 36), thp="always madvise [never]\n") is None
+    calls = []
+    import os
+
+    saved = os.environ.get("GLIBC_TUNABLES")
+    try:
+        os.environ["GLIBC_TUNABLES"] = HUGETLB_TUNABLE  # already tuned: no restart
+        assert reexec_with_malloc_tuning(exec_fn=lambda *a: calls.append(a)) is False
+    finally:
+        if saved is None:
+            os.environ.pop("GLIBC_TUNABLES")
+        else:
+            os.environ["GLIBC_TUNABLES"] = saved
+    assert calls == []

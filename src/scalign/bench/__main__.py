@@ -36,4 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from scalign.hostenv import reexec_with_malloc_tuning
+
+    reexec_with_malloc_tuning()  # glibc malloc on huge pages, as the launcher runs
     sys.exit(main())

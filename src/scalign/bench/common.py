@@ -60,14 +60,16 @@ def model_config_from_spec(m: dict[str, Any], **overrides: Any) -> ModelConfig:
     return cfg.replace(**overrides) if overrides else cfg
 
 
-MODEL_OVERRIDES = ("dtype", "param_dtype", "remat", "attention_impl")
+MODEL_OVERRIDES = ("dtype", "param_dtype", "remat", "attention_impl", "attention_block")
+_INT_OVERRIDES = ("attention_block",)
 
 
 def bench_model_config(m: dict[str, Any], extra: dict[str, Any]) -> ModelConfig:
     """The workload's model, or `--extra model=PRESET` (a `models.presets` name: NOT the spec's
     workload, for scale checks such as the GPU MFU of `llama3_2_1b`), with `--extra` overrides of
-    `MODEL_OVERRIDES` (dtype, param_dtype, remat, attention_impl)."""
-    overrides = {k: extra[k] for k in MODEL_OVERRIDES if k in extra}
+    `MODEL_OVERRIDES` (dtype, param_dtype, remat, attention_impl, attention_block)."""
+    overrides = {k: int(extra[k]) if k in _INT_OVERRIDES else extra[k]
+                 for k in MODEL_OVERRIDES if k in extra}
     if "model" in extra:
         from scalign.models import presets
 
@@ -172,6 +174,9 @@ def emit(workload: str, metric: str, value: float, unit: str, **extra: Any) -> d
     line = {"system": "scalign", "workload": workload, "metric": metric, "value": value,
             "unit": unit, "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, **extra}
+    for var in ("GLIBC_TUNABLES", "XLA_FLAGS"):  # host settings the numbers depend on
+        if os.environ.get(var):
+            line.setdefault("host_env", {})[var] = os.environ[var]
     print(json.dumps(line), flush=True)
     return line
 

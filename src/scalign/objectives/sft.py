@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from scalign.models.config import ModelConfig
 from scalign.models.transformer import logits as model_logits
-from scalign.objectives.common import shifted, target_log_probs
+from scalign.objectives.common import shifted, target_log_probs_and_hits
 
 
 def sft_loss(config: ModelConfig, params: Any, batch: dict[str, jax.Array],
@@ -31,11 +31,11 @@ def sft_loss(config: ModelConfig, params: Any, batch: dict[str, jax.Array],
     tokens = batch["tokens"]
     targets, mask = shifted(tokens, batch["loss_mask"])
     logits = model_logits(config, params, tokens[:, :-1])
-    logp = target_log_probs(logits, targets)
+    logp, hits = target_log_probs_and_hits(logits, targets)
     count = jnp.sum(mask)
     denom = jnp.maximum(count, 1.0)
     loss = -jnp.sum(logp * mask) / denom
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    correct = hits.astype(jnp.float32)
     metrics = {"loss": loss, "accuracy": jnp.sum(correct * mask) / denom, "num_tokens": count,
                "weight": count}
     return loss, metrics

@@ -317,7 +317,10 @@ def test_every_kind_is_exact_under_gradient_accumulation(tiny):
         assert m2[f"{kind}_loss"] == pytest.approx(m1[f"{kind}_loss"], rel=1e-5, abs=1e-6), kind
     assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-5)
     for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
-        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+        # float32 rounding scales with the leaf: the embedding's entries reach ~4 and its
+        # summed gradient differs by ~5e-6 between the two batch shapes; a wrong micro-batch
+        # weighting would be off by a factor, orders above this bound
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=2e-6 * max(1.0, np.abs(x).max()))
 
 
 def test_every_kind_plugs_into_the_train_step(tiny):

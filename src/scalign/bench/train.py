@@ -9,6 +9,7 @@ spec (6 * matmul params + 12 * L * T * H * Dh).
 `--extra` options beyond the spec (the line's `notes` say the run is not the spec's workload):
 `model=PRESET` (a `models.presets` name, e.g. `llama3_2_1b`), `dtype=bfloat16`,
 `param_dtype=`, `remat=none|full|dots`, `attention_impl=einsum|dot_product|cudnn`,
+`attention_block=N` (query block of the einsum attention; 0 = one block),
 `batch=`, `seq_len=`, `warmup_steps=`, `timed_steps=`; `peak_n=N` (side of the peak probe's
 matmul, default 2048; 8192 on a GPU) — the probe runs in the compute dtype with float32
 accumulation, so a bf16 run's MFU is against the measured bf16 peak; `peak_tflops=X` adds

@@ -181,9 +181,10 @@ def activation_bytes(model, rows: int, length: int, tensor: int, remat: str,
     remat "none" keeps everything of every layer; "dots" keeps every layer's matmul outputs
     plus one layer's everything; "full" keeps every layer's input (b T D a) plus one layer's
     everything. Plus the f32 logits and their gradient:
-      logits="full"     b T V 4 * 2 / t              (SFT: the full [b, T, V] logits)
-      logits="chunked"  b C V 4 * 2 / t              (`objectives.logprobs`: the LM head on C
-                                                      positions at a time, rematerialised)
+      logits="full"     b T V 4 * 2 / t              (the full [b, T, V] logits)
+      logits="chunked"  b C V 4 * 2 / t              (`objectives.logprobs`, SFT included: the
+                                                      LM head on C positions at a time,
+                                                      rematerialised; C = T when it fits)
       logits="none"     0                            (a scalar head: reward and value models)
     """
     a = 2 if "bfloat16" in str(model.dtype) else 4
@@ -631,11 +632,10 @@ def plan_step(spec: StepSpec, model, mesh, *, reward_model=None,
     opt_bytes = _shard_bytes(optax.tree_map_params(optimizer, lambda x: x, state.opt_state))
     rows = spec.rows // A // div  # rows per device in one forward (a pair is 2 rows)
     T = spec.length
-    if spec.kind == "sft":
-        logits, chunk = "full", None
-    elif spec.kind in ("reward", "value"):
+    if spec.kind in ("reward", "value"):
         logits, chunk = "none", None
-    else:  # `objectives.logprobs.token_log_probs`: the LM head on `chunk` positions at a time
+    else:  # SFT and the log-prob losses (`objectives.logprobs`): the LM head on `chunk`
+        # positions at a time
         logits = "chunked"
         chunk = spec.option("logprob_chunk") or auto_chunk(spec.rows // A, T - 1, m.vocab_size)
     act = activation_bytes(m, rows, T, mesh.shape["tensor"], m.remat, logits, chunk)

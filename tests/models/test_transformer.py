@@ -178,7 +178,7 @@ def test_blocked_attention_matches_one_block_and_the_cached_prefill(layer_types)
         out, grads = run(block)
         for b, start in enumerate([0, 4]):
             np.testing.assert_allclose(out[b, start:], one[b, start:], atol=2e-4)
-        for g, g1 in zip(jax.tree.leaves(grads), jax.tree.leaves(one_grads)):
+        for g, g1 in zip(jax.tree.leaves(grads), jax.tree.leaves(one_grads), strict=True):
             np.testing.assert_allclose(g, g1, atol=2e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="attention_block"):
         config.replace(attention_block=-1)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from scalign.models.config import ModelConfig
 from scalign.models.transformer import forward, lm_logits
-from scalign.objectives.common import target_log_probs
+from scalign.objectives.common import target_log_probs_and_hits
 
 DEFAULT_LOGITS_BUDGET = 1 << 24  # float32 elements of one [B, chunk, V] logits block (64 MiB)
 
@@ -40,20 +40,23 @@ def auto_chunk(batch: int, length: int, vocab: int, budget: int = DEFAULT_LOGITS
     return int(max(1, min(length, budget // max(batch * vocab, 1))))
 
 
-def _target_log_probs(config: ModelConfig, params: Any, hidden: jax.Array,
-                      targets: jax.Array) -> jax.Array:
-    """log softmax(lm_logits(hidden))[targets]: hidden [B, C, D], targets [B, C] -> [B, C]."""
-    return target_log_probs(lm_logits(config, params, hidden), targets)  # via [B, C, V]
+def _target_log_probs_and_hits(config: ModelConfig, params: Any, hidden: jax.Array,
+                               targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """log softmax(lm_logits(hidden))[targets] and top-1 hits: hidden [B, C, D], targets [B, C]
+    -> float32 [B, C], bool [B, C] (via one [B, C, V] logits block)."""
+    return target_log_probs_and_hits(lm_logits(config, params, hidden), targets)
 
 
-def log_probs_from_hidden(config: ModelConfig, params: Any, hidden: jax.Array,
-                          targets: jax.Array, *, chunk: int | None = None) -> jax.Array:
-    """log p(targets[b, t]) from the hidden state that predicts it: hidden [B, T, D] and
-    targets [B, T] -> float32 [B, T], chunked over T (see the module docstring)."""
+def log_probs_and_hits_from_hidden(config: ModelConfig, params: Any, hidden: jax.Array,
+                                   targets: jax.Array, *, chunk: int | None = None
+                                   ) -> tuple[jax.Array, jax.Array]:
+    """log p(targets[b, t]) from the hidden state that predicts it, and whether the target is
+    a top-1 token there: hidden [B, T, D] and targets [B, T] -> float32 [B, T], bool [B, T],
+    chunked over T (see the module docstring). SFT's loss and accuracy come from this."""
     B, T = targets.shape
     C = chunk or auto_chunk(B, T, config.vocab_size)
     if C >= T:
-        return _target_log_probs(config, params, hidden, targets)
+        return _target_log_probs_and_hits(config, params, hidden, targets)
     n = -(-T // C)
     pad = n * C - T
     h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n, C, hidden.shape[-1])
@@ -61,13 +64,21 @@ def log_probs_from_hidden(config: ModelConfig, params: Any, hidden: jax.Array,
 
     @jax.checkpoint
     def one(h_c, y_c):
-        return _target_log_probs(config, params, h_c, y_c)
+        return _target_log_probs_and_hits(config, params, h_c, y_c)
 
     def body(_, xs):
         return None, one(*xs)
 
-    _, out = jax.lax.scan(body, None, (h.swapaxes(0, 1), y.swapaxes(0, 1)))  # [n, B, C]
-    return out.swapaxes(0, 1).reshape(B, n * C)[:, :T]
+    _, (lp, hits) = jax.lax.scan(body, None, (h.swapaxes(0, 1), y.swapaxes(0, 1)))  # [n, B, C]
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * C)[:, :T]  # noqa: E731
+    return unchunk(lp), unchunk(hits)
+
+
+def log_probs_from_hidden(config: ModelConfig, params: Any, hidden: jax.Array,
+                          targets: jax.Array, *, chunk: int | None = None) -> jax.Array:
+    """log p(targets[b, t]) from the hidden state that predicts it: hidden [B, T, D] and
+    targets [B, T] -> float32 [B, T], chunked over T (see the module docstring)."""
+    return log_probs_and_hits_from_hidden(config, params, hidden, targets, chunk=chunk)[0]
 
 
 def token_log_probs(config: ModelConfig, params: Any, tokens: jax.Array, *,

@@ -171,7 +171,7 @@ class StepSpec:
 
 
 def activation_bytes(model, rows: int, length: int, tensor: int, remat: str,
-                     logits: str = "full", chunk: int | None = None) -> int:
+                     logits: str = "chunked", chunk: int | None = None) -> int:
     """An analytic estimate of the activations one device keeps for the backward pass.
 
     Per layer, with b rows, T tokens, width D, MLP width F, H query / K kv heads of size d,
@@ -181,10 +181,9 @@ def activation_bytes(model, rows: int, length: int, tensor: int, remat: str,
     remat "none" keeps everything of every layer; "dots" keeps every layer's matmul outputs
     plus one layer's everything; "full" keeps every layer's input (b T D a) plus one layer's
     everything. Plus the f32 logits and their gradient:
-      logits="full"     b T V 4 * 2 / t              (the full [b, T, V] logits)
       logits="chunked"  b C V 4 * 2 / t              (`objectives.logprobs`, SFT included: the
                                                       LM head on C positions at a time,
-                                                      rematerialised; C = T when it fits)
+                                                      rematerialised; chunk None: C = T)
       logits="none"     0                            (a scalar head: reward and value models)
     """
     a = 2 if "bfloat16" in str(model.dtype) else 4
@@ -194,7 +193,7 @@ def activation_bytes(model, rows: int, length: int, tensor: int, remat: str,
     every = dots + b * T * (4 * D + F) * a + b * max(H // tensor, 1) * T * T * (4 + a)
     L = model.n_layers
     saved = {"none": L * every, "dots": L * dots + every, "full": L * b * T * D * a + every}
-    positions = {"full": T, "chunked": min(chunk or T, T), "none": 0}[logits]
+    positions = {"chunked": min(chunk or T, T), "none": 0}[logits]
     return int(saved[remat] + 2 * b * positions * model.vocab_size * 4 // tensor)
 
 

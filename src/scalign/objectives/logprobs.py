@@ -52,7 +52,7 @@ def log_probs_and_hits_from_hidden(config: ModelConfig, params: Any, hidden: jax
                                    ) -> tuple[jax.Array, jax.Array]:
     """log p(targets[b, t]) from the hidden state that predicts it, and whether the target is
     a top-1 token there: hidden [B, T, D] and targets [B, T] -> float32 [B, T], bool [B, T],
-    chunked over T (see the module docstring). SFT's loss and accuracy come from this."""
+    chunked over T (see the module docstring)."""
     B, T = targets.shape
     C = chunk or auto_chunk(B, T, config.vocab_size)
     if C >= T:
@@ -81,6 +81,15 @@ def log_probs_from_hidden(config: ModelConfig, params: Any, hidden: jax.Array,
     return log_probs_and_hits_from_hidden(config, params, hidden, targets, chunk=chunk)[0]
 
 
+def next_token_log_probs_and_hits(config: ModelConfig, params: Any, tokens: jax.Array, *,
+                                  chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """One causal forward over tokens[:, :-1] and the chunked LM head on its targets
+    tokens[:, 1:]: log p(tokens[b, t + 1] | tokens[b, <= t]) and top-1 hits, float32 and bool
+    [B, T - 1] (SFT's loss and accuracy; `token_log_probs` pads it to [B, T])."""
+    hidden, _ = forward(config, params, tokens[:, :-1])
+    return log_probs_and_hits_from_hidden(config, params, hidden, tokens[:, 1:], chunk=chunk)
+
+
 def token_log_probs(config: ModelConfig, params: Any, tokens: jax.Array, *,
                     chunk: int | None = None) -> jax.Array:
     """Per-token log-probs of `tokens` [B, T] under the model, float32 [B, T], column 0 = 0.
@@ -88,8 +97,7 @@ def token_log_probs(config: ModelConfig, params: Any, tokens: jax.Array, *,
     One causal forward over tokens[:, :-1]; the LM head runs `chunk` positions at a time
     (default: `auto_chunk`, a 64 MiB logits block).
     """
-    hidden, _ = forward(config, params, tokens[:, :-1])
-    lp = log_probs_from_hidden(config, params, hidden, tokens[:, 1:], chunk=chunk)
+    lp, _ = next_token_log_probs_and_hits(config, params, tokens, chunk=chunk)
     return jnp.pad(lp, ((0, 0), (1, 0)))
 
 

@@ -5,7 +5,7 @@
 where m is the batch's `loss_mask` (1 on response tokens and EOS, 0 on prompt, BOS, padding).
 The batch is `{"tokens": int32[B, T], "loss_mask": float32[B, T]}` (see `scalign.data.pipeline`).
 
-The LM head and the cross-entropy run through `objectives.logprobs.log_probs_and_hits_from_hidden`:
+The forward, LM head and cross-entropy run through `objectives.logprobs.next_token_log_probs_and_hits`:
 one [B, T, V] logits block when it fits the 64 MiB default budget (B*T*V float32 elements
 <= 2^24), otherwise `chunk` positions at a time in a rematerialised scan, so a 262k-vocab model
 (Gemma) never materialises its full logits in the forward or the backward pass.
@@ -19,9 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from scalign.models.config import ModelConfig
-from scalign.models.transformer import forward
 from scalign.objectives.common import shifted
-from scalign.objectives.logprobs import log_probs_and_hits_from_hidden
+from scalign.objectives.logprobs import next_token_log_probs_and_hits
 
 
 def sft_loss(config: ModelConfig, params: Any, batch: dict[str, jax.Array],
@@ -36,9 +35,8 @@ def sft_loss(config: ModelConfig, params: Any, batch: dict[str, jax.Array],
     """
     del rng, frozen
     tokens = batch["tokens"]
-    targets, mask = shifted(tokens, batch["loss_mask"])
-    hidden, _ = forward(config, params, tokens[:, :-1])
-    logp, hits = log_probs_and_hits_from_hidden(config, params, hidden, targets, chunk=chunk)
+    _, mask = shifted(tokens, batch["loss_mask"])
+    logp, hits = next_token_log_probs_and_hits(config, params, tokens, chunk=chunk)
     count = jnp.sum(mask)
     denom = jnp.maximum(count, 1.0)
     loss = -jnp.sum(logp * mask) / denom

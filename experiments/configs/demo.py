@@ -25,6 +25,7 @@ def get_config() -> ConfigDict:
     c.data.n_train = 4000
     c.data.n_test = 200
     c.data.tokenizer_vocab_size = 96
+    c.data.tokenizer_model_type = "bpe"  # "char" for the letter-node path designs
     c.data.tokenizer_levels = (1, 2, 3)
 
     c.model = ConfigDict()
@@ -44,6 +45,7 @@ def get_config() -> ConfigDict:
     c.sft.seq_len = 64  # reach4: bos + prompt <= 26 + response <= 36 + eos (graded99: 56)
     c.sft.grad_accum_steps = 1
     c.sft.clip_norm = 1.0
+    c.sft.exclude_goal = False  # True: the goal repeated in a demonstration is not supervised
     c.sft.log_every = 50
     c.sft.checkpoint_every = 500
     c.sft.keep_checkpoints = 2

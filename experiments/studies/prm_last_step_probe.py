@@ -1,6 +1,7 @@
 """Can the tiny PRM learn the last-step check at all? (2026-12-04)
 
-    PYTHONPATH=src .venv/bin/python experiments/studies/prm_last_step_probe.py [PRM_STEPS] [LR]
+    PYTHONPATH=src .venv/bin/python experiments/studies/prm_last_step_probe.py \
+        [PRM_STEPS] [LR] [BACKBONE policy|blind] [N_LAYERS]
 
  Synthetic policy-like failures:
 gold easy solutions (positive) vs the same with the last step's operation changed while the
@@ -38,6 +39,11 @@ from scalign.training.step import init_train_state, make_train_step
 
 PRM_STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
 LR = float(sys.argv[2]) if len(sys.argv) > 2 else 2e-3
+# "policy": the backbone SFT'd on the gold demonstrations as the policy sees them; "blind": on
+# the same demonstrations with the goal hidden (`Problem.blind_prompt`), so it computes every
+# step's result instead of copying the target into the last one
+BACKBONE = sys.argv[3] if len(sys.argv) > 3 else "policy"
+N_LAYERS = int(sys.argv[4]) if len(sys.argv) > 4 else 3
 
 
 def solution(p, rng, bad):
@@ -101,7 +107,7 @@ tok = Tokenizer.train(
 )
 train, test = records(easy, tok, rng), records(hard, tok, rng)
 easy_test = records([p for lv in (1, 2, 3) for p in spl[lv].test], tok, rng)
-model = presets.tiny(tok.vocab_size)
+model = presets.tiny(tok.vocab_size).replace(n_layers=N_LAYERS)
 mesh = parallel.single_device_mesh()
 t = time.time()
 opt = make_optimizer(
@@ -113,9 +119,10 @@ state, sh = init_train_state(
     functools.partial(init_params, model), param_logical_axes(model), opt, mesh, seed=0
 )
 step = make_train_step(make_sft_loss(model), opt, mesh, state_sharding=sh)
-it = make_sft_iterator(
-    [stepmath.to_record(p) for p in easy], tok, batch_size=16, seq_len=64, seed=0
-)
+sft_records = [stepmath.to_record(p) for p in easy]
+if BACKBONE == "blind":
+    sft_records = [{**r, "prompt": p.blind_prompt} for r, p in zip(sft_records, easy, strict=True)]
+it = make_sft_iterator(sft_records, tok, batch_size=16, seq_len=64, seed=0)
 for _ in range(1200):
     state, m = step(state, parallel.shard_batch(next(it), mesh))
 print("sft", time.time() - t, float(m["loss"]), flush=True)

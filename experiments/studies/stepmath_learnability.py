@@ -96,6 +96,32 @@ the target is search. Answers are filled chains (81 values at level 5; the most 
 answer scores 0.5%), so guessing is negligible. Easy greedy stays at chance level of the choice
 (~40%), far below the issue's 90% target; hard greedy 7-9% and hard pass@64 90-97.5% give a
 re-ranker a large margin. 1200 SFT steps took 412 s at load 7-9 (2000: 630 s).
+
+**Path designs** (2026-12-05, issue 15; `--design path5` / `path6` / `path2`, seed 0,
+`--n-train 4000 --warmup 50 --min-lr-ratio 0.05`, 40 x 32 samples at T=1; raw logs and JSON in
+`experiments/results/stepmath_path_learnability_2026-12-05/`): "Go from q to h: q>v k>g ...",
+a star of 4 arms of 5-6 letters, the target 1-6 edges down one arm; the solver's one choice is
+the first edge (it needs depth - 1 backward lookups), every later step is the current node's
+one successor. Greedy accuracy L1-5 (pass@32 every step verified):
+
+| run | greedy L1-5 (%) | pass@32 all-steps L1-5 (%) |
+|---|---|---|
+| path5 (depth 1-5), BPE tokenizer, 1200 steps | 38.5 / 0 / 0.5 / 0 / 0 | 7.5 / 0 / 0 / 0 / 0 |
+| path5, `--tokenizer-type char`, at step 1200 of 2000 | 100 / 0 / 0 / 0 / 0 | 100 / 30 / 0 / 0 / 0 |
+| path6 (depth 2-6), char, 2000 steps (at 1000: 3.5 / 0 / 0 / 0 / 0) | 5 / 0 / 0 / 0 / 0 | 32.5 / 0 / 0 / 0 / 0 |
+| path2 (depth 2 / 2 / 2 / 3 / 4), char, at step 1500 of 3000 | 0 / 4 / 0.5 / 0 / 0 | 0 / 78 / 15 / 0 / 0 |
+
+Facts: with BPE a node is two different tokens ("▁q" after a space, "q" after ">" or a line
+break) and nothing is learned; with one token per character the loss falls to ~0.2-0.3 by step
+600-800 and then stays flat. The tiny policy learns the copies the layout allows -- the source
+into the first step, the target into the last ("s>t" at depth 1, hence 100% on path5 level 1)
+-- and never the lookups: its first edge is one constant letter ("m>g", "q>g", ... on every
+path6
+problem) and its last step jumps to the target along an edge that is not listed. Neither the
+forward walk (successor of the current node) nor the backward choice is learned in 2000-3000
+steps, so no level is easy and the design gives no easy-to-hard gap at this scale; checking a
+step (one lookup) is the same unlearned skill for an evaluator of the same size. (A 4-layer
+run was stopped at step 400 for CPU; not measured.)
 """
 
 from __future__ import annotations
@@ -172,6 +198,17 @@ STUDY_DESIGNS: dict[str, stepmath.Design] = {
     "graded8": stepmath.Design("graded8", {
         **_SCHOOL, 3: _L((4,), (1,), None, (2,) * 8 + (3,) * 8 + (4, 5, 6)),
         4: _L((4,), (2,), None, (4, 5, 6)), 5: _L((4,), (3,), None, (4, 5, 6))}, modulus=7),
+    # Path designs (issue 15): the target `depth` edges down one of 4 arms; level L = depth L+1
+    # on arms of 6 (no level whose first step is the target itself).
+    "path6": stepmath.Design("path6", {lv: stepmath.PathSpec(lv + 1, arm_len=6)
+                                       for lv in range(1, 6)}),
+    # One backward lookup in every easy level (depth 2 on arms of 4 / 5 / 6), two and three in
+    # the hard ones (depth 3 / 4 on arms of 6).
+    "path2": stepmath.Design("path2", {1: stepmath.PathSpec(2, arm_len=4),
+                                       2: stepmath.PathSpec(2, arm_len=5),
+                                       3: stepmath.PathSpec(2, arm_len=6),
+                                       4: stepmath.PathSpec(3, arm_len=6),
+                                       5: stepmath.PathSpec(4, arm_len=6)}),
 }
 
 
@@ -265,12 +302,16 @@ def teacher_forced(config, params, tok: Tokenizer, problems: list[stepmath.Probl
     hits = {"result": [0, 0], "other": [0, 0]}
     for i, (a, b) in enumerate(zip(rows, resp, strict=True)):
         pieces = [tok.id_to_piece(t) for t in b]
+        first_step = len(tok.encode(problems[i].steps[0]))
         for j, t in enumerate(b):
             prev = [q for q in pieces[:j] if q != "\u2581"]
             after_eq = bool(prev) and prev[-1] in ("=", "\u2581=")
             after_answer = len(prev) >= 2 and prev[-2] == "\u2581Answer"
             digit = pieces[j].lstrip("\u2581").isdigit()
-            kind = "result" if digit and (after_eq or after_answer) else "other"
+            if isinstance(problems[i], stepmath.PathProblem):  # the choice: the first step
+                kind = "result" if j < first_step else "other"
+            else:
+                kind = "result" if digit and (after_eq or after_answer) else "other"
             pos = len(a) + j  # token t sits at `pos` and is predicted from position pos - 1
             hits[kind][0] += int(pred[i, pos - 1] == t)
             hits[kind][1] += 1
@@ -281,7 +322,11 @@ def step_stats(problem: stepmath.Problem, verdict: stepmath.Verdict) -> dict[str
     """Per operation type ("+", "-", and "*b" per multiplier b): [correct, attempted] steps up
     to and including the first error."""
     stats: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
-    for k, (op, b) in enumerate(zip(problem.ops, problem.operands, strict=True)):
+    if isinstance(problem, stepmath.PathProblem):  # the first edge is the choice, then a walk
+        kinds = [("first", 0)] + [("walk", 0)] * (problem.num_steps - 1)
+    else:
+        kinds = list(zip(problem.ops, problem.operands, strict=True))
+    for k, (op, b) in enumerate(kinds):
         op = f"*{b}" if op == "*" else op
         if verdict.first_error is not None and k > verdict.first_error:
             break
@@ -388,7 +433,8 @@ def train(design_name: str, args) -> dict[str, Any]:
     train_records = [stepmath.to_record(p) for lv in TRAIN_LEVELS for p in spl[lv].train]
     corpus = [r["prompt"] + r["response"] for r in train_records[:: max(1, len(train_records)
                                                                         // 3000)]]
-    tok = Tokenizer.train(corpus, None, vocab_size=args.vocab, user_defined_symbols=("\n\n",))
+    tok = Tokenizer.train(corpus, None, vocab_size=args.vocab, user_defined_symbols=("\n\n",),
+                          model_type=args.tokenizer_type)
     overrides = json.loads(args.model_overrides) if args.model_overrides else {}
     config = presets.get(args.model, vocab_size=tok.vocab_size, dtype=args.dtype, **overrides)
     seq_len = max(len(tok.encode(r["prompt"])) + len(tok.encode(r["response"])) + 2
@@ -454,14 +500,15 @@ def train(design_name: str, args) -> dict[str, Any]:
 
 def table(results: list[dict[str, Any]], num_samples: int) -> str:
     n = num_samples
-    lines = [f"| design | level | greedy acc | greedy all-steps | step acc | step acc (+ / - / *) "
+    lines = [f"| design | level | greedy acc | greedy all-steps | step acc | step acc (+ / - / *, or first / walk) "
              f"| sample acc | pass@{n} | pass@{n} all-steps | maj@{n} | majority baseline "
              f"| greedy first errors |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for lv, row in sorted(r["levels"].items()):
             by_op = row["step_acc_by_op"]
-            ops = " / ".join(f"{by_op[o]:.2f}" if o in by_op else "-" for o in "+-*")
+            kinds = ("first", "walk") if "first" in by_op else tuple("+-*")
+            ops = " / ".join(f"{by_op[o]:.2f}" if o in by_op else "-" for o in kinds)
             errs = ", ".join(f"{k} {v:.0%}" for k, v in list(row["first_error_types"].items())[:3])
             lines.append(f"| {r['design']} | {lv} | {row['greedy_acc']:.1%} | "
                          f"{row['greedy_all_steps']:.1%} | {row['step_acc']:.1%} | {ops} | "
@@ -478,6 +525,7 @@ def main() -> None:
     ap.add_argument("--model-overrides", default="", help='JSON, e.g. {"n_layers": 4}')
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--vocab", type=int, default=96)
+    ap.add_argument("--tokenizer-type", default="bpe", choices=("bpe", "char"))
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)

@@ -2,6 +2,7 @@
 
 import itertools
 
+import numpy as np
 import pytest
 
 from scalign.data import stepmath
@@ -98,3 +99,34 @@ def test_blind_prompt_hides_only_the_goal():
         assert b["prompt"] != r["prompt"] and {k: v for k, v in b.items() if k != "prompt"} == \
             {k: v for k, v in r.items() if k != "prompt"}
         assert b["prompt"] == stepmath.from_record(r).blind_prompt
+
+
+def test_goal_spans_cover_exactly_the_last_result_and_leave_the_sft_loss():
+    """`exclude_goal`: the last step's result (the target in every demonstration) is the only
+    response text whose tokens get loss_mask 0; chain problems have no goal to leave out."""
+    from scalign.data.pipeline import SftFeaturizer
+    from scalign.data.tokenizer import Tokenizer
+
+    for lv in (1, 3, 5):
+        p = stepmath.generate(lv, 1, seed=2, design=REACH)[0]
+        ((a, b),) = p.goal_spans
+        assert p.solution[a:b] == str(p.target)
+        assert p.solution[:b].endswith(p.steps[-1])
+    spaced = stepmath.Problem(1, 4, ("+", "*"), (7, 6), modulus=10, spaced=True, target=6,
+                              free=(0,))
+    ((a, b),) = spaced.goal_spans
+    assert spaced.solution[a:b] == "6" and spaced.solution[a - 2:a] == "= "
+    assert stepmath.generate(2, 1, seed=0, design="graded99")[0].goal_spans == ()
+    dom = StepMathDomain.build([1, 2], n_train=20, n_test=2, seed=0, design=REACH)
+    plain, masked = dom.train_records([1, 2]), dom.train_records([1, 2], exclude_goal=True)
+    tok = Tokenizer.train([r["prompt"] + r["response"] for r in plain], None, vocab_size=64,
+                          user_defined_symbols=("\n\n",))
+    feat = SftFeaturizer(tok)
+    for r, m in zip(plain, masked, strict=True):
+        assert {k: v for k, v in m.items() if k != "exclude_spans"} == r
+        full, cut = feat(r), feat(m)
+        np.testing.assert_array_equal(full["tokens"], cut["tokens"])
+        dropped = np.flatnonzero(full["loss_mask"] != cut["loss_mask"])
+        assert len(dropped) == 1 and full["loss_mask"][dropped[0]] == 1.0
+        assert tok.id_to_piece(int(cut["tokens"][dropped[0]])).lstrip("\u2581") == str(
+            stepmath.from_record(r).target)

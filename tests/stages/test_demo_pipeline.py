@@ -162,3 +162,14 @@ def test_blind_backbone_is_trained_on_goal_hidden_demos_and_reloaded(tmp_path):
     rows = {r["metric"]: r["value"] for r in
             json.loads((out / "results.json").read_text())["reward_models"]["rows"]}
     assert "backbone_final_loss" in rows and "prm_final_loss" in rows
+
+
+def test_validation_names_the_goal_and_tokenizer_keys():
+    experiment.validate(_demo(**{"sft.exclude_goal": True, "data.design": "path5",
+                                 "data.tokenizer_model_type": "char"}))
+    with pytest.raises(experiment.ConfigError, match=r"config\.data\.tokenizer_model_type"):
+        experiment.validate(_demo(**{"data.tokenizer_model_type": "wordpiece"}))
+    bad = _demo(**{"sft.exclude_goal": True})
+    bad.data.domain = "math"
+    with pytest.raises(experiment.ConfigError, match=r"config\.sft\.exclude_goal"):
+        experiment.validate(bad)

@@ -231,6 +231,9 @@ class StepMathEvolver:
         from scalign.data import stepmath
 
         self._design = stepmath.get_design(self.design)
+        if self._design.path:
+            raise ValueError(f"StepMathEvolver: design {self._design.name!r} is a path design; "
+                             f"the evolver knows chain and reach mutations only")
         allowed = REACH_MUTATIONS if self._design.search else CHAIN_MUTATIONS
         self.mutations = tuple(self.mutations or allowed)
         bad = [m for m in self.mutations if m not in allowed]

@@ -161,6 +161,9 @@ def failure_solutions(problems: Sequence[stepmath.Problem], counts: Sequence[int
     `max_attempts * counts[i]` draws. Returns the solutions in the shape `build_reward_records`
     reads (prompt ids with bos, response ids = the text's continuation ids + eos) and counts.
     """
+    if any(isinstance(p, stepmath.PathProblem) for p in problems):
+        raise ValueError("failure augmentation corrupts chain steps ('a op b = c'); it does not "
+                         "apply to path designs")
     stats = AugmentStats()
     out = LabelledSolutions([], [], [], [], [])
     token_bytes = tokenizer.token_bytes()

@@ -66,14 +66,20 @@ class StepMathDomain:
             raise KeyError(f"domain {self.name!r} has no level {level}; levels: {self.levels}")
         return self.splits[level]
 
-    def train_records(self, levels: Sequence[int], *, blind: bool = False
-                      ) -> list[dict[str, Any]]:
+    def train_records(self, levels: Sequence[int], *, blind: bool = False,
+                      exclude_goal: bool = False) -> list[dict[str, Any]]:
         """SFT records of the train problems; `blind`: prompts with the goal hidden
-        (`stepmath.Problem.blind_prompt`)."""
-        records = [stepmath.to_record(p) for lv in levels for p in self.train_problems(lv)]
+        (`stepmath.Problem.blind_prompt`); `exclude_goal`: each record carries
+        "exclude_spans" = `Problem.goal_spans` (the response characters that repeat the goal,
+        left out of the SFT loss by `SftFeaturizer`)."""
+        problems = [p for lv in levels for p in self.train_problems(lv)]
+        records = [stepmath.to_record(p) for p in problems]
         if blind:
-            blind_prompts = [p.blind_prompt for lv in levels for p in self.train_problems(lv)]
-            records = [{**r, "prompt": b} for r, b in zip(records, blind_prompts, strict=True)]
+            records = [{**r, "prompt": p.blind_prompt} for r, p in zip(records, problems,
+                                                                        strict=True)]
+        if exclude_goal:
+            records = [{**r, "exclude_spans": [list(s) for s in getattr(p, "goal_spans", ())]}
+                       for r, p in zip(records, problems, strict=True)]
         return records
 
     def prompt(self, problem: stepmath.Problem) -> str:
@@ -88,7 +94,8 @@ class StepMathDomain:
 
     def answer_key(self, answer: str | None) -> int | str | None:
         """Canonical form of an extracted answer for voting: an int, or for a search design's
-        filled chain ("3+4*5*2-6") the chain without spaces; None if not an answer."""
+        filled chain ("3+4*5*2-6") or a path design's path ("s>x>t") the text without spaces;
+        None if not an answer."""
         if answer is None:
             return None
         text = answer.strip()
@@ -98,6 +105,8 @@ class StepMathDomain:
             return int(text) if len(text) <= 32 else None
         chain = text.replace(" ", "")
         if re.fullmatch(r"\d(?:[+\-*]\d)+", chain):
+            return chain
+        if re.fullmatch(r"[a-z](?:>[a-z])+", chain):  # a path design's path ("s>x>t")
             return chain
         return None
 

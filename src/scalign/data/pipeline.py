@@ -59,7 +59,7 @@ from typing import Any, Literal, Protocol
 import grain
 import numpy as np
 
-from scalign.data.tokenizer import Tokenizer
+from scalign.data.tokenizer import Tokenizer, token_positions_of_chars
 
 OnTooLong = Literal["error", "drop", "truncate"]
 WEIGHT_KEY = "weight"
@@ -108,11 +108,17 @@ class SftFeaturizer:
     exactly the ids a sampler emits after that prompt, also for tokenizers with a dummy
     prefix), so the mask boundary is exact; the text fields may be str or UTF-8 bytes (TFDS
     text features).
+
+    A record may also carry `exclude_key` ("exclude_spans"): [start, end) character spans of
+    the response whose tokens get loss_mask 0 (every token that holds one of their
+    characters), e.g. a demonstration's result that merely repeats the question's goal
+    (`StepMathDomain.train_records(..., exclude_goal=True)`).
     """
 
     tokenizer: Tokenizer
     prompt_key: str = "prompt"
     response_key: str = "response"
+    exclude_key: str = "exclude_spans"
 
     @property
     def fields(self) -> Mapping[str, Field]:
@@ -125,7 +131,20 @@ class SftFeaturizer:
         tokens = [*prompt, *response, self.tokenizer.eos_id]
         mask = np.zeros(len(tokens), np.float32)
         mask[len(prompt):] = 1.0
+        spans = record.get(self.exclude_key) if hasattr(record, "get") else None
+        if spans is not None and len(spans):
+            chars = [c for a, b in np.asarray(spans, np.int64).reshape(-1, 2)
+                     for c in range(int(a), int(b))]
+            owners = token_positions_of_chars(response, chars, self._token_bytes())
+            mask[len(prompt) + owners] = 0.0
         return {"tokens": np.asarray(tokens, np.int32), "loss_mask": mask}
+
+    def _token_bytes(self) -> list[bytes]:
+        cached = self.__dict__.get("_bytes")
+        if cached is None:
+            cached = self.tokenizer.token_bytes()
+            object.__setattr__(self, "_bytes", cached)
+        return cached
 
 
 def _get(record: Any, key: str) -> Any:

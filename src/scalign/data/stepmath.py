@@ -48,6 +48,18 @@ and how many of the fillings reach the target, so hard problems need more search
 tiny policy learns of each design is measured by `experiments/studies/stepmath_learnability.py`
 (numbers in that script's docstring).
 
+**Path designs** (`PathSpec`, `PathProblem`; opt-in, e.g. "path5"): "Go from q to h: q>v k>g
+..." -- the question lists, in random order, the edges of a star of `arms` chains of `arm_len`
+single-letter nodes hanging off the source; the target sits `depth` edges down one arm. Steps
+are "u>v", the answer is the path ("q>b>h"). Choosing the first edge needs depth - 1 backward
+lookups from the target (Bachmann & Nagarajan 2024, "The pitfalls of next-token prediction":
+path-star graphs); checking a step is a lookup (does it start at the current node, is it
+listed, was the target already reached) and the target check a comparison at the answer. A
+node must be one token wherever it stands, so these designs need a character tokenizer
+(`config.data.tokenizer_model_type = "char"`). What a tiny policy learns of them (2026-12-05,
+`experiments/studies/stepmath_learnability.py`): not the lookups, in 2000 SFT steps; see that
+script's docstring.
+
 **Verifier.** `verify(problem, text)` labels every step of any generated solution: step k is
 correct iff it reads ``"a op b = c"`` (spaces optional) with `a` the correct running value,
 `op`/`b` the k-th operation of the question and `c = (a op b) mod M`. In a search problem `a` is
@@ -55,7 +67,10 @@ the result of the solver's own previous step and any operation is valid at a "?"
 validity, as PRM800K rates steps: a valid step that cannot reach the target is still positive),
 except the last step, whose result must be the target (`ERR_TARGET`: a local comparison with
 the question, so a chain that misses the target has a negative step); the answer is graded by
-whether the filled chain reaches the target. Labels follow the PRM800K
+whether the filled chain reaches the target. In a path problem step k is correct iff it reads
+"u>v" with u the node the path stands at and u>v a listed edge, and the path has not reached
+the target yet (`ERR_EXTRA`); a path of valid steps that stops away from the target fails at
+the answer (`ERR_TARGET`, `first_error` = the number of steps). Labels follow the PRM800K
 convention: 1 for correct steps up to the first error, 0 for the first wrong step and every
 step after it. The final answer is graded separately (`outcome_correct`), and `answer_label`
 is 1 iff every step is correct, the chain is complete and the answer is right. Malformed text
@@ -72,6 +87,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -82,6 +98,9 @@ QUESTION_TEMPLATE_RTL = "Mod {modulus}, apply right to left: {operations} to {st
 # Search layout ("reach" designs): "?" marks an operation the solver chooses.
 QUESTION_TEMPLATE_REACH = "Mod {modulus}, reach {target}: {pattern}"
 FREE_OP = "?"
+# Path layout ("path" designs): edges "u>v" of a graph whose nodes are single letters.
+QUESTION_TEMPLATE_PATH = "Go from {source} to {target}: {edges}"
+NODE_NAMES = "abcdefghijklmnopqrstuvwxyz"
 STEP_DELIMITER = "\n\n"
 ANSWER_HEADER = "# Answer"
 PROMPT_TEMPLATE = "# Question\n\n{question}\n\n# Solution\n\n"
@@ -177,6 +196,40 @@ class ReachSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class PathSpec:
+    """A level of a path design: the question lists the edges of a star of `arms` chains of
+    `arm_len` nodes each, hanging off the source; the target is the node `depth` edges down
+    one arm. Every level draws the same graph shape (same question length); only the target's
+    depth differs. The solver's one choice is the first edge, and choosing it needs `depth - 1`
+    lookups backwards from the target (which node leads to it, which to that one, ...); every
+    later step is forced (the current node's one successor), and checking any step is a local
+    lookup: does the edge start at the current node, is it in the question's list, has the path
+    already reached the target."""
+
+    depth: int
+    arms: int = 4
+    arm_len: int = 5
+
+    def __post_init__(self):
+        if self.arms < 2 or self.arm_len < 1:
+            raise ValueError(f"PathSpec needs arms >= 2 and arm_len >= 1, got arms={self.arms} "
+                             f"arm_len={self.arm_len}")
+        if not 1 <= self.depth <= self.arm_len:
+            raise ValueError(f"PathSpec.depth={self.depth} must be in 1..arm_len={self.arm_len}")
+        if 1 + self.arms * self.arm_len > len(NODE_NAMES):
+            raise ValueError(f"PathSpec: {1 + self.arms * self.arm_len} nodes do not fit the "
+                             f"{len(NODE_NAMES)} node names")
+
+    @property
+    def num_nodes(self) -> int:
+        return 1 + self.arms * self.arm_len
+
+    def shapes(self) -> set[tuple[int, int, int]]:
+        """(arms, arm_len, depth): levels of a design must not share one."""
+        return {(self.arms, self.arm_len, self.depth)}
+
+
+@dataclasses.dataclass(frozen=True)
 class Design:
     """A named level table: `LevelSpec` per level, the modulus M (values are 0..M-1) and two
     layout switches (`spaced` "3 + 4 = 0"; `reverse`: operations listed right to left, next to
@@ -186,7 +239,7 @@ class Design:
     problems."""
 
     name: str
-    levels: Mapping[int, LevelSpec | ReachSpec]
+    levels: Mapping[int, LevelSpec | ReachSpec | PathSpec]
     modulus: int = 7
     spaced: bool = False
     reverse: bool = False
@@ -197,8 +250,8 @@ class Design:
                              f"values), got {self.modulus}")
         kinds = {type(spec) for spec in self.levels.values()}
         if len(kinds) > 1:
-            raise ValueError(f"Design {self.name!r}: mixes chain (LevelSpec) and search "
-                             f"(ReachSpec) levels")
+            raise ValueError(f"Design {self.name!r}: mixes level kinds (chain LevelSpec, "
+                             f"search ReachSpec, path PathSpec)")
         owner: dict[tuple[int, int, int], int] = {}
         for level, spec in self.levels.items():
             for shape in spec.shapes():
@@ -213,7 +266,17 @@ class Design:
         """True for a "reach" design (levels are `ReachSpec`)."""
         return any(isinstance(spec, ReachSpec) for spec in self.levels.values())
 
-    def spec(self, level: int) -> LevelSpec | ReachSpec:
+    @property
+    def path(self) -> bool:
+        """True for a path design (levels are `PathSpec`)."""
+        return any(isinstance(spec, PathSpec) for spec in self.levels.values())
+
+    @property
+    def kind(self) -> str:
+        """"chain", "reach" or "path"."""
+        return "reach" if self.search else "path" if self.path else "chain"
+
+    def spec(self, level: int) -> LevelSpec | ReachSpec | PathSpec:
         if level not in self.levels:
             raise ValueError(f"design {self.name!r} has no level {level}; levels: "
                              f"{sorted(self.levels)}")
@@ -263,6 +326,12 @@ DESIGNS: dict[str, Design] = {
     "reach4": Design("reach4", {1: ReachSpec(4, 1, (1, 3)), 2: ReachSpec(4, 2, (3, 9)),
                                 3: ReachSpec(4, 2, (1, 2)), 4: ReachSpec(4, 3, (1, 3)),
                                 5: ReachSpec(4, 4, (1, 6))}, modulus=10),
+    # Path ("graph search"; Lee et al. 2025 train on mazes, Bachmann & Nagarajan 2024 on path-star
+    # graphs): 4 arms of 5 letters off the source at every level, edges listed in random order;
+    # the target sits 1-5 edges down one arm (level = depth). Choosing the first edge needs
+    # depth - 1 backward lookups from the target; checking any step is one lookup and a
+    # comparison. A random first edge is right 1 time in 4; the answer is the path.
+    "path5": Design("path5", {lv: PathSpec(lv) for lv in range(1, 6)}),
 }
 DEFAULT_DESIGN = "reach4"
 
@@ -457,6 +526,22 @@ class Problem:
                 + STEP_DELIMITER + self.answer)
 
     @property
+    def goal_spans(self) -> tuple[tuple[int, int], ...]:
+        """[start, end) character spans of `solution` that repeat the question's goal: in a
+        search problem the last step's result, which every demonstration writes as the target
+        (so a model can learn to copy it there instead of computing the step: the "Clever
+        Hans" shortcut of teacher forcing, Bachmann & Nagarajan 2024); () for a chain
+        problem."""
+        if not self.search:
+            return ()
+        last = self.steps[-1]
+        start = len(STEP_DELIMITER.join(self.steps)) - len(last)
+        result = last.rindex("=") + 1
+        while last[result] == " ":
+            result += 1
+        return ((start + result, start + len(last)),)
+
+    @property
     def key(self) -> str:
         """Identity of the problem's content (level excluded: designs keep levels disjoint)."""
         return self.question
@@ -468,13 +553,120 @@ class Problem:
         return f"stepmath-L{self.level}-{digest}"
 
 
-def to_record(problem: Problem) -> dict[str, str | int]:
+@dataclasses.dataclass(frozen=True)
+class PathProblem:
+    """One path problem ("path" designs): go from `source` to `target` along the listed edges.
+
+    `edges` are (u, v) pairs of single-letter nodes, in the question's order. The gold solution
+    is the shortest path (breadth-first, edges in question order); in the star graphs the path
+    designs draw it is the only path. Steps are "u>v", the answer the whole path ("s>x>t").
+    """
+
+    level: int
+    source: str
+    target: str
+    edges: tuple[tuple[str, str], ...]
+
+    def __post_init__(self):
+        nodes = {self.source, self.target, *(n for e in self.edges for n in e)}
+        bad = sorted(n for n in nodes if len(n) != 1 or n not in NODE_NAMES)
+        if bad:
+            raise ValueError(f"PathProblem: node names must be single letters of {NODE_NAMES!r}, "
+                             f"got {bad}")
+        if len(set(self.edges)) != len(self.edges) or any(u == v for u, v in self.edges):
+            raise ValueError("PathProblem: edges must be distinct and join two different nodes")
+        if self.source == self.target:
+            raise ValueError("PathProblem: the source must differ from the target")
+        if self.gold_path is None:
+            raise ValueError(f"PathProblem: {self.target!r} cannot be reached from "
+                             f"{self.source!r}")
+
+    search = False
+    path = True
+
+    @property
+    def successors(self) -> dict[str, tuple[str, ...]]:
+        out: dict[str, list[str]] = {}
+        for u, v in self.edges:
+            out.setdefault(u, []).append(v)
+        return {u: tuple(vs) for u, vs in out.items()}
+
+    @property
+    def gold_path(self) -> tuple[str, ...] | None:
+        """Nodes of the shortest path from source to target (None if there is none)."""
+        succ, parent = self.successors, {self.source: ""}
+        frontier = [self.source]
+        while frontier and self.target not in parent:
+            nxt = []
+            for u in frontier:
+                for v in succ.get(u, ()):
+                    if v not in parent:
+                        parent[v] = u
+                        nxt.append(v)
+            frontier = nxt
+        if self.target not in parent:
+            return None
+        path = [self.target]
+        while path[-1] != self.source:
+            path.append(parent[path[-1]])
+        return tuple(path[::-1])
+
+    def is_path(self, nodes: Sequence[str]) -> bool:
+        """Do `nodes` start at the source, end at the target and follow listed edges?"""
+        edges = set(self.edges)
+        return (len(nodes) >= 2 and nodes[0] == self.source and nodes[-1] == self.target
+                and all((u, v) in edges for u, v in itertools.pairwise(nodes)))
+
+    @property
+    def question(self) -> str:
+        return QUESTION_TEMPLATE_PATH.format(source=self.source, target=self.target,
+                                             edges=" ".join(f"{u}>{v}" for u, v in self.edges))
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        path = self.gold_path or ()
+        return tuple(f"{u}>{v}" for u, v in itertools.pairwise(path))
+
+    @property
+    def answer(self) -> str:
+        return ">".join(self.gold_path or ())
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.gold_path or ()) - 1
+
+    @property
+    def prompt(self) -> str:
+        return PROMPT_TEMPLATE.format(question=self.question)
+
+    @property
+    def blind_prompt(self) -> str:
+        """The prompt unchanged: a path's last step ends at the target only when that edge is
+        listed, so there is no result to copy (see `Problem.blind_prompt`)."""
+        return self.prompt
+
+    @property
+    def solution(self) -> str:
+        return (STEP_DELIMITER.join(self.steps) + STEP_DELIMITER + ANSWER_HEADER
+                + STEP_DELIMITER + self.answer)
+
+    @property
+    def key(self) -> str:
+        return self.question
+
+    @property
+    def uid(self) -> str:
+        digest = hashlib.sha256(self.key.encode("utf-8")).hexdigest()[:12]
+        return f"stepmath-L{self.level}-{digest}"
+
+
+def to_record(problem: Problem | PathProblem) -> dict[str, str | int]:
     """SFT record: {"prompt", "response", "level", "answer", "uid"} (pipeline convention)."""
     return {"prompt": problem.prompt, "response": problem.solution, "level": problem.level,
             "answer": problem.answer, "uid": problem.uid}
 
 
-def from_record(record: Mapping[str, object]) -> Problem:
+def from_record(record: Mapping[str, object]) -> Problem | PathProblem:
     """The `Problem` of a record written by `to_record` (or a TFDS stepmath example).
 
     Reads "prompt" (str or UTF-8 bytes) and "level"; raises ValueError naming the key if the
@@ -491,14 +683,19 @@ def from_record(record: Mapping[str, object]) -> Problem:
 _QUESTION_RE = re.compile(r"Mod (\d+), left to right: (\d)((?: ?[+\-*] ?\d)+)")
 _QUESTION_REACH_RE = re.compile(r"Mod (\d+), reach (\d): (\d)((?:[+\-*?]\d)+)")
 _QUESTION_RTL_RE = re.compile(r"Mod (\d+), apply right to left: ((?:[+\-*] ?\d ?)+) to (\d)")
+_QUESTION_PATH_RE = re.compile(r"Go from ([a-z]) to ([a-z]): ([a-z]>[a-z](?: [a-z]>[a-z])*)")
 
 
-def parse_prompt(prompt: str, *, level: int) -> Problem:
-    """Inverse of `Problem.prompt` (ValueError if `prompt` is not one)."""
+def parse_prompt(prompt: str, *, level: int) -> Problem | PathProblem:
+    """Inverse of `Problem.prompt` / `PathProblem.prompt` (ValueError if `prompt` is neither)."""
     head, tail = PROMPT_TEMPLATE.split("{question}")
     if not (prompt.startswith(head) and prompt.endswith(tail)):
         raise ValueError(f"not a stepmath prompt: {prompt[:60]!r}")
     question = prompt[len(head): len(prompt) - len(tail)]
+    m = _QUESTION_PATH_RE.fullmatch(question)
+    if m is not None:
+        edges = tuple((e[0], e[2]) for e in m.group(3).split(" "))
+        return PathProblem(level, m.group(1), m.group(2), edges)
     m = _QUESTION_REACH_RE.fullmatch(question)
     if m is not None:
         return _parse_reach(m, question, level)
@@ -614,9 +811,30 @@ def _draw_reach(level: int, design: Design, rng: _HashRng) -> Problem:
     raise RuntimeError(f"stepmath: no level-{level} problem of design {design.name!r} found")
 
 
-def _draw(level: int, design: Design, rng: _HashRng) -> Problem:
+def _draw_path(level: int, design: Design, rng: _HashRng) -> PathProblem:
+    """A star of `arms` chains of `arm_len` random distinct letters off a random source, the
+    target `depth` edges down a random arm, the edges listed in a random order."""
+    spec = design.spec(level)
+    assert isinstance(spec, PathSpec)
+    names = list(NODE_NAMES)
+    for i in range(spec.num_nodes):  # partial Fisher-Yates: the first num_nodes names, shuffled
+        j = i + rng.below(len(names) - i)
+        names[i], names[j] = names[j], names[i]
+    source, rest = names[0], names[1:spec.num_nodes]
+    arms = [rest[a * spec.arm_len:(a + 1) * spec.arm_len] for a in range(spec.arms)]
+    target = arms[rng.below(spec.arms)][spec.depth - 1]
+    edges = [(u, v) for arm in arms for u, v in itertools.pairwise([source, *arm])]
+    for i in range(len(edges) - 1):
+        j = i + rng.below(len(edges) - i)
+        edges[i], edges[j] = edges[j], edges[i]
+    return PathProblem(level, source, target, tuple(edges))
+
+
+def _draw(level: int, design: Design, rng: _HashRng) -> Problem | PathProblem:
     if design.search:
         return _draw_reach(level, design, rng)
+    if design.path:
+        return _draw_path(level, design, rng)
     spec, mod = design.spec(level), design.modulus
     n = int(rng.choice(spec.num_ops))
     m = int(rng.choice(spec.mul_choices(n)))
@@ -648,6 +866,11 @@ def num_distinct(level: int, design: str | Design | None = None) -> int:
     """How many distinct problems a level has (a split cannot ask for more)."""
     d = get_design(design)
     spec = d.spec(level)
+    if isinstance(spec, PathSpec):
+        # an upper bound (letters for the nodes x target arm x edge orders)
+        edges = spec.arms * spec.arm_len
+        return (math.perm(len(NODE_NAMES), spec.num_nodes) * spec.arms
+                * math.factorial(edges))
     if isinstance(spec, ReachSpec):
         # an upper bound (start x operands x free positions x fixed ops x target): levels
         # split the space by solution count, and the streams stop long before it
@@ -907,9 +1130,43 @@ def parse_filling(problem: Problem, answer: str | None) -> tuple[str, ...] | Non
     return tuple(rest[0::2])
 
 
-def grade_answer(problem: Problem, answer: str | None) -> bool:
+_PATH_STEP_RE = re.compile(r"([a-z])\s*>\s*([a-z])")
+_PATH_ANSWER_RE = re.compile(r"[a-z](?:\s*>\s*[a-z])*")
+
+
+def parse_path(answer: str | None) -> tuple[str, ...] | None:
+    """The nodes of a path answer "s>x>t" (spaces ignored), else None."""
+    if answer is None or len(answer) > 128 or _PATH_ANSWER_RE.fullmatch(answer.strip()) is None:
+        return None
+    return tuple(answer.replace(" ", "").strip().split(">"))
+
+
+def check_path_step(problem: PathProblem, step: str, current: str) -> str | None:
+    """None if `step` ("u>v") is a valid next step of a path problem standing at `current`,
+    else its error type: `ERR_EXTRA` once the target is reached, `ERR_MALFORMED`, `ERR_OPERAND`
+    (u is not the current node), `ERR_OPERATION` (u>v is not a listed edge). Local validity as
+    in PRM800K: a step down an arm without the target is still valid; a path that stops away
+    from the target is judged at the answer (`ERR_TARGET`)."""
+    if current == problem.target:
+        return ERR_EXTRA
+    m = _PATH_STEP_RE.fullmatch(step.strip()) if len(step) <= 64 else None
+    if m is None:
+        return ERR_MALFORMED
+    u, v = m.groups()
+    if u != current:
+        return ERR_OPERAND
+    if (u, v) not in set(problem.edges):
+        return ERR_OPERATION
+    return None
+
+
+def grade_answer(problem: Problem | PathProblem, answer: str | None) -> bool:
     """The answer text is an integer equal to the gold answer; for a search problem, a filling
-    of the question's chain that reaches the target."""
+    of the question's chain that reaches the target; for a path problem, a path of listed edges
+    from the source to the target."""
+    if isinstance(problem, PathProblem):
+        nodes = parse_path(answer)
+        return nodes is not None and problem.is_path(nodes)
     if problem.search:
         ops = parse_filling(problem, answer)
         return ops is not None and problem.solves(ops)
@@ -918,7 +1175,7 @@ def grade_answer(problem: Problem, answer: str | None) -> bool:
     return int(answer.strip()) == int(problem.answer)
 
 
-def verify(problem: Problem, solution_text: str | bytes) -> Verdict:
+def verify(problem: Problem | PathProblem, solution_text: str | bytes) -> Verdict:
     """Per-step labels and outcome of a generated solution (never raises on str/bytes input).
 
     `solution_text` is the text after the prompt; a text that repeats the prompt first is
@@ -930,6 +1187,8 @@ def verify(problem: Problem, solution_text: str | bytes) -> Verdict:
     if text.startswith(problem.prompt):
         text = text[len(problem.prompt):]
     parsed = split_solution(text)
+    if isinstance(problem, PathProblem):
+        return _verify_path(problem, parsed)
     labels: list[int] = []
     first_error: int | None = None
     error: str | None = None
@@ -946,6 +1205,36 @@ def verify(problem: Problem, solution_text: str | bytes) -> Verdict:
     if first_error is None:
         if len(labels) < problem.num_steps:
             first_error, error = len(labels), ERR_INCOMPLETE
+        elif parsed.answer is None:
+            first_error, error = len(labels), "no_answer"
+        elif not outcome:
+            first_error, error = len(labels), "wrong_answer"
+    answer_label = int(first_error is None and outcome)
+    return Verdict(tuple(labels), outcome, parsed.answer, answer_label, first_error, error,
+                   problem.num_steps)
+
+
+def _verify_path(problem: PathProblem, parsed: ParsedSolution) -> Verdict:
+    """`verify` for a path problem: steps checked by `check_path_step` from the source; a path
+    whose steps are all valid but which stops away from the target fails at the answer
+    (`first_error` = number of steps, `ERR_TARGET`; `ERR_INCOMPLETE` with no step at all)."""
+    labels: list[int] = []
+    first_error: int | None = None
+    error: str | None = None
+    current = problem.source
+    for k, step in enumerate(parsed.steps):
+        if first_error is None:
+            err = check_path_step(problem, step, current)
+            if err is not None:
+                first_error, error = k, err
+            else:
+                current = step.strip()[-1]
+        labels.append(1 if first_error is None else 0)
+    outcome = grade_answer(problem, parsed.answer)
+    if first_error is None:
+        if current != problem.target:
+            first_error = len(labels)
+            error = ERR_TARGET if labels else ERR_INCOMPLETE
         elif parsed.answer is None:
             first_error, error = len(labels), "no_answer"
         elif not outcome:

@@ -403,3 +403,33 @@ def _as_text(text: Any, index: int | None) -> str:
         return bytes(text).decode("utf-8")
     where = "" if index is None else f" at index {index}"
     raise TypeError(f"expected str or UTF-8 bytes{where}, got {type(text).__name__}")
+
+
+def token_positions_of_chars(token_ids: Sequence[int] | np.ndarray,
+                             char_offsets: Sequence[int], token_bytes: Sequence[bytes]
+                             ) -> np.ndarray:
+    """Index of the token that holds each character offset of the decoded text.
+
+    The text is b"".join(token_bytes[i] for i in token_ids) decoded as UTF-8 (for ids from
+    `Tokenizer.encode` / the sampler this equals `Tokenizer.decode(token_ids)`; see
+    `Tokenizer.token_bytes`). Use it to turn `stepmath.split_solution` offsets into label
+    positions: a step ending at character e gets its label at the token holding character e
+    (the first token of the "\\n\\n" delimiter); an answer ending at a gets it at the token
+    holding character a - 1 (the answer's last token). Control tokens (no bytes) never hold
+    a character. Raises ValueError for offsets outside the text.
+    """
+    lengths = np.asarray([len(token_bytes[int(i)]) for i in token_ids], np.int64)
+    data = b"".join(token_bytes[int(i)] for i in token_ids)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"token ids do not decode to UTF-8 text: {e}") from e
+    ends = np.cumsum(lengths)
+    out = []
+    for c in char_offsets:
+        if not 0 <= int(c) < len(text):
+            raise ValueError(f"character offset {c} outside the decoded text of "
+                             f"{len(text)} characters")
+        byte = len(text[: int(c)].encode("utf-8"))
+        out.append(int(np.searchsorted(ends, byte, side="right")))
+    return np.asarray(out, np.int64)

@@ -48,6 +48,7 @@ import numpy as np
 import optax
 
 from scalign.data.pipeline import Field
+from scalign.data.tokenizer import token_positions_of_chars  # noqa: F401 (re-exported)
 from scalign.models.config import ModelConfig
 from scalign.models.heads import scalar_values
 
@@ -301,36 +302,6 @@ def orm_example(token_ids: Sequence[int] | np.ndarray, final_position: int, outc
     _check_positions("ORM label positions", pos, len(token_ids))
     _check_labels("ORM outcome", lab[:1])
     return _example(token_ids, pos, lab)
-
-
-def token_positions_of_chars(token_ids: Sequence[int] | np.ndarray,
-                             char_offsets: Sequence[int], token_bytes: Sequence[bytes]
-                             ) -> np.ndarray:
-    """Index of the token that holds each character offset of the decoded text.
-
-    The text is b"".join(token_bytes[i] for i in token_ids) decoded as UTF-8 (for ids from
-    `Tokenizer.encode` / the sampler this equals `Tokenizer.decode(token_ids)`; see
-    `Tokenizer.token_bytes`). Use it to turn `stepmath.split_solution` offsets into label
-    positions: a step ending at character e gets its label at the token holding character e
-    (the first token of the "\\n\\n" delimiter); an answer ending at a gets it at the token
-    holding character a - 1 (the answer's last token). Control tokens (no bytes) never hold
-    a character. Raises ValueError for offsets outside the text.
-    """
-    lengths = np.asarray([len(token_bytes[int(i)]) for i in token_ids], np.int64)
-    data = b"".join(token_bytes[int(i)] for i in token_ids)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"token ids do not decode to UTF-8 text: {e}") from e
-    ends = np.cumsum(lengths)
-    out = []
-    for c in char_offsets:
-        if not 0 <= int(c) < len(text):
-            raise ValueError(f"character offset {c} outside the decoded text of "
-                             f"{len(text)} characters")
-        byte = len(text[: int(c)].encode("utf-8"))
-        out.append(int(np.searchsorted(ends, byte, side="right")))
-    return np.asarray(out, np.int64)
 
 
 def oprm_records(prm_records: Iterable[Mapping[str, Any]],

@@ -6,7 +6,10 @@
   levels      the levels to keep (both splits).
   tokenizer   "train" (default): train a SentencePiece model on the train texts of
               `tokenizer_levels` (default the SFT levels, so hard problems stay unseen), with
-              `tokenizer_vocab_size` pieces; "checkpoint": use the tokenizer of the `checkpoint`
+              `tokenizer_vocab_size` pieces and `tokenizer_model_type` ("bpe", default, or
+              "char": one piece per character, what the letter-node `path` designs need so that
+              a node is the same token after a space, a ">" or a line break); "checkpoint": use
+              the tokenizer of the `checkpoint`
               stage (a released model's), which must then come before `data` in config.stages.
   stepmath:   `design` (level table), `n_train` / `n_test` per level (int or {level: n}).
   math:       `math_train`, `math_test`: MATH files (JSONL, e.g. PRM800K's
@@ -34,6 +37,7 @@ from scalign.stages.base import Context, Stage, register_stage, require_block
 
 DOMAINS = ("stepmath", "math")
 TOKENIZERS = ("train", "checkpoint")
+TOKENIZER_MODEL_TYPES = ("bpe", "char")
 
 
 def math_paths(cfg: ml_collections.ConfigDict, key: str) -> list[str]:
@@ -65,6 +69,9 @@ def _validate_tokenizer(config: ml_collections.ConfigDict, cfg: ml_collections.C
         errors.append("config.data.tokenizer='checkpoint' needs the checkpoint's tokenizer: put "
                       "stage 'checkpoint' before 'data' in config.stages")
     if source == "train":
+        if cfg.get("tokenizer_model_type", "bpe") not in TOKENIZER_MODEL_TYPES:
+            errors.append(f"config.data.tokenizer_model_type must be one of "
+                          f"{TOKENIZER_MODEL_TYPES}, got {cfg.get('tokenizer_model_type')!r}")
         if "tokenizer_vocab_size" not in cfg:
             errors.append("config.data.tokenizer_vocab_size is missing (needed with "
                           "config.data.tokenizer='train')")
@@ -125,7 +132,8 @@ class DataStage(Stage):
             corpus = [r["prompt"] + r["response"] for r in domain.train_records(tok_levels)]
             tokenizer = Tokenizer.train(corpus, out / "tokenizer.model",
                                         vocab_size=int(cfg.tokenizer_vocab_size),
-                                        user_defined_symbols=("\n\n",))
+                                        user_defined_symbols=("\n\n",),
+                                        model_type=cfg.get("tokenizer_model_type", "bpe"))
             ctx.artifacts["tokenizer"] = tokenizer
         domain.save(out / "domain")
         ctx.artifacts["domain"] = domain
@@ -157,19 +165,22 @@ class DataStage(Stage):
 
     def _report(self, ctx: Context, domain: StepMathDomain, tokenizer: Tokenizer,
                 tok_levels: tuple[int, ...] | None) -> None:
+        model_type = ctx.config.data.get("tokenizer_model_type", "bpe")
         rows = []
         for lv in domain.levels:
             test = domain.test_problems(lv)
             steps = [p.num_steps for p in test] or [0]
             rows.append({"level": lv, "train": len(domain.train_problems(lv)),
                          "test": len(test), "mean_steps": sum(steps) / len(steps),
-                         "mean_mul": sum(p.num_mul for p in test) / max(len(test), 1)})
+                         "mean_mul": sum(getattr(p, "num_mul", 0) for p in test)
+                         / max(len(test), 1)})
         ctx.results.set_rows(self.name, rows)
         example = domain.test_problems(domain.levels[-1])[0]
         ids = tokenizer.encode(example.prompt + example.solution)
         md = [f"## Data: {domain.name} (design `{domain.design}`)", "",
               markdown_table(rows, ["level", "train", "test", "mean_steps", "mean_mul"]), "",
-              f"{_tokenizer_line(tokenizer, tok_levels)}; a level-{example.level} problem with "
+              f"{_tokenizer_line(tokenizer, tok_levels, model_type)}; a level-{example.level} "
+              f"problem with "
               f"its solution is {len(ids)} tokens:", "", "```",
               (example.prompt + example.solution).rstrip(), "```", ""]
         ctx.report.set_section(self.name, "\n".join(md))
@@ -207,11 +218,13 @@ class DataStage(Stage):
         ctx.report.set_section(self.name, "\n".join(md))
 
 
-def _tokenizer_line(tokenizer: Tokenizer, tok_levels: tuple[int, ...] | None) -> str:
+def _tokenizer_line(tokenizer: Tokenizer, tok_levels: tuple[int, ...] | None,
+                    model_type: str = "bpe") -> str:
     if tok_levels is None:
         return f"Tokenizer: the checkpoint's ({tokenizer.vocab_size} pieces)"
-    return (f"Tokenizer: SentencePiece BPE, {tokenizer.vocab_size} pieces, trained on the train "
-            f"texts of levels {list(tok_levels)}")
+    kind = {"bpe": "BPE", "char": "character"}.get(model_type, model_type)
+    return (f"Tokenizer: SentencePiece {kind}, {tokenizer.vocab_size} pieces, trained on the "
+            f"train texts of levels {list(tok_levels)}")
 
 
 def _per_level(value) -> int | dict[int, int] | None:

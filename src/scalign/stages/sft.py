@@ -10,6 +10,14 @@ the `policy` of stage `checkpoint` (a released model, e.g. Llemma-7B as in Sun e
 which must then come before `sft`; `config.model.preset`, if given, must then match the
 loaded model's shapes (`check_shapes`). Optional `config.sft.remat` ("none" | "full" | "dots")
 sets the model's rematerialisation for training.
+
+`config.sft.exclude_goal` (default False): leave out of the loss the demonstration tokens that
+only repeat the question's goal -- on stepmath search designs the last step's result, which
+every demonstration writes as the target (`stepmath.Problem.goal_spans`). Trained on them, a
+small policy copies the target there instead of computing the step ("7+5=5" for target 5,
+`experiments/results/e2h_reach4_evaluators_2026-12-04/`), so its failures are arithmetic
+errors only a computing evaluator can see; without them it computes the step from its inputs
+like every other, and a chain that misses the target says so in its last line.
 """
 
 from __future__ import annotations
@@ -61,6 +69,10 @@ class SFTStage(Stage):
         validate_training(config, "sft", mesh_shape, errors)
         check_levels(config, "sft.levels", errors)
         check_levels(config, "data.tokenizer_levels", errors)
+        if config.get("sft", {}).get("exclude_goal", False) and config.get(
+                "data", {}).get("domain", "stepmath") != "stepmath":
+            errors.append("config.sft.exclude_goal needs the stepmath domain (its search "
+                          "problems' demonstrations repeat the goal in their last step)")
         init = config.get("sft", {}).get("init", "scratch")
         stages = list(config.get("stages", ()))
         if init not in INITS:
@@ -83,7 +95,10 @@ class SFTStage(Stage):
         tokenizer = ctx.need("tokenizer")
         domain = ctx.need("domain")
         levels = tuple(cfg.get("levels", domain.levels))
-        records = domain.train_records(levels)
+        if cfg.get("exclude_goal", False):
+            records = domain.train_records(levels, exclude_goal=True)
+        else:
+            records = domain.train_records(levels)
         if not records:
             raise ValueError(f"config.sft.levels={levels}: no training records at these levels")
         init_params = None

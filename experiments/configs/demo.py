@@ -45,7 +45,12 @@ def get_config() -> ConfigDict:
     c.sft.seq_len = 64  # reach4: bos + prompt <= 26 + response <= 36 + eos (graded99: 56)
     c.sft.grad_accum_steps = 1
     c.sft.clip_norm = 1.0
-    c.sft.exclude_goal = False  # True: the goal repeated in a demonstration is not supervised
+    # The last result of a search demonstration is always the target: supervised, the policy
+    # learns to copy it there ("7+5=5" for target 5) and its failures become arithmetic errors a
+    # small PRM cannot check (hard outcome ROC-AUC ~0.5; experiments/results/
+    # e2h_reach4_evaluators_2026-12-04). Left out of the loss, the policy computes that step
+    # like every other and a chain that misses the target says so in its last line.
+    c.sft.exclude_goal = True
     c.sft.log_every = 50
     c.sft.checkpoint_every = 500
     c.sft.keep_checkpoints = 2

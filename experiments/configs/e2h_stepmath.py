@@ -14,7 +14,8 @@ The same stages and SFT policy recipe as `demo.py` (the default design, `reach4`
 for both), with more evaluator data and test samples:
 8 labelled samples for each of 1500 easy problems per level (36,000 samples, about a third
 distinct), each evaluator trained for 2 epochs of its records (the
-paper's setting), and 64 test problems per level sampled 64 times (20,480 solutions per seed),
+paper's setting), and 250 test problems per level sampled 64 times (80,000 solutions per seed;
+500 hard problems, so paired differences to majority have CIs of a few points),
 accuracy at each N averaged over 50 random N-subsets. `--seeds=0,1,2` runs the whole pipeline
 (data draw, tokenizer, SFT, labels, evaluators, samples) once per seed and writes mean ± std over
 seeds to `runs/e2h_stepmath/report.md` (`scalign.aggregate`). About 13 minutes per seed on a
@@ -41,6 +42,7 @@ def get_config() -> ConfigDict:
     # the re-ranking study: the demo's stages without its short rl / eva demonstrations
     c.stages = ("data", "sft", "evaluate", "reward_models", "rerank", "report")
 
+    c.data.n_test = 250
     c.evaluate.pass_problems = 100
 
     c.reward_models.problems_per_level = 1500
@@ -54,7 +56,7 @@ def get_config() -> ConfigDict:
     # pad each evaluator batch to a multiple of 8 tokens past its longest row, not to seq_len 72
     c.reward_models.train.bucket_step = 8
 
-    c.rerank.problems_per_level = 64
+    c.rerank.problems_per_level = 250  # 500 hard problems: a paired CI of a few points
     c.rerank.max_n = 64
     c.rerank.num_subsets = 50
     return c

@@ -46,7 +46,12 @@ the target is right). Every level has 4 single-digit steps; a level fixes how ma
 and how many of the fillings reach the target, so hard problems need more search (Gandhi et al.
 2024, Stream of Search: Countdown) while checking a step stays the same local arithmetic. What a
 tiny policy learns of each design is measured by `experiments/studies/stepmath_learnability.py`
-(numbers in that script's docstring).
+(numbers in that script's docstring). Every demonstration's last result is the target, so a
+policy SFT'd on them learns to copy it there instead of computing the step; `goal_spans` marks
+those characters, and the demo's SFT leaves them out of the loss (`config.sft.exclude_goal`):
+the policy then computes the last step, and a chain that misses the target fails by
+`ERR_TARGET`, a comparison an easy-trained PRM can learn -- in one of three study seeds
+(issue 15, 2026-12-05; experiments/results/e2h_stepmath_2026-12-05/).
 
 **Path designs** (`PathSpec`, `PathProblem`; opt-in, e.g. "path5"): "Go from q to h: q>v k>g
 ..." -- the question lists, in random order, the edges of a star of `arms` chains of `arm_len`

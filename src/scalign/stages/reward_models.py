@@ -46,7 +46,12 @@ shortcut: the step looks right to a model that predicts the target, and on the 2
 the easy-trained PRM's solution-level ROC-AUC on hard problems was 0.51 while its step ROC-AUC
 (pooled over all steps) was 0.98. A backbone trained with the goal hidden must compute each
 step's result from its inputs, so checking the last step is the same local arithmetic as
-checking any other. It sees only easy demonstrations, like the policy.
+checking any other. It sees only easy demonstrations, like the policy. (Measured on reach4:
+it did not help, 2026-12-04; what did is removing the shortcut from the *policy*:
+`config.sft.exclude_goal`, the demo's default since 2026-12-05, with which the policy computes
+its last step, fails by missing the target, and the default "policy" backbone's PRM learned
+the target check in one diagnosis run (hard outcome ROC-AUC 0.995) and in one study seed of
+three: experiments/results/e2h_stepmath_2026-12-05/.)
 `augment_failures` (float, default 0.0 = off): with label_source "verifier" on stepmath, add
 about that many verifier-labelled *failing* solutions per real PRM record, made from the same
 easy problems' correct solutions (gold or verified samples) by changing one step's operation or

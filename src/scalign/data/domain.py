@@ -78,7 +78,7 @@ class StepMathDomain:
             records = [{**r, "prompt": p.blind_prompt} for r, p in zip(records, problems,
                                                                         strict=True)]
         if exclude_goal:
-            records = [{**r, "exclude_spans": [list(s) for s in getattr(p, "goal_spans", ())]}
+            records = [{**r, "exclude_spans": [list(s) for s in p.goal_spans]}
                        for r, p in zip(records, problems, strict=True)]
         return records
 

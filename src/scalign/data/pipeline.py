@@ -52,6 +52,7 @@ state (`get_state()` / `set_state()`, JSON-serializable) resumes bitwise-identic
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Protocol
@@ -135,16 +136,13 @@ class SftFeaturizer:
         if spans is not None and len(spans):
             chars = [c for a, b in np.asarray(spans, np.int64).reshape(-1, 2)
                      for c in range(int(a), int(b))]
-            owners = token_positions_of_chars(response, chars, self._token_bytes())
+            owners = token_positions_of_chars(response, chars, self._token_bytes)
             mask[len(prompt) + owners] = 0.0
         return {"tokens": np.asarray(tokens, np.int32), "loss_mask": mask}
 
+    @functools.cached_property
     def _token_bytes(self) -> list[bytes]:
-        cached = self.__dict__.get("_bytes")
-        if cached is None:
-            cached = self.tokenizer.token_bytes()
-            object.__setattr__(self, "_bytes", cached)
-        return cached
+        return self.tokenizer.token_bytes()
 
 
 def _get(record: Any, key: str) -> Any:

@@ -90,6 +90,7 @@ n <= m. `splits` draws test problems first and then train problems that are not 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import math
@@ -389,8 +390,35 @@ def format_step(a: int, op: str, b: int, c: int, *, spaced: bool = False) -> str
     return f"{a} {op} {b} = {c}" if spaced else f"{a}{op}{b}={c}"
 
 
+class _Layout:
+    """The PRM800K text layout shared by chain and path problems; subclasses give `level`,
+    `question`, `steps` and `answer`."""
+
+    @property
+    def prompt(self) -> str:
+        """"# Question\\n\\n{q}\\n\\n# Solution\\n\\n"."""
+        return PROMPT_TEMPLATE.format(question=self.question)
+
+    @property
+    def solution(self) -> str:
+        """The gold solution: steps joined by "\\n\\n", then "\\n\\n# Answer\\n\\n{a}"."""
+        return (STEP_DELIMITER.join(self.steps) + STEP_DELIMITER + ANSWER_HEADER
+                + STEP_DELIMITER + self.answer)
+
+    @property
+    def key(self) -> str:
+        """Identity of the problem's content (level excluded: designs keep levels disjoint)."""
+        return self.question
+
+    @property
+    def uid(self) -> str:
+        """"stepmath-L{level}-{first 12 hex of sha256(question)}"."""
+        digest = hashlib.sha256(self.key.encode("utf-8")).hexdigest()[:12]
+        return f"stepmath-L{self.level}-{digest}"
+
+
 @dataclasses.dataclass(frozen=True)
-class Problem:
+class Problem(_Layout):
     """One chain problem: v_0 = start, v_k = (v_{k-1} ops[k] operands[k]) mod `modulus`.
 
     A search problem ("reach" designs) also has a `target` and `free` positions: the question
@@ -503,11 +531,6 @@ class Problem:
         return self.ops.count("*")
 
     @property
-    def prompt(self) -> str:
-        """"# Question\\n\\n{q}\\n\\n# Solution\\n\\n"."""
-        return PROMPT_TEMPLATE.format(question=self.question)
-
-    @property
     def blind_prompt(self) -> str:
         """The prompt with the goal hidden: a search problem's target shown as "?" ("Mod 10,
         reach ?: 3+4?5*2?6"); a chain problem's prompt unchanged (it has no goal to copy).
@@ -525,12 +548,6 @@ class Problem:
         return PROMPT_TEMPLATE.format(question=question)
 
     @property
-    def solution(self) -> str:
-        """The gold solution: steps joined by "\\n\\n", then "\\n\\n# Answer\\n\\n{a}"."""
-        return (STEP_DELIMITER.join(self.steps) + STEP_DELIMITER + ANSWER_HEADER
-                + STEP_DELIMITER + self.answer)
-
-    @property
     def goal_spans(self) -> tuple[tuple[int, int], ...]:
         """[start, end) character spans of `solution` that repeat the question's goal: in a
         search problem the last step's result, which every demonstration writes as the target
@@ -546,20 +563,8 @@ class Problem:
             result += 1
         return ((start + result, start + len(last)),)
 
-    @property
-    def key(self) -> str:
-        """Identity of the problem's content (level excluded: designs keep levels disjoint)."""
-        return self.question
-
-    @property
-    def uid(self) -> str:
-        """"stepmath-L{level}-{first 12 hex of sha256(question)}"."""
-        digest = hashlib.sha256(self.key.encode("utf-8")).hexdigest()[:12]
-        return f"stepmath-L{self.level}-{digest}"
-
-
 @dataclasses.dataclass(frozen=True)
-class PathProblem:
+class PathProblem(_Layout):
     """One path problem ("path" designs): go from `source` to `target` along the listed edges.
 
     `edges` are (u, v) pairs of single-letter nodes, in the question's order. The gold solution
@@ -589,14 +594,18 @@ class PathProblem:
     search = False
     path = True
 
-    @property
+    @functools.cached_property
+    def edge_set(self) -> frozenset[tuple[str, str]]:
+        return frozenset(self.edges)
+
+    @functools.cached_property
     def successors(self) -> dict[str, tuple[str, ...]]:
         out: dict[str, list[str]] = {}
         for u, v in self.edges:
             out.setdefault(u, []).append(v)
         return {u: tuple(vs) for u, vs in out.items()}
 
-    @property
+    @functools.cached_property
     def gold_path(self) -> tuple[str, ...] | None:
         """Nodes of the shortest path from source to target (None if there is none)."""
         succ, parent = self.successors, {self.source: ""}
@@ -618,9 +627,8 @@ class PathProblem:
 
     def is_path(self, nodes: Sequence[str]) -> bool:
         """Do `nodes` start at the source, end at the target and follow listed edges?"""
-        edges = set(self.edges)
         return (len(nodes) >= 2 and nodes[0] == self.source and nodes[-1] == self.target
-                and all((u, v) in edges for u, v in itertools.pairwise(nodes)))
+                and all(e in self.edge_set for e in itertools.pairwise(nodes)))
 
     @property
     def question(self) -> str:
@@ -641,28 +649,13 @@ class PathProblem:
         return len(self.gold_path or ()) - 1
 
     @property
-    def prompt(self) -> str:
-        return PROMPT_TEMPLATE.format(question=self.question)
-
-    @property
     def blind_prompt(self) -> str:
         """The prompt unchanged: a path's last step ends at the target only when that edge is
         listed, so there is no result to copy (see `Problem.blind_prompt`)."""
         return self.prompt
 
-    @property
-    def solution(self) -> str:
-        return (STEP_DELIMITER.join(self.steps) + STEP_DELIMITER + ANSWER_HEADER
-                + STEP_DELIMITER + self.answer)
+    goal_spans = ()  # no response text repeats the goal (see `Problem.goal_spans`)
 
-    @property
-    def key(self) -> str:
-        return self.question
-
-    @property
-    def uid(self) -> str:
-        digest = hashlib.sha256(self.key.encode("utf-8")).hexdigest()[:12]
-        return f"stepmath-L{self.level}-{digest}"
 
 
 def to_record(problem: Problem | PathProblem) -> dict[str, str | int]:
@@ -1160,7 +1153,7 @@ def check_path_step(problem: PathProblem, step: str, current: str) -> str | None
     u, v = m.groups()
     if u != current:
         return ERR_OPERAND
-    if (u, v) not in set(problem.edges):
+    if (u, v) not in problem.edge_set:
         return ERR_OPERATION
     return None
 

@@ -82,7 +82,8 @@ def get_config() -> ConfigDict:
     c.reward_models.max_ratio = 3.0             # ORM positives:negatives within 1:3..3:1
     c.reward_models.keep_one_class = 2
     # "policy": the evaluators start from the SFT policy (Sun et al. 2024); "init": a fresh
-    # backbone; "blind": their own backbone SFT'd with the goal hidden (stages/reward_models.py)
+    # backbone; "blind" / "goal": their own backbone SFT'd with the goal hidden / with the goal
+    # in the loss (stages/reward_models.py)
     c.reward_models.backbone = "policy"
     # > 0: that many verifier-labelled corrupted easy solutions per real PRM record (policy-like
     # failures, e.g. the last step's result written as the target; algorithms/failure_augment.py)

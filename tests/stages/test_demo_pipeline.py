@@ -142,17 +142,19 @@ def test_launcher_seeds_runs_each_seed_and_aggregates(tmp_path):
 
 
 @pytest.mark.slow
-def test_blind_backbone_is_trained_on_goal_hidden_demos_and_reloaded(tmp_path):
-    """reward_models.backbone='blind': the evaluators' own backbone, SFT'd (config.sft recipe)
-    on the reward levels' demonstrations with the goal hidden; saved once, reloaded on resume."""
-    toy = {**TOY, "stages": ("data", "sft", "reward_models"), "reward_models.backbone": "blind",
+@pytest.mark.parametrize("which", ["blind", "goal"])
+def test_own_backbone_is_trained_on_easy_demos_and_reloaded(tmp_path, which):
+    """reward_models.backbone='blind' / 'goal': the evaluators' own backbone, SFT'd (config.sft
+    recipe) on the reward levels' demonstrations with the goal hidden / kept in the loss; saved
+    once, reloaded on resume."""
+    toy = {**TOY, "stages": ("data", "sft", "reward_models"), "reward_models.backbone": which,
            "reward_models.evaluators": ("prm",)}
     cfg = _demo(**toy)
     experiment.run(cfg, tmp_path / "run")
     out = tmp_path / "run"
     _, blind, meta = load_model(out / "stages" / "reward_models" / "backbone")
     _, policy, _ = load_model(out / "stages" / "sft" / "policy")
-    assert meta["kind"] == "blind_backbone"
+    assert meta["kind"] == f"{which}_backbone"
     # its own weights: not the policy's, and the PRM's backbone starts from them
     pairs = zip(jax.tree.leaves(blind), jax.tree.leaves(policy), strict=True)
     assert not all(np.allclose(a, b) for a, b in pairs)

@@ -35,9 +35,14 @@ Options as in the easy-to-hard code (Sun et al. 2024): `prm_label_span` puts eac
 label on the delimiter's first token ("end", default), on the 3 positions "around" it, or on
 every token of the "step" (their `train_on_every_token`); `backbone` = "policy" (default: the
 SFT policy's weights), "init" (the evaluator's own, freshly initialised backbone of the same
-shape: an evaluator that shares nothing with the generator) or "blind" (the evaluator's own
+shape: an evaluator that shares nothing with the generator), "blind" (the evaluator's own
 backbone of the same shape, SFT'd from scratch with the `config.sft` recipe on the same easy
-demonstrations, but with the goal hidden in the prompt: `stepmath.Problem.blind_prompt`).
+demonstrations, but with the goal hidden in the prompt: `stepmath.Problem.blind_prompt`) or
+"goal" (the same, with the goal shown and its copy kept in the SFT loss, whatever
+`config.sft.exclude_goal` says: a backbone that must predict the target as the last result, the
+hope being that its features carry the comparison the target check needs; measured on the seed
+of the 2026-12-05 reach4 study whose PRM missed the check, it did not make the check appear:
+experiments/results/e2h_stepmath_2026-12-05/prm_levers_seed0/).
 
 Why "blind": on search designs (`reach4`) every demonstration ends its last step at the
 target, and the SFT policy learns to *write* the target there ("7+5=5" for target 5) -- its
@@ -102,7 +107,7 @@ from scalign.training.checkpoint import load_model, save_model
 from scalign.training.metrics import read_metrics
 
 KINDS = ("orm", "prm", "oprm")
-BACKBONES = ("policy", "init", "blind")
+BACKBONES = ("policy", "init", "blind", "goal")
 LABEL_SOURCES = ("verifier", "prm800k")
 SAMPLING_KEYS = ("problems_per_level", "samples_per_problem", "temperature", "max_new_tokens")
 
@@ -175,16 +180,18 @@ class RewardModelsStage(Stage):
                           f"{PRM_LABEL_SPANS}, got {cfg.get('prm_label_span')!r}")
         if cfg.get("backbone", "policy") not in BACKBONES:
             errors.append(f"config.reward_models.backbone must be 'policy' (the SFT policy's "
-                          f"weights), 'init' (a fresh backbone of the same shape) or 'blind' "
-                          f"(a backbone SFT'd with the goal hidden), got "
+                          f"weights), 'init' (a fresh backbone of the same shape), 'blind' "
+                          f"(a backbone SFT'd with the goal hidden) or 'goal' (SFT'd with the "
+                          f"goal in the loss), got "
                           f"{cfg.get('backbone')!r}")
-        elif cfg.get("backbone") == "blind":
+        elif cfg.get("backbone") in ("blind", "goal"):
+            which = cfg.get("backbone")
             if config.get("data", {}).get("domain", "stepmath") != "stepmath":
-                errors.append("config.reward_models.backbone='blind' needs the stepmath domain "
-                              "(prompts whose goal can be hidden)")
+                errors.append(f"config.reward_models.backbone={which!r} needs the stepmath "
+                              f"domain (prompts with a goal)")
             if "sft" not in config:
-                errors.append("config.reward_models.backbone='blind' trains with the config.sft "
-                              "recipe: config.sft is missing")
+                errors.append(f"config.reward_models.backbone={which!r} trains with the "
+                              f"config.sft recipe: config.sft is missing")
         augment = cfg.get("augment_failures", 0.0)
         if isinstance(augment, bool) or not isinstance(augment, (int, float)) \
                 or not math.isfinite(augment) or augment < 0:
@@ -216,8 +223,8 @@ class RewardModelsStage(Stage):
         out = {}
         histories = {}
         backbone = policy_params
-        if cfg.get("backbone", "policy") == "blind":
-            backbone = self._blind_backbone(ctx, model)
+        if cfg.get("backbone", "policy") in ("blind", "goal"):
+            backbone = self._own_backbone(ctx, model, cfg.backbone)
             histories["backbone"] = read_metrics(ctx.workdir / "metrics.jsonl",
                                                              "rm_backbone")
         for kind in cfg.evaluators:
@@ -281,23 +288,25 @@ class RewardModelsStage(Stage):
         rows += [{"metric": f"prm800k_dropped_{k}", "value": v} for k, v in sorted(drops.items())]
         return records, stats, rows
 
-    def _blind_backbone(self, ctx: Context, model):
+    def _own_backbone(self, ctx: Context, model, which: str):
         """The evaluators' own backbone: `model`'s shape, SFT'd from scratch (`config.sft`'s
-        steps, batch, optimizer) on the reward levels' demonstrations with the goal hidden."""
+        steps, batch, optimizer) on the reward levels' demonstrations, with the goal hidden
+        (`which` = "blind") or shown and kept in the loss ("goal")."""
         path = ctx.stage_dir(self.name) / "backbone"
         if (path / "model_config.json").exists() and ctx.resume:
             _, params, _ = load_model(path)
             return jax.device_put(params, shardings_for(ctx, model))
         sft = ctx.config.sft
         tokenizer, domain = ctx.need("tokenizer"), ctx.need("domain")
-        records = domain.train_records(tuple(ctx.config.reward_models.levels), blind=True)
+        records = domain.train_records(tuple(ctx.config.reward_models.levels),
+                                       blind=which == "blind")
         data_iter = make_sft_iterator(records, tokenizer, batch_size=int(sft.batch_size),
                                       seq_len=int(sft.seq_len), seed=int(ctx.config.seed) + 1,
                                       num_epochs=None, on_too_long=sft.get("on_too_long", "error"))
         result = run_training(ctx, stage="rm_backbone", cfg=sft, model=training_model(model, sft),
                               loss_fn=make_sft_loss(model), data_iter=data_iter)
         save_model(path, model, result.state.params,
-                   {"kind": "blind_backbone", "levels": list(ctx.config.reward_models.levels)})
+                   {"kind": f"{which}_backbone", "levels": list(ctx.config.reward_models.levels)})
         return result.state.params
 
     def _train_one(self, ctx: Context, kind: str, model, policy_params, records, tokenizer):

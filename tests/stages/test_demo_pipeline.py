@@ -143,20 +143,20 @@ def test_launcher_seeds_runs_each_seed_and_aggregates(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["blind", "goal"])
-def test_own_backbone_is_trained_on_easy_demos_and_reloaded(tmp_path, which):
+def test_own_backbone_is_trained_on_easy_demos_and_saved(tmp_path, which):
     """reward_models.backbone='blind' / 'goal': the evaluators' own backbone, SFT'd (config.sft
-    recipe) on the reward levels' demonstrations with the goal hidden / kept in the loss; saved
-    once, reloaded on resume."""
+    recipe) on the reward levels' demonstrations with the goal hidden / kept in the loss, and
+    saved beside the evaluators."""
     toy = {**TOY, "stages": ("data", "sft", "reward_models"), "reward_models.backbone": which,
            "reward_models.evaluators": ("prm",)}
     cfg = _demo(**toy)
     experiment.run(cfg, tmp_path / "run")
     out = tmp_path / "run"
-    _, blind, meta = load_model(out / "stages" / "reward_models" / "backbone")
+    _, own, meta = load_model(out / "stages" / "reward_models" / "backbone")
     _, policy, _ = load_model(out / "stages" / "sft" / "policy")
     assert meta["kind"] == f"{which}_backbone"
     # its own weights: not the policy's, and the PRM's backbone starts from them
-    pairs = zip(jax.tree.leaves(blind), jax.tree.leaves(policy), strict=True)
+    pairs = zip(jax.tree.leaves(own), jax.tree.leaves(policy), strict=True)
     assert not all(np.allclose(a, b) for a, b in pairs)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [m["step"] for m in metrics if m.get("stage") == "rm_backbone" and "loss" in m]

@@ -107,7 +107,8 @@ from scalign.training.checkpoint import load_model, save_model
 from scalign.training.metrics import read_metrics
 
 KINDS = ("orm", "prm", "oprm")
-BACKBONES = ("policy", "init", "blind", "goal")
+OWN_BACKBONES = ("blind", "goal")  # SFT'd by this stage (`_own_backbone`)
+BACKBONES = ("policy", "init", *OWN_BACKBONES)
 LABEL_SOURCES = ("verifier", "prm800k")
 SAMPLING_KEYS = ("problems_per_level", "samples_per_problem", "temperature", "max_new_tokens")
 
@@ -184,7 +185,7 @@ class RewardModelsStage(Stage):
                           f"(a backbone SFT'd with the goal hidden) or 'goal' (SFT'd with the "
                           f"goal in the loss), got "
                           f"{cfg.get('backbone')!r}")
-        elif cfg.get("backbone") in ("blind", "goal"):
+        elif cfg.get("backbone") in OWN_BACKBONES:
             which = cfg.get("backbone")
             if config.get("data", {}).get("domain", "stepmath") != "stepmath":
                 errors.append(f"config.reward_models.backbone={which!r} needs the stepmath "
@@ -223,7 +224,7 @@ class RewardModelsStage(Stage):
         out = {}
         histories = {}
         backbone = policy_params
-        if cfg.get("backbone", "policy") in ("blind", "goal"):
+        if cfg.get("backbone", "policy") in OWN_BACKBONES:
             backbone = self._own_backbone(ctx, model, cfg.backbone)
             histories["backbone"] = read_metrics(ctx.workdir / "metrics.jsonl",
                                                              "rm_backbone")
@@ -293,9 +294,11 @@ class RewardModelsStage(Stage):
         steps, batch, optimizer) on the reward levels' demonstrations, with the goal hidden
         (`which` = "blind") or shown and kept in the loss ("goal")."""
         path = ctx.stage_dir(self.name) / "backbone"
+        kind = f"{which}_backbone"
         if (path / "model_config.json").exists() and ctx.resume:
-            _, params, _ = load_model(path)
-            return jax.device_put(params, shardings_for(ctx, model))
+            _, params, meta = load_model(path)
+            if meta.get("kind") == kind:  # a resumed run that switched blind <-> goal retrains
+                return jax.device_put(params, shardings_for(ctx, model))
         sft = ctx.config.sft
         tokenizer, domain = ctx.need("tokenizer"), ctx.need("domain")
         records = domain.train_records(tuple(ctx.config.reward_models.levels),
@@ -306,7 +309,7 @@ class RewardModelsStage(Stage):
         result = run_training(ctx, stage="rm_backbone", cfg=sft, model=training_model(model, sft),
                               loss_fn=make_sft_loss(model), data_iter=data_iter)
         save_model(path, model, result.state.params,
-                   {"kind": f"{which}_backbone", "levels": list(ctx.config.reward_models.levels)})
+                   {"kind": kind, "levels": list(ctx.config.reward_models.levels)})
         return result.state.params
 
     def _train_one(self, ctx: Context, kind: str, model, policy_params, records, tokenizer):

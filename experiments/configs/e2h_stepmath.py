@@ -8,10 +8,13 @@ test problem; evaluators (ORM, PRM, OPRM) trained on labelled samples of EASY tr
 only re-rank them by best-of-N and weighted voting; the question is whether that beats majority
 voting on the HARD levels (4-5), which neither the policy nor the evaluators saw.
 
-The same stages and SFT policy recipe as `demo.py` (the default design, `reach4` since issue
-15; the 2026-11-27 results used `graded99`: add `--config.data.design=graded99
---config.sft.seq_len=56` to reproduce them; see `experiments/studies/stepmath_learnability.py`
-for both), with more evaluator data and test samples:
+The same stages and SFT policy recipe as `demo.py` (the default design, `reach4c` since
+2026-12-05; the 2026-12-05 reach4 study is reproduced by `--config.data.design=reach4
+--config.sft.seq_len=64 --config.evaluate.max_new_tokens=40
+--config.reward_models.max_new_tokens=40 --config.rerank.max_new_tokens=40
+--config.reward_models.train.seq_len=72`, the 2026-11-27 graded99 one likewise with
+`--config.data.design=graded99 --config.sft.seq_len=56`; see
+`experiments/studies/stepmath_learnability.py`), with more evaluator data and test samples:
 8 labelled samples for each of 1500 easy problems per level (36,000 samples, about a third
 distinct), each evaluator trained for 2 epochs of its records (the
 paper's setting), and 250 test problems per level sampled 64 times (80,000 solutions per seed;
@@ -53,7 +56,7 @@ def get_config() -> ConfigDict:
     c.reward_models.train.log_every = 50
     c.reward_models.train.checkpoint_every = 500
     c.reward_models.train.optimizer.warmup_steps = 30
-    # pad each evaluator batch to a multiple of 8 tokens past its longest row, not to seq_len 72
+    # pad each evaluator batch to a multiple of 8 tokens past its longest row, not to seq_len 104
     c.reward_models.train.bucket_step = 8
 
     c.rerank.problems_per_level = 250  # 500 hard problems: a paired CI of a few points

@@ -27,6 +27,9 @@ def get_config() -> ConfigDict:
     c.data.design = "reach4"
     c.sft.steps = 1200           # the run committed with this config (the demo now uses 2000)
     c.sft.seq_len = 64           # reach4: prompt <= 26 + response <= 36 tokens, + bos/eos
+    for stage in (c.evaluate, c.reward_models, c.rerank):
+        stage.max_new_tokens = 40
+    c.reward_models.train.seq_len = 72
     c.sft.exclude_goal = False   # as committed then (the demo's default since 2026-12-05)
     c.data.n_test = 200          # e2h_stepmath.py now tests 250 (the train split follows it)
     c.reward_models.problems_per_level = 800

@@ -84,7 +84,7 @@ def _easy_problems(n=12, design="reach4"):
     return [p for lv in EASY for p in stepmath.generate(lv, n, seed=3, design=design)]
 
 
-@pytest.mark.parametrize("design", ["reach4", "graded99"])
+@pytest.mark.parametrize("design", ["reach4", "reach4g", "reach4c", "graded99"])
 def test_corruptions_change_one_step_and_the_verifier_finds_a_wrong_step(design):
     rng = np.random.default_rng(0)
     counts = collections.Counter()
@@ -131,7 +131,7 @@ def _text_of(p, ops):
     v = [p.start]
     for op, b in zip(ops, p.operands, strict=True):
         v.append(stepmath.apply_op(v[-1], op, b, p.modulus))
-    steps = [stepmath.format_step(v[k], op, b, v[k + 1])
+    steps = [p.step_text(v[k], op, b, v[k + 1])
              for k, (op, b) in enumerate(zip(ops, p.operands, strict=True))]
     return ("\n\n".join(steps) + "\n\n# Answer\n\n"
             + stepmath.format_expression(p.start, ops, p.operands, spaced=False))

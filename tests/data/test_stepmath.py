@@ -111,7 +111,13 @@ PINNED = {"graded": {1: "5+6+2+1+2", 2: "2-3+4-1-2", 3: "0+6+3*2+1", 4: "2-4+5*5
 
 PINNED_QUESTIONS = {"reach4": {1: "Mod 10, reach 7: 0*5*5?9*7", 2: "Mod 10, reach 4: 0?3+3*2?2",
                                 3: "Mod 10, reach 6: 6*3?3*2?6", 4: "Mod 10, reach 6: 9?7*4?9?8",
-                                5: "Mod 10, reach 7: 8?3?9?7?8"}}
+                                5: "Mod 10, reach 7: 8?3?9?7?8"},
+                    "reach4g": {1: "Mod 10, goal 5: 9-6?7*7-5", 2: "Mod 10, goal 2: 4*7?8+2?6",
+                                3: "Mod 10, goal 6: 6?7?8*6+4", 4: "Mod 10, goal 2: 3-8?3?3?9",
+                                5: "Mod 10, goal 8: 0?5?3?6?3"},
+                    "reach4c": {1: "Mod 10, target 9: 8+3-4+9?7", 2: "Mod 10, target 2: 0?8-9?5+7",
+                                3: "Mod 10, target 4: 2?3-2*2?8", 4: "Mod 10, target 1: 4?9?6-4?4",
+                                5: "Mod 10, target 9: 3?2?5?4?6"}}
 
 
 @pytest.mark.parametrize("design", sorted(PINNED))
@@ -210,7 +216,7 @@ def _inject(p: S.Problem, k: int, kind: str) -> list[str]:
     m = p.modulus
 
     def step(a: int, op: str, b: int, c: int) -> str:
-        return S.format_step(a, op, b, c, spaced=p.spaced)
+        return p.step_text(a, op, b, c)
 
     steps = list(p.steps[:k])
     a, op, b = p.values[k], p.ops[k], p.operands[k]

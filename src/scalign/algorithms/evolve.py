@@ -320,7 +320,8 @@ class StepMathEvolver:
             for op, b in zip(ops, operands, strict=True):
                 v = stepmath.apply_op(v, op, b, M)
             return stepmath.Problem(p.level, p.start, tuple(ops), tuple(operands), modulus=M,
-                                    target=v, free=tuple(sorted(free)))
+                                    target=v, free=tuple(sorted(free)),
+                                    goal_layout=p.goal_layout)
         ops, operands = list(p.ops), list(p.operands)
         if name == "harder_op":
             additive = [k for k, op in enumerate(ops) if op != "*"]

@@ -71,7 +71,7 @@ def base_fillings(problem: stepmath.Problem, texts: Sequence[str] = (),
 def _text(problem: stepmath.Problem, steps: Sequence[tuple[int, str, int, int]],
           ops: Sequence[str]) -> str:
     """Steps (a, op, b, c) in the gold layout, then the answer the written chain gives."""
-    lines = [stepmath.format_step(a, op, b, c, spaced=problem.spaced) for a, op, b, c in steps]
+    lines = [problem.step_text(a, op, b, c) for a, op, b, c in steps]
     if problem.search:
         answer = stepmath.format_expression(problem.start, ops, problem.operands, spaced=False)
     else:

@@ -39,7 +39,8 @@ three times by 4-6, facts that level-3 problems show only rarely (3 in 99 draws)
 evaluator needs the same rare facts as the generator, so an easy-trained PRM barely judged hard
 steps (hard outcome ROC-AUC 0.53-0.57 over 3 seeds, `experiments/results/e2h_stepmath_2026-11-27`).
 
-**Search designs** (`ReachSpec`; `DEFAULT_DESIGN` = "reach4"): "Mod 10, reach 7: 3+4?5*2?6"
+**Search designs** (`ReachSpec`; "reach4", and its goal layouts below, "reach4c" being
+`DEFAULT_DESIGN` since 2026-12-05): "Mod 10, reach 7: 3+4?5*2?6"
 -- the solver chooses the "?" operations so that the chain ends at the target; steps are the
 same "a op b = c" lines, the answer is the filled chain ("3+4*5*2-6"; any filling that reaches
 the target is right). Every level has 4 single-digit steps; a level fixes how many "?" there are
@@ -52,6 +53,14 @@ those characters, and the demo's SFT leaves them out of the loss (`config.sft.ex
 the policy then computes the last step, and a chain that misses the target fails by
 `ERR_TARGET`, a comparison an easy-trained PRM can learn -- in one of three study seeds
 (issue 15, 2026-12-05; experiments/results/e2h_stepmath_2026-12-05/).
+
+**Goal layouts** (`Design.goal_layout`, `GOAL_LAYOUTS`): the same search levels with the goal
+written into every step, so that checking the last step against it needs nothing outside the
+step's own line. "reach4g" ("Mod 10, goal 7: ...", steps "[7] 3+4=7") carries a copy of the
+target first; "reach4c" ("Mod 10, target 7: ...", steps "3+4=7, 7-7=0") writes each step's
+distance to the target as a second step, result minus target mod M, so the last step is right
+iff that arithmetic is right and reads 0 -- a check made of the arithmetic the policy is trained
+on at every step. Each copy of the target is checked against the question (`ERR_GOAL`).
 
 **Path designs** (`PathSpec`, `PathProblem`; opt-in, e.g. "path5"): "Go from q to h: q>v k>g
 ..." -- the question lists, in random order, the edges of a star of `arms` chains of `arm_len`
@@ -102,7 +111,17 @@ QUESTION_TEMPLATE = "Mod {modulus}, left to right: {expression}"
 # Right-to-left layout: the first operation to apply is written last, next to the start value.
 QUESTION_TEMPLATE_RTL = "Mod {modulus}, apply right to left: {operations} to {start}"
 # Search layout ("reach" designs): "?" marks an operation the solver chooses.
-QUESTION_TEMPLATE_REACH = "Mod {modulus}, reach {target}: {pattern}"
+QUESTION_TEMPLATE_REACH = "Mod {modulus}, reach {target}: {pattern}"  # goal layout ""
+# Goal layouts of search designs (`Design.goal_layout`), named by the question's word:
+#   ""       "Mod 10, reach 7: 3+4?5*2?6", steps "3+4=7" (reach4);
+#   "prefix" "Mod 10, goal 7: ...", every step carries the goal first: "[7] 3+4=7" (reach4g);
+#   "check"  "Mod 10, target 7: ...", every step ends with its distance to the goal written
+#            as a second step, "3+4=7, 7-7=0" (result minus target mod M; reach4c), so the
+#            last step's check against the goal is arithmetic plus "is it 0".
+GOAL_LAYOUTS = {"": "reach", "prefix": "goal", "check": "target"}
+QUESTION_TEMPLATE_SEARCH = "Mod {modulus}, {word} {target}: {pattern}"
+GOAL_PREFIX = "[{goal}] "
+GOAL_CHECK_SEP = ", "
 FREE_OP = "?"
 # Path layout ("path" designs): edges "u>v" of a graph whose nodes are single letters.
 QUESTION_TEMPLATE_PATH = "Go from {source} to {target}: {edges}"
@@ -120,8 +139,9 @@ ERR_ARITHMETIC = "wrong_arithmetic"  # `c != (a op b) mod M`
 ERR_EXTRA = "extra_step"           # more steps than the chain has operations
 ERR_INCOMPLETE = "incomplete"      # all steps right, but fewer than the chain needs
 ERR_TARGET = "missed_target"       # search problems: the last step does not end at the target
+ERR_GOAL = "wrong_goal"            # goal layouts: a step's copy of the goal is not the target
 ERROR_TYPES = (ERR_MALFORMED, ERR_OPERAND, ERR_OPERATION, ERR_ARITHMETIC, ERR_EXTRA,
-               ERR_INCOMPLETE, ERR_TARGET)
+               ERR_INCOMPLETE, ERR_TARGET, ERR_GOAL)
 
 
 # ------------------------------------------------------------------------------ designs
@@ -239,7 +259,9 @@ class PathSpec:
 class Design:
     """A named level table: `LevelSpec` per level, the modulus M (values are 0..M-1) and two
     layout switches (`spaced` "3 + 4 = 0"; `reverse`: operations listed right to left, next to
-    the start value). Levels must not share an (n, m, s) shape, so no problem can belong to two
+    the start value), and for search designs `goal_layout` (how steps carry the goal:
+    `GOAL_LAYOUTS`; "prefix": "[7] 3+4=7", "check": "3+4=7, 7-7=0", so checking the last step
+    against the goal needs nothing outside its line). Levels must not share an (n, m, s) shape, so no problem can belong to two
     levels (test problems of a hard level never appear in an easy level's train split). The name
     keys the random stream: two designs with the same spec and different names draw different
     problems."""
@@ -249,8 +271,15 @@ class Design:
     modulus: int = 7
     spaced: bool = False
     reverse: bool = False
+    goal_layout: str = ""
 
     def __post_init__(self):
+        if self.goal_layout not in GOAL_LAYOUTS:
+            raise ValueError(f"Design {self.name!r}: unknown goal_layout {self.goal_layout!r}; "
+                             f"known: {sorted(GOAL_LAYOUTS)}")
+        if self.goal_layout and not all(isinstance(s, ReachSpec) for s in self.levels.values()):
+            raise ValueError(f"Design {self.name!r}: goal_layout needs a search design (ReachSpec "
+                             f"levels): only a search problem has a goal to carry")
         if self.modulus < 3 or self.modulus > 10:
             raise ValueError(f"Design {self.name!r}: modulus must be in 3..10 (single-digit "
                              f"values), got {self.modulus}")
@@ -332,6 +361,22 @@ DESIGNS: dict[str, Design] = {
     "reach4": Design("reach4", {1: ReachSpec(4, 1, (1, 3)), 2: ReachSpec(4, 2, (3, 9)),
                                 3: ReachSpec(4, 2, (1, 2)), 4: ReachSpec(4, 3, (1, 3)),
                                 5: ReachSpec(4, 4, (1, 6))}, modulus=10),
+    # "reach4" with the goal carried in every step: "Mod 10, goal 7: 3+4?5*2?6", steps
+    # "[7] 3+4=7". The last step's check against the goal ("[7] 1*5=5" is wrong) becomes a
+    # comparison within one line, like the arithmetic check, instead of a look-up of the
+    # question's target, which an easy-trained PRM learned in 2 of 6 reach4 seeds; each step's
+    # copy of the goal is checked against the question (`ERR_GOAL`).
+    "reach4g": Design("reach4g", {1: ReachSpec(4, 1, (1, 3)), 2: ReachSpec(4, 2, (3, 9)),
+                                  3: ReachSpec(4, 2, (1, 2)), 4: ReachSpec(4, 3, (1, 3)),
+                                  5: ReachSpec(4, 4, (1, 6))}, modulus=10,
+                      goal_layout="prefix"),
+    # "reach4" with each step's distance to the goal written as a second step: "Mod 10,
+    # target 7: 3+4?5*2?6", steps "3+4=7, 7-7=0" (result minus target, mod 10). The policy is
+    # trained to compute that distance at every step, so a backbone shared with the PRM has it,
+    # and the last step is right iff its distance step is right and reads 0.
+    "reach4c": Design("reach4c", {1: ReachSpec(4, 1, (1, 3)), 2: ReachSpec(4, 2, (3, 9)),
+                                  3: ReachSpec(4, 2, (1, 2)), 4: ReachSpec(4, 3, (1, 3)),
+                                  5: ReachSpec(4, 4, (1, 6))}, modulus=10, goal_layout="check"),
     # Path ("graph search"; Lee et al. 2025 train on mazes, Bachmann & Nagarajan 2024 on path-star
     # graphs): 4 arms of 5 letters off the source at every level, edges listed in random order;
     # the target sits 1-5 edges down one arm (level = depth). Choosing the first edge needs
@@ -339,7 +384,7 @@ DESIGNS: dict[str, Design] = {
     # comparison. A random first edge is right 1 time in 4; the answer is the path.
     "path5": Design("path5", {lv: PathSpec(lv) for lv in range(1, 6)}),
 }
-DEFAULT_DESIGN = "reach4"
+DEFAULT_DESIGN = "reach4c"
 
 
 def get_design(design: str | Design | None) -> Design:
@@ -435,6 +480,7 @@ class Problem(_Layout):
     reverse: bool = False
     target: int | None = None
     free: tuple[int, ...] = ()
+    goal_layout: str = ""
 
     def __post_init__(self):
         if len(self.ops) != len(self.operands) or not self.ops:
@@ -445,6 +491,10 @@ class Problem(_Layout):
             raise ValueError(f"Problem has unknown operations {bad}; expected {OPS}")
         if (self.target is None) != (not self.free):
             raise ValueError("Problem: a search problem needs both a target and free positions")
+        if self.goal_layout not in GOAL_LAYOUTS:
+            raise ValueError(f"Problem: unknown goal_layout {self.goal_layout!r}")
+        if self.goal_layout and self.target is None:
+            raise ValueError("Problem: goal_layout needs a search problem (a target to carry)")
         if self.target is not None and self.values[-1] != self.target:
             raise ValueError(f"Problem: the gold filling {self.ops} ends at {self.values[-1]}, "
                              f"not at the target {self.target}")
@@ -495,11 +545,29 @@ class Problem(_Layout):
         """"3+4*7-2" (or "3 + 4 * 7 - 2")."""
         return format_expression(self.start, self.ops, self.operands, spaced=self.spaced)
 
+    def step_text(self, a: int, op: str, b: int, c: int) -> str:
+        """One step "a op b = c" in this problem's layout: with the goal carried first
+        ("[7] 3+4=7", goal layout "prefix") or its distance to the goal written after it
+        ("3+4=7, 7-7=0", layout "check": c minus the target, mod M)."""
+        text = format_step(a, op, b, c, spaced=self.spaced)
+        if self.goal_layout == "prefix":
+            return GOAL_PREFIX.format(goal=self.target) + text
+        if self.goal_layout == "check":
+            assert self.target is not None
+            return text + GOAL_CHECK_SEP + format_step(
+                c, "-", self.target, apply_op(c, "-", self.target, self.modulus),
+                spaced=self.spaced)
+        return text
+
+    def _search_question(self, target: object) -> str:
+        return QUESTION_TEMPLATE_SEARCH.format(modulus=self.modulus, target=target,
+                                               word=GOAL_LAYOUTS[self.goal_layout],
+                                               pattern=self.pattern)
+
     @property
     def question(self) -> str:
         if self.search:
-            return QUESTION_TEMPLATE_REACH.format(modulus=self.modulus, target=self.target,
-                                                  pattern=self.pattern)
+            return self._search_question(self.target)
         if self.reverse:
             sep = " " if self.spaced else ""
             operations = sep.join(f"{op}{sep}{b}" for op, b in
@@ -511,7 +579,7 @@ class Problem(_Layout):
     @property
     def steps(self) -> tuple[str, ...]:
         v = self.values
-        return tuple(format_step(v[k], op, b, v[k + 1], spaced=self.spaced)
+        return tuple(self.step_text(v[k], op, b, v[k + 1])
                      for k, (op, b) in enumerate(zip(self.ops, self.operands, strict=True)))
 
     @property
@@ -543,8 +611,7 @@ class Problem(_Layout):
         """
         if not self.search:
             return self.prompt
-        question = QUESTION_TEMPLATE_REACH.format(modulus=self.modulus, target=FREE_OP,
-                                                  pattern=self.pattern)
+        question = self._search_question(FREE_OP)
         return PROMPT_TEMPLATE.format(question=question)
 
     @property
@@ -552,16 +619,21 @@ class Problem(_Layout):
         """[start, end) character spans of `solution` that repeat the question's goal: in a
         search problem the last step's result, which every demonstration writes as the target
         (so a model can learn to copy it there instead of computing the step: the "Clever
-        Hans" shortcut of teacher forcing, Bachmann & Nagarajan 2024); () for a chain
-        problem."""
+        Hans" shortcut of teacher forcing, Bachmann & Nagarajan 2024); in the "check" goal
+        layout also the last distance to the goal, which every demonstration writes as 0; ()
+        for a chain problem."""
         if not self.search:
             return ()
         last = self.steps[-1]
         start = len(STEP_DELIMITER.join(self.steps)) - len(last)
-        result = last.rindex("=") + 1
-        while last[result] == " ":
-            result += 1
-        return ((start + result, start + len(last)),)
+        spans = []
+        for part in last.split(GOAL_CHECK_SEP) if self.goal_layout == "check" else [last]:
+            offset = last.index(part)
+            result = part.rindex("=") + 1
+            while part[result] == " ":
+                result += 1
+            spans.append((start + offset + result, start + offset + len(part)))
+        return tuple(spans)
 
 @dataclasses.dataclass(frozen=True)
 class PathProblem(_Layout):
@@ -679,7 +751,7 @@ def from_record(record: Mapping[str, object]) -> Problem | PathProblem:
 
 
 _QUESTION_RE = re.compile(r"Mod (\d+), left to right: (\d)((?: ?[+\-*] ?\d)+)")
-_QUESTION_REACH_RE = re.compile(r"Mod (\d+), reach (\d): (\d)((?:[+\-*?]\d)+)")
+_QUESTION_REACH_RE = re.compile(r"Mod (\d+), (reach|goal|target) (\d): (\d)((?:[+\-*?]\d)+)")
 _QUESTION_RTL_RE = re.compile(r"Mod (\d+), apply right to left: ((?:[+\-*] ?\d ?)+) to (\d)")
 _QUESTION_PATH_RE = re.compile(r"Go from ([a-z]) to ([a-z]): ([a-z]>[a-z](?: [a-z]>[a-z])*)")
 
@@ -720,7 +792,8 @@ def parse_prompt(prompt: str, *, level: int) -> Problem | PathProblem:
 
 def _parse_reach(m: re.Match, question: str, level: int) -> Problem:
     """A search question -> Problem, its gold filling the first solving one in OPS order."""
-    modulus, target, start, rest = int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4)
+    modulus, target, start, rest = int(m.group(1)), int(m.group(3)), int(m.group(4)), m.group(5)
+    goal_layout = {word: layout for layout, word in GOAL_LAYOUTS.items()}[m.group(2)]
     marks, operands = rest[0::2], tuple(int(t) for t in rest[1::2])
     free = tuple(k for k, op in enumerate(marks) if op == FREE_OP)
     if not free:
@@ -734,7 +807,7 @@ def _parse_reach(m: re.Match, question: str, level: int) -> Problem:
             v = apply_op(v, op, b, modulus)
         if v == target:
             p = Problem(level, start, tuple(ops), operands, modulus=modulus, target=target,
-                        free=free)
+                        free=free, goal_layout=goal_layout)
             if p.question != question:
                 raise ValueError(f"not a canonical stepmath question: {question[:60]!r}")
             return p
@@ -803,7 +876,8 @@ def _draw_reach(level: int, design: Design, rng: _HashRng) -> Problem:
         v = start
         for op, b in zip(ops, operands, strict=True):
             v = apply_op(v, op, b, mod)
-        p = Problem(level, start, ops, operands, modulus=mod, target=v, free=free)
+        p = Problem(level, start, ops, operands, modulus=mod, target=v, free=free,
+                    goal_layout=design.goal_layout)
         if lo <= p.num_solutions() <= hi:
             return parse_prompt(p.prompt, level=level)
     raise RuntimeError(f"stepmath: no level-{level} problem of design {design.name!r} found")
@@ -1024,30 +1098,45 @@ def split_solution(text: str) -> ParsedSolution:
     return ParsedSolution(tuple(steps), tuple(ends), answer, answer_end)
 
 
-_STEP_RE = re.compile(r"(-?\d+)\s*([+\-*×−])\s*(-?\d+)\s*=\s*(-?\d+)")
+_STEP_RE = re.compile(r"(?:\[\s*(-?\d+)\s*\]\s*)?(-?\d+)\s*([+\-*×−])\s*(-?\d+)\s*=\s*(-?\d+)"
+                      r"(?:\s*,\s*(-?\d+)\s*[-−]\s*(-?\d+)\s*=\s*(-?\d+))?")
 _INT_RE = re.compile(r"-?\d+")
 _OP_ALIASES = {"×": "*", "−": "-"}
 
 
 @dataclasses.dataclass(frozen=True)
 class ParsedStep:
-    """The numbers and operation of a step text "a op b = c"."""
+    """The numbers and operation of a step text "a op b = c", and how it carries the goal:
+    `goal` = t of "[t] a op b = c" (goal layout "prefix"), or `check` = (c', t, d) of
+    "a op b = c, c'-t=d" (layout "check"); None without."""
 
     a: int
     op: str
     b: int
     c: int
+    goal: int | None = None
+    check: tuple[int, int, int] | None = None
+
+    @property
+    def layout(self) -> str:
+        """The goal layout this step is written in ("", "prefix" or "check"; "?" for both)."""
+        if self.goal is not None and self.check is not None:
+            return "?"
+        return "prefix" if self.goal is not None else "check" if self.check is not None else ""
 
 
 def parse_step(step: str) -> ParsedStep | None:
-    """"a op b = c" (spaces optional; × and − accepted) -> ParsedStep, else None."""
+    """"a op b = c", "[t] a op b = c" or "a op b = c, c'-t=d" (spaces optional; × and −
+    accepted) -> ParsedStep, else None."""
     if len(step) > 64:  # no canonical step is this long; keeps the int() calls small
         return None
     m = _STEP_RE.fullmatch(step.strip())
     if m is None:
         return None
-    a, op, b, c = m.groups()
-    return ParsedStep(int(a), _OP_ALIASES.get(op, op), int(b), int(c))
+    goal, a, op, b, c, echo, target, diff = m.groups()
+    check = None if echo is None else (int(echo), int(target), int(diff))
+    return ParsedStep(int(a), _OP_ALIASES.get(op, op), int(b), int(c),
+                      None if goal is None else int(goal), check)
 
 
 def check_step(problem: Problem, k: int, step: str, current: int | None = None) -> str | None:
@@ -1057,12 +1146,19 @@ def check_step(problem: Problem, k: int, step: str, current: int | None = None) 
     for a search problem, the result of the solver's own previous step). At a free position of
     a search problem any of + - * is a valid operation (PRM800K: a step is judged by local
     validity, not by whether it leads to the target), and the last step must end at the target
-    (its job: a local comparison with the question's target, `ERR_TARGET`)."""
+    (its job: a comparison with the question's target, `ERR_TARGET`). A step not written in
+    the problem's goal layout is `ERR_MALFORMED`. Layout "prefix" ("[t] a op b = c"): t must be
+    the target (`ERR_GOAL`, checked first), so the last step's comparison is with its own line.
+    Layout "check" ("a op b = c, c'-t=d"), after the step itself: c' must be c (`ERR_OPERAND`),
+    t the target (`ERR_GOAL`), d = (c - t) mod M (`ERR_ARITHMETIC`); the last step's result is
+    the target iff its d is 0."""
     if k >= problem.num_steps:
         return ERR_EXTRA
     parsed = parse_step(step)
-    if parsed is None:
+    if parsed is None or parsed.layout != problem.goal_layout:
         return ERR_MALFORMED
+    if parsed.goal is not None and parsed.goal != problem.target:
+        return ERR_GOAL
     if parsed.a != (problem.values[k] if current is None else current):
         return ERR_OPERAND
     op_ok = parsed.op in OPS if k in problem.free else parsed.op == problem.ops[k]
@@ -1070,6 +1166,14 @@ def check_step(problem: Problem, k: int, step: str, current: int | None = None) 
         return ERR_OPERATION
     if parsed.c != apply_op(parsed.a, parsed.op, parsed.b, problem.modulus):
         return ERR_ARITHMETIC
+    if parsed.check is not None:
+        echo, target, diff = parsed.check
+        if echo != parsed.c:
+            return ERR_OPERAND
+        if target != problem.target:
+            return ERR_GOAL
+        if diff != apply_op(echo, "-", target, problem.modulus):
+            return ERR_ARITHMETIC
     if problem.search and k == problem.num_steps - 1 and parsed.c != problem.target:
         return ERR_TARGET
     return None

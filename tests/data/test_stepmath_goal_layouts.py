@@ -1,0 +1,127 @@
+"""Goal layouts of the search designs: every step carries the goal, first ("reach4g":
+"[7] 3+4=7") or as a distance step after it ("reach4c": "3+4=7, 7-7=0"), so the last step's
+check against the goal needs nothing outside its own line."""
+
+import collections
+
+import numpy as np
+import pytest
+
+from scalign.algorithms import failure_augment
+from scalign.data import stepmath
+
+LAYOUT_OF = {"reach4g": "prefix", "reach4c": "check"}
+
+
+def _problem(word):
+    # Mod 10, <word> 2: 4?7+6*7*2 -> only 4-7 (=7) then +6 *7 *2 reaches 2
+    p = stepmath.parse_prompt(stepmath.PROMPT_TEMPLATE.format(
+        question=f"Mod 10, {word} 2: 4?7+6*7*2"), level=1)
+    assert p.free == (0,) and p.target == 2
+    return p
+
+
+@pytest.mark.parametrize("design", sorted(LAYOUT_OF))
+@pytest.mark.parametrize("level", [1, 3, 5])
+def test_goal_designs_have_reach4_levels_and_carry_the_goal_in_every_step(design, level):
+    d = stepmath.get_design(design)
+    assert d.goal_layout == LAYOUT_OF[design] and d.search
+    assert d.spec(level) == stepmath.get_design("reach4").spec(level)
+    word = stepmath.GOAL_LAYOUTS[d.goal_layout]
+    for p in stepmath.generate(level, 30, seed=1, design=design):
+        assert p.goal_layout == d.goal_layout
+        assert p.question.startswith(f"Mod 10, {word} {p.target}: ")
+        for k, s in enumerate(p.steps):
+            parsed = stepmath.parse_step(s)
+            assert parsed.c == p.values[k + 1]
+            if d.goal_layout == "prefix":
+                assert s.startswith(f"[{p.target}] ") and parsed.goal == p.target
+            else:
+                assert parsed.check == (p.values[k + 1], p.target,
+                                        (p.values[k + 1] - p.target) % 10)
+        v = stepmath.verify(p, p.solution)
+        assert v.all_steps_correct and v.answer_label == 1
+        assert stepmath.from_record(stepmath.to_record(p)) == p
+        # goal spans: the last result (and in "check" the last distance, always 0)
+        spans = [p.solution[a:b] for a, b in p.goal_spans]
+        assert spans == ([str(p.target)] if d.goal_layout == "prefix" else [str(p.target), "0"])
+        assert p.solution[:p.goal_spans[-1][1]].endswith(p.steps[-1])
+    # a different name draws different problems from the reach4 ones
+    assert stepmath.generate(level, 1, seed=1, design=design)[0].pattern != \
+        stepmath.generate(level, 1, seed=1, design="reach4")[0].pattern
+
+
+def test_prefix_layout_labels_and_errors():
+    p = _problem("goal")
+    assert p.goal_layout == "prefix"
+    assert p.solution.startswith("[2] 4-7=7\n\n[2] 7+6=3\n\n[2] 3*7=1\n\n[2] 1*2=2\n\n")
+    # valid steps that miss the goal: the last one compares its result with its own "[2]"
+    v = stepmath.verify(p, "[2] 4+7=1\n\n[2] 1+6=7\n\n[2] 7*7=9\n\n[2] 9*2=8\n\n# Answer\n\n"
+                           "4+7+6*7*2")
+    assert v.step_labels == (1, 1, 1, 0) and v.error == stepmath.ERR_TARGET
+    # a wrong copy of the goal is the first error of its step, before the arithmetic
+    v = stepmath.verify(p, "[2] 4-7=7\n\n[3] 7+6=3\n\n[2] 3*7=1\n\n[2] 1*2=2\n\n# Answer\n\n"
+                           "4-7+6*7*2")
+    assert v.step_labels == (1, 0, 0, 0) and v.error == stepmath.ERR_GOAL
+    assert v.first_error == 1 and v.outcome_correct and v.answer_label == 0
+    # a step without the goal is malformed in this layout
+    v = stepmath.verify(p, "[2] 4-7=7\n\n7+6=3\n\n[2] 3*7=1\n\n[2] 1*2=2\n\n# Answer\n\n"
+                           "4-7+6*7*2")
+    assert v.error == stepmath.ERR_MALFORMED and v.first_error == 1
+    assert stepmath.check_step(p, 0, "[ 2 ]4 - 7 = 8", 4) == stepmath.ERR_ARITHMETIC
+    assert stepmath.parse_step("[2] 4-7=7") == stepmath.ParsedStep(4, "-", 7, 7, goal=2)
+    assert p.step_text(4, "-", 7, 7) == "[2] 4-7=7"
+
+
+def test_check_layout_labels_and_errors():
+    p = _problem("target")
+    assert p.goal_layout == "check"
+    assert p.solution.startswith("4-7=7, 7-2=5\n\n7+6=3, 3-2=1\n\n3*7=1, 1-2=9\n\n1*2=2, 2-2=0\n\n")
+    # valid steps that miss the goal: the last distance step is right but not 0
+    text = "4+7=1, 1-2=9\n\n1+6=7, 7-2=5\n\n7*7=9, 9-2=7\n\n9*2=8, 8-2=6\n\n# Answer\n\n4+7+6*7*2"
+    v = stepmath.verify(p, text)
+    assert v.step_labels == (1, 1, 1, 0) and v.error == stepmath.ERR_TARGET
+    # the distance step: wrong echo of the result, wrong goal, wrong subtraction
+    assert stepmath.check_step(p, 0, "4-7=7, 6-2=4", 4) == stepmath.ERR_OPERAND
+    assert stepmath.check_step(p, 0, "4-7=7, 7-3=4", 4) == stepmath.ERR_GOAL
+    assert stepmath.check_step(p, 0, "4-7=7, 7-2=4", 4) == stepmath.ERR_ARITHMETIC
+    assert stepmath.check_step(p, 0, "4 - 7 = 7 ,7 - 2 = 5", 4) is None
+    # a last step that claims distance 0 without reaching the goal: wrong arithmetic first
+    assert stepmath.check_step(p, 3, "9*2=8, 8-2=0", 9) == stepmath.ERR_ARITHMETIC
+    # other layouts are malformed here, and this layout is malformed elsewhere
+    for step in ("4-7=7", "[2] 4-7=7", "[2] 4-7=7, 7-2=5"):
+        assert stepmath.check_step(p, 0, step, 4) == stepmath.ERR_MALFORMED, step
+    plain, prefix = _problem("reach"), _problem("goal")
+    assert plain.goal_layout == "" and plain.step_text(4, "-", 7, 7) == "4-7=7"
+    assert stepmath.check_step(plain, 0, "4-7=7, 7-2=5", 4) == stepmath.ERR_MALFORMED
+    assert stepmath.check_step(prefix, 0, "4-7=7, 7-2=5", 4) == stepmath.ERR_MALFORMED
+    assert stepmath.check_step(plain, 0, "4-7=7", 4) is None
+    assert stepmath.parse_step("4-7=7, 7-2=5") == stepmath.ParsedStep(4, "-", 7, 7,
+                                                                     check=(7, 2, 5))
+
+
+def test_goal_layouts_only_for_search():
+    with pytest.raises(ValueError, match="goal_layout needs a search design"):
+        stepmath.Design("bad", {1: stepmath.LevelSpec((4,), (0,))}, goal_layout="check")
+    with pytest.raises(ValueError, match="unknown goal_layout"):
+        stepmath.Design("bad", {1: stepmath.ReachSpec(4, 1, (1, 3))}, goal_layout="suffix")
+    with pytest.raises(ValueError, match="goal_layout needs a search problem"):
+        stepmath.Problem(1, 3, ("+",), (4,), goal_layout="prefix")
+    # the blind prompt hides the goal in these layouts' questions too
+    assert _problem("target").blind_prompt == stepmath.PROMPT_TEMPLATE.format(
+        question="Mod 10, target ?: 4?7+6*7*2")
+
+
+@pytest.mark.parametrize("design", sorted(LAYOUT_OF))
+def test_failure_augment_writes_the_problems_layout(design):
+    """Synthetic negatives keep the problem's goal layout, so the verifier judges their steps,
+    never a missing goal."""
+    rng = np.random.default_rng(0)
+    errors = collections.Counter()
+    for p in stepmath.generate(3, 20, seed=0, design=design):
+        for kind in failure_augment.CORRUPTIONS:
+            text = failure_augment.corrupt(p, p.ops, kind, rng)
+            assert all(stepmath.parse_step(s).layout == p.goal_layout
+                       for s in stepmath.split_solution(text).steps)
+            errors[stepmath.verify(p, text).error] += 1
+    assert stepmath.ERR_MALFORMED not in errors and errors[stepmath.ERR_ARITHMETIC] > 0

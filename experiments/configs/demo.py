@@ -1,6 +1,10 @@
 """The CPU demo: graded math domain -> tokenizer -> SFT on easy levels -> evaluation.
 
     python experiments/launch.py --config=experiments/configs/demo.py --workdir=runs/demo
+    python experiments/launch.py --config=experiments/configs/demo.py:reach4 ...  # another design
+
+The config argument names a stepmath design of `TOKEN_BUDGETS` (default: the default design,
+`stepmath.DEFAULT_DESIGN`) and sets its token budgets with it.
 
 Sized for a 2-core CPU in a few minutes: data, SFT, evaluation, easy-trained reward models, a
 short GRPO + PRM run (stage rl), re-ranking, report.
@@ -9,14 +13,21 @@ short GRPO + PRM run (stage rl), re-ranking, report.
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
 
-# Token budgets of the default design (reach4c, BPE vocab 96): a prompt is <= 26 tokens, a gold
-# response <= 64 (each step "3+4=7, 7-7=0" is 12-13 tokens). Samples may run a little longer
-# than the gold text before they stop; model inputs hold bos + prompt + response.
-MAX_NEW_TOKENS = 72
-SEQ_LEN = 104
+# Token budgets per design (BPE vocab 96): (sft.seq_len, max_new_tokens of every sampling
+# stage, seq_len of the evaluator and eva updates). The reach designs' prompts are <= 26 tokens,
+# their gold responses: reach4c <= 64 (a step "3+4=7, 7-7=0" is 12-13 tokens), reach4g <= 52,
+# reach4 <= 36 (graded99: the 2026-11-27 study's SFT length). Samples may run a little longer
+# than the gold text.
+TOKEN_BUDGETS = {"reach4c": (96, 72, 104), "reach4g": (80, 56, 88), "reach4": (64, 40, 72),
+                 "graded99": (56, 40, 72)}
+DEFAULT_DESIGN = "reach4c"  # = scalign.data.stepmath.DEFAULT_DESIGN (checked by the tests)
 
 
-def get_config() -> ConfigDict:
+def get_config(design: str | None = None) -> ConfigDict:
+    if design is not None and design not in TOKEN_BUDGETS:
+        raise ValueError(f"demo.py: no token budgets for design {design!r}; known: "
+                         f"{sorted(TOKEN_BUDGETS)} (or set them with --config.sft.seq_len etc.)")
+    sft_seq_len, max_new_tokens, seq_len = TOKEN_BUDGETS[design or DEFAULT_DESIGN]
     c = ConfigDict()
     c.name = "scalign demo: easy-to-hard on stepmath (CPU)"
     c.seed = 0
@@ -26,9 +37,10 @@ def get_config() -> ConfigDict:
     c.data = ConfigDict()
     c.data.domain = "stepmath"
     # None: stepmath.DEFAULT_DESIGN ("reach4c" since 2026-12-05; "reach4" and "graded99" before:
-    # a design with other step lengths needs its own sft.seq_len / *.max_new_tokens, see
-    # experiments/configs/e2h_stepmath_reach4.py)
+    # a design with other step lengths needs its own token budgets, hence the config argument)
     c.data.design = placeholder(str)
+    if design is not None:
+        c.data.design = design
     c.data.levels = (1, 2, 3, 4, 5)
     c.data.n_train = 4000
     c.data.n_test = 200
@@ -50,7 +62,7 @@ def get_config() -> ConfigDict:
     # hard-level facts and the gap closes).
     c.sft.steps = 2000
     c.sft.batch_size = 16
-    c.sft.seq_len = 96  # reach4c: bos + prompt <= 26 + response <= 64 + eos (reach4: 64)
+    c.sft.seq_len = sft_seq_len  # bos + prompt + response + eos (TOKEN_BUDGETS)
     c.sft.grad_accum_steps = 1
     c.sft.clip_norm = 1.0
     # The last result of a search demonstration is always the target: supervised, the policy
@@ -73,7 +85,7 @@ def get_config() -> ConfigDict:
     c.evaluate.pass_problems = 50     # per level, each sampled pass_n times
     c.evaluate.pass_n = 16
     c.evaluate.temperature = 1.0
-    c.evaluate.max_new_tokens = MAX_NEW_TOKENS
+    c.evaluate.max_new_tokens = max_new_tokens
     c.evaluate.batch_size = 256
     c.evaluate.show_samples = 2       # decoded samples per level in the report
 
@@ -83,7 +95,7 @@ def get_config() -> ConfigDict:
     c.reward_models.problems_per_level = 300
     c.reward_models.samples_per_problem = 8
     c.reward_models.temperature = 1.0
-    c.reward_models.max_new_tokens = MAX_NEW_TOKENS
+    c.reward_models.max_new_tokens = max_new_tokens
     c.reward_models.batch_size = 512
     c.reward_models.evaluators = ("orm", "prm", "oprm")
     c.reward_models.after_first_error = "drop"  # PRM800K: labels end at the first wrong step
@@ -100,7 +112,7 @@ def get_config() -> ConfigDict:
     c.reward_models.train = ConfigDict()
     c.reward_models.train.steps = 150
     c.reward_models.train.batch_size = 32
-    c.reward_models.train.seq_len = SEQ_LEN
+    c.reward_models.train.seq_len = seq_len
     c.reward_models.train.log_every = 25
     c.reward_models.train.checkpoint_every = 150
     c.reward_models.train.on_nonfinite = "stop"
@@ -122,7 +134,7 @@ def get_config() -> ConfigDict:
     c.rl.iterations = 8
     c.rl.prompts_per_iteration = 16
     c.rl.samples_per_prompt = 8
-    c.rl.max_new_tokens = MAX_NEW_TOKENS
+    c.rl.max_new_tokens = max_new_tokens
     c.rl.temperature = 0.7
     c.rl.checkpoint_every = 4
     c.rl.optimizer = ConfigDict({"learning_rate": 1e-4, "schedule": "constant",
@@ -137,7 +149,7 @@ def get_config() -> ConfigDict:
     c.rerank.problems_per_level = 40
     c.rerank.max_n = 64
     c.rerank.temperature = 1.0
-    c.rerank.max_new_tokens = MAX_NEW_TOKENS
+    c.rerank.max_new_tokens = max_new_tokens
     c.rerank.seeds = 1
     c.rerank.num_subsets = 20
     c.rerank.batch_size = 512
@@ -157,10 +169,10 @@ def get_config() -> ConfigDict:
     c.eva.prompts_per_level = 8
     c.eva.iterations = 2
     c.eva.samples = 4
-    c.eva.max_new_tokens = MAX_NEW_TOKENS
+    c.eva.max_new_tokens = max_new_tokens
     c.eva.batch_size = 8
     c.eva.updates = 2
-    c.eva.seq_len = SEQ_LEN
+    c.eva.seq_len = seq_len
     c.eva.optimizer = ConfigDict({"learning_rate": 3e-5, "schedule": "constant",
                                   "weight_decay": 0.0})
     c.eva.eval_levels = (1, 2, 3, 4, 5)

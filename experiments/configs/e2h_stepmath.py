@@ -9,12 +9,11 @@ only re-rank them by best-of-N and weighted voting; the question is whether that
 voting on the HARD levels (4-5), which neither the policy nor the evaluators saw.
 
 The same stages and SFT policy recipe as `demo.py` (the default design, `reach4c` since
-2026-12-05; the 2026-12-05 reach4 study is reproduced by `--config.data.design=reach4
---config.sft.seq_len=64 --config.evaluate.max_new_tokens=40
---config.reward_models.max_new_tokens=40 --config.rerank.max_new_tokens=40
---config.reward_models.train.seq_len=72`, the 2026-11-27 graded99 one likewise with
-`--config.data.design=graded99 --config.sft.seq_len=56`; see
-`experiments/studies/stepmath_learnability.py`), with more evaluator data and test samples:
+2026-12-05; the config argument picks another design with its token budgets:
+`--config=experiments/configs/e2h_stepmath.py:reach4` is the config of the 2026-12-05 reach4
+study; `:graded99` runs the 2026-11-27 study's design, whose SFT then had 1200 steps and no
+`exclude_goal`; see `experiments/studies/stepmath_learnability.py`), with more evaluator data
+and test samples:
 8 labelled samples for each of 1500 easy problems per level (36,000 samples, about a third
 distinct), each evaluator trained for 2 epochs of its records (the
 paper's setting), and 250 test problems per level sampled 64 times (80,000 solutions per seed;
@@ -35,12 +34,8 @@ from scalign.experiment import load_config_file
 _DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
 
 
-def _demo_config() -> ConfigDict:
-    return load_config_file(_DEMO)
-
-
-def get_config() -> ConfigDict:
-    c = _demo_config()
+def get_config(design: str | None = None) -> ConfigDict:
+    c = load_config_file(_DEMO, design)  # a design with its token budgets (demo.TOKEN_BUDGETS)
     c.name = "easy-to-hard re-ranking on stepmath (CPU study)"
     # the re-ranking study: the demo's stages without its short rl / eva demonstrations
     c.stages = ("data", "sft", "evaluate", "reward_models", "rerank", "report")

@@ -22,14 +22,9 @@ _BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2h_stepmath.p
 
 
 def get_config() -> ConfigDict:
-    c = load_config_file(_BASE)
+    c = load_config_file(_BASE, "reach4")  # design reach4 with its token budgets
     c.name = "easy-to-hard re-ranking on stepmath reach4 (CPU, reduced)"
-    c.data.design = "reach4"
     c.sft.steps = 1200           # the run committed with this config (the demo now uses 2000)
-    c.sft.seq_len = 64           # reach4: prompt <= 26 + response <= 36 tokens, + bos/eos
-    for stage in (c.evaluate, c.reward_models, c.rerank):
-        stage.max_new_tokens = 40
-    c.reward_models.train.seq_len = 72
     c.sft.exclude_goal = False   # as committed then (the demo's default since 2026-12-05)
     c.data.n_test = 200          # e2h_stepmath.py now tests 250 (the train split follows it)
     c.reward_models.problems_per_level = 800

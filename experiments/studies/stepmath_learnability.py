@@ -97,6 +97,27 @@ answer scores 0.5%), so guessing is negligible. Easy greedy stays at chance leve
 (~40%), far below the issue's 90% target; hard greedy 7-9% and hard pass@64 90-97.5% give a
 re-ranker a large margin. 1200 SFT steps took 412 s at load 7-9 (2000: 630 s).
 
+**Goal layouts `reach4g` and `reach4c`** (2026-12-05, issue 15; measured with the
+`e2h_stepmath.py` pipeline, not this script: the demo's SFT recipe with `sft.exclude_goal`, 2000
+steps, seed 0, then its PRM alone; 200 greedy and 200 x 16 samples per level; reports in
+`experiments/results/e2h_stepmath_reach4c_2026-12-05/design_probe_seed0/`). Both keep reach4's
+levels and put the goal into every step: "[7] 3+4=7" (g) or "3+4=7, 7-7=0" (c, the step's
+distance to the target). Gold responses grow from <= 36 to <= 52 (g) and <= 64 (c) tokens.
+
+| design, seed 0 | greedy L1-5 (%) | pass@16 all-steps L1-5 (%) | PRM loss, steps 50 -> end | hard outcome ROC-AUC |
+|---|---|---|---|---|
+| reach4 (the 3-seed study's seed 0) | 38 / 45 / 11.5 / 9 / 6.5 | 96 / 99 / 84 / 67 / 57 | 0.19 -> 0.17 (flat) | 0.47 |
+| reach4g | 46 / 43 / 19 / 8 / 10 | 100 / 100 / 85 / 65 / 52 | 0.20 -> 0.14 (flat) | 0.52 |
+| reach4c | 49 / 51.5 / 15 / 8 / 7 | 98 / 99 / 73 / 66 / 47 | 0.08 -> 0.007 | **0.978** |
+
+Facts: putting the goal next to the last result (g) does not make the comparison learnable --
+seed 0's PRM stays where it was on reach4, so the distance to the target was not what kept
+the check unlearned. Writing the comparison as arithmetic the policy itself is trained to do at
+every step (c) does: the PRM that starts from that policy is at loss 0.08 by step 50 and 0.007
+at the end (train accuracy 1.000), on the seed where no reach4 lever had made the check appear. The policy's search is unchanged
+by either layout (easy greedy 31.5% reach4, 36% g, 38.5% c, one seed each): it does not
+search, and easy greedy stays far below 90%.
+
 **Path designs** (2026-12-05, issue 15; `--design path5` / `path6` / `path2`, seed 0,
 `--n-train 4000 --warmup 50 --min-lr-ratio 0.05`, 40 x 32 samples at T=1; raw logs and JSON in
 `experiments/results/stepmath_path_learnability_2026-12-05/`): "Go from q to h: q>v k>g ...",

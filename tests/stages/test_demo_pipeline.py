@@ -19,13 +19,17 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "experiments" / "configs" / "demo.py"
 
 
-def _demo(**overrides):
+def _demo_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("demo_cfg", DEMO)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    cfg = mod.get_config()
+    return mod
+
+
+def _demo(**overrides):
+    cfg = _demo_module().get_config()
     for key, value in overrides.items():
         node = cfg
         *path, leaf = key.split(".")
@@ -175,3 +179,31 @@ def test_validation_names_the_goal_and_tokenizer_keys():
     bad.data.domain = "math"
     with pytest.raises(experiment.ConfigError, match=r"config\.sft\.exclude_goal"):
         experiment.validate(bad)
+
+
+@pytest.mark.parametrize("design", ["reach4c", "reach4g", "reach4"])
+def test_demo_token_budgets_hold_each_designs_demonstrations(design):
+    """`demo.py:<design>` sets budgets the design's gold solutions fit, with the tokenizer the
+    data stage trains (BPE, vocab 96, easy levels): SFT rows hold bos + prompt + response + eos,
+    samplers may write a response plus eos, evaluator rows hold a prompt plus a full sample."""
+    from scalign.data import stepmath
+    from scalign.data.domain import StepMathDomain
+    from scalign.data.tokenizer import Tokenizer
+
+    assert _demo_module().DEFAULT_DESIGN == stepmath.DEFAULT_DESIGN
+    cfg = experiment.load_config_file(DEMO, design)
+    assert cfg.data.design == design
+    dom = StepMathDomain.build([1, 2, 3, 4, 5], n_train=400, n_test=100, seed=0, design=design)
+    records = dom.train_records([1, 2, 3])
+    tok = Tokenizer.train([r["prompt"] + r["response"] for r in records], None,
+                          vocab_size=int(cfg.data.tokenizer_vocab_size),
+                          user_defined_symbols=("\n\n",))
+    problems = [p for lv in (1, 2, 3, 4, 5) for p in dom.splits[lv].test]
+    prompt = max(len(tok.encode(p.prompt)) for p in problems)
+    response = max(len(tok.encode(p.solution)) for p in problems)
+    assert 1 + prompt + response + 1 <= cfg.sft.seq_len
+    for stage in ("evaluate", "reward_models", "rl", "rerank", "eva"):
+        assert response + 1 <= cfg[stage].max_new_tokens, stage
+    for seq_len in (cfg.reward_models.train.seq_len, cfg.eva.seq_len):
+        assert 1 + prompt + cfg.rerank.max_new_tokens <= seq_len
+

@@ -125,3 +125,20 @@ def test_failure_augment_writes_the_problems_layout(design):
                        for s in stepmath.split_solution(text).steps)
             errors[stepmath.verify(p, text).error] += 1
     assert stepmath.ERR_MALFORMED not in errors and errors[stepmath.ERR_ARITHMETIC] > 0
+
+
+def test_goal_line_spans_cover_the_last_step_from_its_result_on():
+    p = _problem("target")
+    assert [p.solution[a:b] for a, b in p.goal_spans] == ["2", "0"]
+    ((a, b),) = p.goal_line_spans
+    assert p.solution[a:b] == "2, 2-2=0" and p.solution[:b].endswith(p.steps[-1])
+    plain = _problem("reach")
+    assert plain.goal_line_spans == plain.goal_spans
+    from scalign.data.domain import StepMathDomain
+
+    dom = StepMathDomain.build([1], n_train=3, n_test=1, seed=0, design="reach4c")
+    for r in dom.train_records([1], exclude_goal=True, goal_span="line"):
+        ((a, b),) = r["exclude_spans"]
+        assert r["response"][a:b].endswith("=0") and ", " in r["response"][a:b]
+    with pytest.raises(ValueError, match="goal_span"):
+        dom.train_records([1], exclude_goal=True, goal_span="all")

@@ -21,6 +21,10 @@ from scalign.data import grading, stepmath
 from scalign.data.math import MathProblem, problem_key, read_math
 from scalign.data.records import OnError, PathLike, ReadStats
 
+# What `train_records(exclude_goal=True)` leaves out of the SFT loss: the last result(s) that
+# repeat the goal ("result"), or the last step from its result on ("line").
+GOAL_SPANS = ("result", "line")
+
 
 class Domain(Protocol):
     name: str
@@ -67,19 +71,24 @@ class StepMathDomain:
         return self.splits[level]
 
     def train_records(self, levels: Sequence[int], *, blind: bool = False,
-                      exclude_goal: bool = False) -> list[dict[str, Any]]:
+                      exclude_goal: bool = False, goal_span: str = "result"
+                      ) -> list[dict[str, Any]]:
         """SFT records of the train problems; `blind`: prompts with the goal hidden
         (`stepmath.Problem.blind_prompt`); `exclude_goal`: each record carries
-        "exclude_spans" = `Problem.goal_spans` (the response characters that repeat the goal,
-        left out of the SFT loss by `SftFeaturizer`)."""
+        "exclude_spans" = `Problem.goal_spans` (`goal_span="result"`: the response characters
+        that repeat the goal) or `Problem.goal_line_spans` ("line": the last step from its
+        result on), left out of the SFT loss by `SftFeaturizer`."""
+        if goal_span not in GOAL_SPANS:
+            raise ValueError(f"goal_span must be one of {GOAL_SPANS}, got {goal_span!r}")
         problems = [p for lv in levels for p in self.train_problems(lv)]
         records = [stepmath.to_record(p) for p in problems]
         if blind:
             records = [{**r, "prompt": p.blind_prompt} for r, p in zip(records, problems,
                                                                         strict=True)]
         if exclude_goal:
-            records = [{**r, "exclude_spans": [list(s) for s in p.goal_spans]}
-                       for r, p in zip(records, problems, strict=True)]
+            records = [{**r, "exclude_spans": [list(s) for s in (
+                p.goal_spans if goal_span == "result" else p.goal_line_spans)]}
+                for r, p in zip(records, problems, strict=True)]
         return records
 
     def prompt(self, problem: stepmath.Problem) -> str:

@@ -635,6 +635,16 @@ class Problem(_Layout):
             spans.append((start + offset + result, start + offset + len(part)))
         return tuple(spans)
 
+    @property
+    def goal_line_spans(self) -> tuple[tuple[int, int], ...]:
+        """The span of `solution` from the last step's result to the end of that step: in the
+        "check" layout also the echo of the result and the copy of the goal in its distance
+        step ("3+4=[7, 7-7=0]"), which every demonstration writes equal to each other, so a
+        model can learn to copy its own result into the goal's slot there. Same as
+        `goal_spans` for the other layouts' single result; () for a chain problem."""
+        spans = self.goal_spans
+        return ((spans[0][0], spans[-1][1]),) if spans else ()
+
 @dataclasses.dataclass(frozen=True)
 class PathProblem(_Layout):
     """One path problem ("path" designs): go from `source` to `target` along the listed edges.

@@ -18,6 +18,9 @@ small policy copies the target there instead of computing the step ("7+5=5" for 
 `experiments/results/e2h_reach4_evaluators_2026-12-04/`), so its failures are arithmetic
 errors only a computing evaluator can see; without them it computes the step from its inputs
 like every other, and a chain that misses the target says so in its last line.
+`config.sft.exclude_goal_span` (default "result"): "line" leaves out the last step from its
+result on (`Problem.goal_line_spans`): in the reach4c layout also the echo of the result and the
+goal's copy in the distance step, which every demonstration writes equal ("7-7=0").
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
+from scalign.data.domain import GOAL_SPANS
 from scalign.data.pipeline import make_sft_iterator
 from scalign.models.config import ModelConfig
 from scalign.objectives.sft import make_sft_loss
@@ -73,6 +77,10 @@ class SFTStage(Stage):
                 "data", {}).get("domain", "stepmath") != "stepmath":
             errors.append("config.sft.exclude_goal needs the stepmath domain (its search "
                           "problems' demonstrations repeat the goal in their last step)")
+        span = config.get("sft", {}).get("exclude_goal_span", "result")
+        if span not in GOAL_SPANS:
+            errors.append(f"config.sft.exclude_goal_span must be one of {GOAL_SPANS}, got "
+                          f"{span!r}")
         init = config.get("sft", {}).get("init", "scratch")
         stages = list(config.get("stages", ()))
         if init not in INITS:
@@ -96,7 +104,8 @@ class SFTStage(Stage):
         domain = ctx.need("domain")
         levels = tuple(cfg.get("levels", domain.levels))
         if cfg.get("exclude_goal", False):
-            records = domain.train_records(levels, exclude_goal=True)
+            records = domain.train_records(
+                levels, exclude_goal=True, goal_span=cfg.get("exclude_goal_span", "result"))
         else:
             records = domain.train_records(levels)
         if not records:

@@ -261,10 +261,10 @@ class Design:
     layout switches (`spaced` "3 + 4 = 0"; `reverse`: operations listed right to left, next to
     the start value), and for search designs `goal_layout` (how steps carry the goal:
     `GOAL_LAYOUTS`; "prefix": "[7] 3+4=7", "check": "3+4=7, 7-7=0", so checking the last step
-    against the goal needs nothing outside its line). Levels must not share an (n, m, s) shape, so no problem can belong to two
-    levels (test problems of a hard level never appear in an easy level's train split). The name
-    keys the random stream: two designs with the same spec and different names draw different
-    problems."""
+    against the goal needs nothing outside its line). Levels must not share an (n, m, s)
+    shape, so no problem can belong to two levels (test problems of a hard level never appear
+    in an easy level's train split). The name keys the random stream: two designs with the same
+    spec and different names draw different problems."""
 
     name: str
     levels: Mapping[int, LevelSpec | ReachSpec | PathSpec]
@@ -365,7 +365,8 @@ DESIGNS: dict[str, Design] = {
     # "[7] 3+4=7". The last step's check against the goal ("[7] 1*5=5" is wrong) becomes a
     # comparison within one line, like the arithmetic check, instead of a look-up of the
     # question's target, which an easy-trained PRM learned in 2 of 6 reach4 seeds; each step's
-    # copy of the goal is checked against the question (`ERR_GOAL`).
+    # copy of the goal is checked against the question (`ERR_GOAL`). Measured on reach4's
+    # failing seed 0: the PRM still does not learn the check (hard outcome ROC-AUC 0.52).
     "reach4g": Design("reach4g", {1: ReachSpec(4, 1, (1, 3)), 2: ReachSpec(4, 2, (3, 9)),
                                   3: ReachSpec(4, 2, (1, 2)), 4: ReachSpec(4, 3, (1, 3)),
                                   5: ReachSpec(4, 4, (1, 6))}, modulus=10,
@@ -373,7 +374,9 @@ DESIGNS: dict[str, Design] = {
     # "reach4" with each step's distance to the goal written as a second step: "Mod 10,
     # target 7: 3+4?5*2?6", steps "3+4=7, 7-7=0" (result minus target, mod 10). The policy is
     # trained to compute that distance at every step, so a backbone shared with the PRM has it,
-    # and the last step is right iff its distance step is right and reads 0.
+    # and the last step is right iff its distance step is right and reads 0. The default since
+    # 2026-12-05: hard outcome ROC-AUC of the easy-trained PRM 0.978 / 0.911 / 0.521 and of the
+    # OPRM 0.990 / 0.964 / 0.869 on seeds 0-2 (experiments/results/e2h_stepmath_reach4c_*).
     "reach4c": Design("reach4c", {1: ReachSpec(4, 1, (1, 3)), 2: ReachSpec(4, 2, (3, 9)),
                                   3: ReachSpec(4, 2, (1, 2)), 4: ReachSpec(4, 3, (1, 3)),
                                   5: ReachSpec(4, 4, (1, 6))}, modulus=10, goal_layout="check"),

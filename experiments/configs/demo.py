@@ -71,9 +71,10 @@ def get_config(design: str | None = None) -> ConfigDict:
     # e2h_reach4_evaluators_2026-12-04). Left out of the loss, the policy computes that step
     # like every other and a chain that misses the target says so in its last line.
     c.sft.exclude_goal = True
-    # "line": also the rest of that last line -- in reach4c the echo of the result and the copy
-    # of the goal in its distance step, which every demonstration writes equal ("7-7=0"), so a
-    # policy can learn to copy its result into the goal's slot (reach4c study seed 2)
+    # "line": every number of that last step from its result on -- in reach4c also the echo of
+    # the result and the copy of the goal in its distance step, which every demonstration writes
+    # equal ("7-7=0"), so a policy can learn to copy its result into the goal's slot (reach4c
+    # study seed 2)
     c.sft.exclude_goal_span = "result"
     c.sft.log_every = 50
     c.sft.checkpoint_every = 500

@@ -22,7 +22,7 @@ from scalign.data.math import MathProblem, problem_key, read_math
 from scalign.data.records import OnError, PathLike, ReadStats
 
 # What `train_records(exclude_goal=True)` leaves out of the SFT loss: the last result(s) that
-# repeat the goal ("result"), or the last step from its result on ("line").
+# repeat the goal ("result"), or every number of the last step from its result on ("line").
 GOAL_SPANS = ("result", "line")
 
 
@@ -76,8 +76,8 @@ class StepMathDomain:
         """SFT records of the train problems; `blind`: prompts with the goal hidden
         (`stepmath.Problem.blind_prompt`); `exclude_goal`: each record carries
         "exclude_spans" = `Problem.goal_spans` (`goal_span="result"`: the response characters
-        that repeat the goal) or `Problem.goal_line_spans` ("line": the last step from its
-        result on), left out of the SFT loss by `SftFeaturizer`."""
+        that repeat the goal) or `Problem.goal_line_spans` ("line": every number of the last
+        step from its result on), left out of the SFT loss by `SftFeaturizer`."""
         if goal_span not in GOAL_SPANS:
             raise ValueError(f"goal_span must be one of {GOAL_SPANS}, got {goal_span!r}")
         problems = [p for lv in levels for p in self.train_problems(lv)]

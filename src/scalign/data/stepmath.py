@@ -640,13 +640,20 @@ class Problem(_Layout):
 
     @property
     def goal_line_spans(self) -> tuple[tuple[int, int], ...]:
-        """The span of `solution` from the last step's result to the end of that step: in the
-        "check" layout also the echo of the result and the copy of the goal in its distance
-        step ("3+4=[7, 7-7=0]"), which every demonstration writes equal to each other, so a
-        model can learn to copy its own result into the goal's slot there. Same as
-        `goal_spans` for the other layouts' single result; () for a chain problem."""
+        """The spans of every number of the last step from its result on: in the "check"
+        layout also the echo of the result and the copy of the goal in its distance step
+        ("3+4=[7], [7]-[7]=[0]"), which every demonstration writes equal to each other, so a
+        model can learn to copy its own result into the goal's slot there. The separators
+        stay in the loss (without them a policy does not learn to write the last step's
+        distance at all). Same as `goal_spans` for the other layouts' single result; () for a
+        chain problem."""
         spans = self.goal_spans
-        return ((spans[0][0], spans[-1][1]),) if spans else ()
+        if not spans:
+            return ()
+        end = len(STEP_DELIMITER.join(self.steps))
+        tail = self.solution[spans[0][0]:end]
+        return tuple((spans[0][0] + m.start(), spans[0][0] + m.end())
+                     for m in re.finditer(r"\d+", tail))
 
 @dataclasses.dataclass(frozen=True)
 class PathProblem(_Layout):

@@ -20,8 +20,8 @@ paper's setting), and 250 test problems per level sampled 64 times (80,000 solut
 500 hard problems, so paired differences to majority have CIs of a few points),
 accuracy at each N averaged over 50 random N-subsets. `--seeds=0,1,2` runs the whole pipeline
 (data draw, tokenizer, SFT, labels, evaluators, samples) once per seed and writes mean ± std over
-seeds to `runs/e2h_stepmath/report.md` (`scalign.aggregate`). About 13 minutes per seed on a
-2-core CPU.
+seeds to `runs/e2h_stepmath/report.md` (`scalign.aggregate`). About 21.5 minutes per seed on a
+2-core CPU for reach4c (2026-12-05; reach4's shorter solutions: about 13).
 """
 
 import os

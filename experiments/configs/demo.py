@@ -13,6 +13,8 @@ short GRPO + PRM run (stage rl), re-ranking, report.
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
 
+from scalign.data import stepmath
+
 # Token budgets per design (BPE vocab 96): (sft.seq_len, max_new_tokens of every sampling
 # stage, seq_len of the evaluator and eva updates). The reach designs' prompts are <= 26 tokens,
 # their gold responses: reach4c <= 64 (a step "3+4=7, 7-7=0" is 12-13 tokens), reach4g <= 52,
@@ -20,7 +22,7 @@ from ml_collections.config_dict import placeholder
 # than the gold text.
 TOKEN_BUDGETS = {"reach4c": (96, 72, 104), "reach4g": (80, 56, 88), "reach4": (64, 40, 72),
                  "graded99": (56, 40, 72)}
-DEFAULT_DESIGN = "reach4c"  # = scalign.data.stepmath.DEFAULT_DESIGN (checked by the tests)
+DEFAULT_DESIGN = stepmath.DEFAULT_DESIGN
 
 
 def get_config(design: str | None = None) -> ConfigDict:

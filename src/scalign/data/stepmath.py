@@ -111,7 +111,6 @@ QUESTION_TEMPLATE = "Mod {modulus}, left to right: {expression}"
 # Right-to-left layout: the first operation to apply is written last, next to the start value.
 QUESTION_TEMPLATE_RTL = "Mod {modulus}, apply right to left: {operations} to {start}"
 # Search layout ("reach" designs): "?" marks an operation the solver chooses.
-QUESTION_TEMPLATE_REACH = "Mod {modulus}, reach {target}: {pattern}"  # goal layout ""
 # Goal layouts of search designs (`Design.goal_layout`), named by the question's word:
 #   ""       "Mod 10, reach 7: 3+4?5*2?6", steps "3+4=7" (reach4);
 #   "prefix" "Mod 10, goal 7: ...", every step carries the goal first: "[7] 3+4=7" (reach4g);
@@ -119,6 +118,7 @@ QUESTION_TEMPLATE_REACH = "Mod {modulus}, reach {target}: {pattern}"  # goal lay
 #            as a second step, "3+4=7, 7-7=0" (result minus target mod M; reach4c), so the
 #            last step's check against the goal is arithmetic plus "is it 0".
 GOAL_LAYOUTS = {"": "reach", "prefix": "goal", "check": "target"}
+_LAYOUT_OF_WORD = {word: layout for layout, word in GOAL_LAYOUTS.items()}
 QUESTION_TEMPLATE_SEARCH = "Mod {modulus}, {word} {target}: {pattern}"
 GOAL_PREFIX = "[{goal}] "
 GOAL_CHECK_SEP = ", "
@@ -325,6 +325,10 @@ def _design(name: str, table: Mapping[int, tuple[Sequence[int], Sequence[int]]],
 
 
 _MOSTLY_SMALL_MULTIPLIERS = (2,) * 24 + (3,) * 24 + (4, 5, 6)
+# The search levels of reach4 and its goal layouts (see "reach4" below).
+_REACH4_LEVELS = {1: ReachSpec(4, 1, (1, 3)), 2: ReachSpec(4, 2, (3, 9)),
+                  3: ReachSpec(4, 2, (1, 2)), 4: ReachSpec(4, 3, (1, 3)),
+                  5: ReachSpec(4, 4, (1, 6))}
 
 DESIGNS: dict[str, Design] = {
     # School order, four operations in every level, modulo 7:
@@ -358,28 +362,21 @@ DESIGNS: dict[str, Design] = {
     # 3^? fillings reach the target (1-3 of 3 / 3-9 of 9 / 1-2 of 9 / 1-3 of 27 / 1-6 of 81).
     # Every step is the same local single-digit check at every level and every question has
     # the same length; the answer is the filled chain (structured: up to 81 values).
-    "reach4": Design("reach4", {1: ReachSpec(4, 1, (1, 3)), 2: ReachSpec(4, 2, (3, 9)),
-                                3: ReachSpec(4, 2, (1, 2)), 4: ReachSpec(4, 3, (1, 3)),
-                                5: ReachSpec(4, 4, (1, 6))}, modulus=10),
+    "reach4": Design("reach4", _REACH4_LEVELS, modulus=10),
     # "reach4" with the goal carried in every step: "Mod 10, goal 7: 3+4?5*2?6", steps
     # "[7] 3+4=7". The last step's check against the goal ("[7] 1*5=5" is wrong) becomes a
     # comparison within one line, like the arithmetic check, instead of a look-up of the
     # question's target, which an easy-trained PRM learned in 2 of 6 reach4 seeds; each step's
     # copy of the goal is checked against the question (`ERR_GOAL`). Measured on reach4's
     # failing seed 0: the PRM still does not learn the check (hard outcome ROC-AUC 0.52).
-    "reach4g": Design("reach4g", {1: ReachSpec(4, 1, (1, 3)), 2: ReachSpec(4, 2, (3, 9)),
-                                  3: ReachSpec(4, 2, (1, 2)), 4: ReachSpec(4, 3, (1, 3)),
-                                  5: ReachSpec(4, 4, (1, 6))}, modulus=10,
-                      goal_layout="prefix"),
+    "reach4g": Design("reach4g", _REACH4_LEVELS, modulus=10, goal_layout="prefix"),
     # "reach4" with each step's distance to the goal written as a second step: "Mod 10,
     # target 7: 3+4?5*2?6", steps "3+4=7, 7-7=0" (result minus target, mod 10). The policy is
     # trained to compute that distance at every step, so a backbone shared with the PRM has it,
     # and the last step is right iff its distance step is right and reads 0. The default since
     # 2026-12-05: hard outcome ROC-AUC of the easy-trained PRM 0.978 / 0.911 / 0.521 and of the
     # OPRM 0.990 / 0.964 / 0.869 on seeds 0-2 (experiments/results/e2h_stepmath_reach4c_*).
-    "reach4c": Design("reach4c", {1: ReachSpec(4, 1, (1, 3)), 2: ReachSpec(4, 2, (3, 9)),
-                                  3: ReachSpec(4, 2, (1, 2)), 4: ReachSpec(4, 3, (1, 3)),
-                                  5: ReachSpec(4, 4, (1, 6))}, modulus=10, goal_layout="check"),
+    "reach4c": Design("reach4c", _REACH4_LEVELS, modulus=10, goal_layout="check"),
     # Path ("graph search"; Lee et al. 2025 train on mazes, Bachmann & Nagarajan 2024 on path-star
     # graphs): 4 arms of 5 letters off the source at every level, edges listed in random order;
     # the target sits 1-5 edges down one arm (level = depth). Choosing the first edge needs
@@ -629,13 +626,13 @@ class Problem(_Layout):
             return ()
         last = self.steps[-1]
         start = len(STEP_DELIMITER.join(self.steps)) - len(last)
-        spans = []
+        spans, offset = [], start
         for part in last.split(GOAL_CHECK_SEP) if self.goal_layout == "check" else [last]:
-            offset = last.index(part)
             result = part.rindex("=") + 1
             while part[result] == " ":
                 result += 1
-            spans.append((start + offset + result, start + offset + len(part)))
+            spans.append((offset + result, offset + len(part)))
+            offset += len(part) + len(GOAL_CHECK_SEP)
         return tuple(spans)
 
     @property
@@ -813,7 +810,7 @@ def parse_prompt(prompt: str, *, level: int) -> Problem | PathProblem:
 def _parse_reach(m: re.Match, question: str, level: int) -> Problem:
     """A search question -> Problem, its gold filling the first solving one in OPS order."""
     modulus, target, start, rest = int(m.group(1)), int(m.group(3)), int(m.group(4)), m.group(5)
-    goal_layout = {word: layout for layout, word in GOAL_LAYOUTS.items()}[m.group(2)]
+    goal_layout = _LAYOUT_OF_WORD[m.group(2)]
     marks, operands = rest[0::2], tuple(int(t) for t in rest[1::2])
     free = tuple(k for k, op in enumerate(marks) if op == FREE_OP)
     if not free:

@@ -64,6 +64,7 @@ def test_aggregate_runs_writes_results_and_report(tmp_path):
     assert "50.0 ± 16.3" in report and "| 4 | 30.0 ± 8.2 |" in report
     assert (out / "figures" / "rerank_accuracy_vs_n.png").stat().st_size > 1000
     assert json.loads((out / "results.json").read_text())["runs"]["rows"][0]["run"] == str(runs[0])
+    assert "every step verified" not in report  # runs without the row do not get one
     main([str(d) for d in runs] + ["--out", str(tmp_path / "cli"), "--title", "t"])
     assert (tmp_path / "cli" / "results.json").read_text() == (out / "results.json").read_text()
 
@@ -111,3 +112,18 @@ def test_ci_bounds_are_values_not_keys():
     assert r["seeds"] == 2 and r["mean"] == pytest.approx(0.6) and r["std"] == pytest.approx(0.1)
     assert r["ci_low"] == pytest.approx(0.5) and r["ci_high"] == pytest.approx(0.7)
     assert r["ci_low_values"] == "0.4,0.6" and r["ci_high_values"] == "0.6,0.8"
+
+
+def test_aggregate_reports_every_step_oracle_where_runs_have_it(tmp_path):
+    runs = []
+    for s, every in enumerate((0.25, 0.35)):
+        d = tmp_path / f"seed_{s}"
+        d.mkdir()
+        rows = [_rerank("hard", "none", m, n, v) for n in (1, 2)
+                for m, v in (("majority", 0.2), ("oracle", 0.5), ("oracle_all_steps", every))]
+        (d / "results.json").write_text(json.dumps({"rerank": {"rows": rows}}))
+        runs.append(d)
+    aggregate_runs(runs, tmp_path / "agg", title="t")
+    report = (tmp_path / "agg" / "report.md").read_text()
+    line = next(x for x in report.splitlines() if "every step verified" in x)
+    assert "30.0 ± 5.0" in line

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from scalign.evaluation.rerank import plot_style, table1_methods
+from scalign.evaluation.rerank import ORACLE_ALL_STEPS, plot_style, table1_methods
 from scalign.evaluation.rl_table import table2
 from scalign.reporting import markdown_table, panels_plot
 
@@ -162,7 +162,8 @@ def _rerank_section(rows: list[dict[str, Any]], out: epath.Path, agg_name: str) 
     ns = sorted({int(r["n"]) for r in rows})
     evaluators = [e for e in ("orm", "prm", "oprm") if any(r["evaluator"] == e for r in rows)]
     show = [n for n in (16, 64) if n in ns] or [ns[-1]]
-    methods = table1_methods(evaluators, agg_name)
+    methods = table1_methods(evaluators, agg_name,
+                             any(r["method"] == ORACLE_ALL_STEPS for r in rows))
     table = []
     for label, e, m, a in methods:
         row = {"method": label}

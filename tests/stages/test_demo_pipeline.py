@@ -84,9 +84,16 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         # every subset of n = K is the full set, so the paired difference is the accuracy gap
         assert d == pytest.approx(acc[key] - acc[(split, "none", "majority", "none", 8)])
         assert paired[(*key, "diff_ci_low")] <= d <= paired[(*key, "diff_ci_high")]
+        # stepmath's verifier checks steps: pass@N with every step verified is reported, never
+        # above the answer-only oracle on the same subsets, and non-decreasing in N
+        every = [acc[(split, "none", "oracle_all_steps", "none", n)] for n in (1, 2, 4, 8)]
+        assert all(e <= acc[(split, "none", "oracle", "none", n)] + 1e-9
+                   for e, n in zip(every, (1, 2, 4, 8), strict=True))
+        assert every == sorted(every)
     kinds = {(r["evaluator"], r["kind"]) for r in results["evaluators"]["rows"]}
     assert ("prm", "step_auc") in kinds and ("orm", "outcome_auc") in kinds
     report = (out / "report.md").read_text()
+    assert "pass@N (oracle, every step verified)" in report
     eva = results["eva"]["rows"]
     assert {(r["variant"], r["metric"]) for r in eva} >= {("eva", "winrate"), ("eva", "hard_acc")}
     assert all(r["ci_low"] <= r["mean"] <= r["ci_high"] for r in eva)

@@ -34,6 +34,9 @@ import numpy as np
 
 AGGREGATIONS = ("min", "prod", "mean", "max", "last")
 METHODS = ("majority", "best_of_n", "weighted", "oracle")
+# The method name of pass@N with every step verified: "oracle" over the verifier's answer_label
+# (every step and the answer right) instead of the final answer alone.
+ORACLE_ALL_STEPS = "oracle_all_steps"
 
 KeyFn = Callable[[Any], Hashable | None]
 
@@ -46,29 +49,36 @@ _EVALUATOR_COLORS = {"orm": "tab:blue", "prm": "tab:green", "oprm": "tab:purple"
 
 def plot_style(evaluator: str, method: str) -> dict[str, Any]:
     """Line style of one re-ranking method in the accuracy-vs-N plots (the rerank stage and the
-    seed aggregate): majority voting black, the pass@N oracle grey dashed, each evaluator its own
+    seed aggregate): majority voting black, the pass@N oracle grey dashed (dotted: every step
+    verified), each evaluator its own
     colour, its best-of-N dotted with square markers."""
     if method == "majority":
         return {"color": "black"}
     if method == "oracle":
         return {"color": "gray", "linestyle": "--", "marker": ""}
+    if method == ORACLE_ALL_STEPS:
+        return {"color": "gray", "linestyle": ":", "marker": ""}
     style = {"color": _EVALUATOR_COLORS.get(evaluator)}
     if method == "best_of_n":
         style |= {"linestyle": ":", "marker": "s"}
     return style
 
 
-def table1_methods(evaluators: Sequence[str], aggregation: str
+def table1_methods(evaluators: Sequence[str], aggregation: str, all_steps: bool = False
                    ) -> list[tuple[str, str, str, str]]:
     """The rows of a Table-1-style summary (Sun et al. 2024): (label, evaluator, method,
     aggregation) for majority voting, best-of-N and weighted voting per evaluator (an ORM scores
-    a solution by its last token: aggregation "last"), and the pass@N oracle."""
+    a solution by its last token: aggregation "last"), and the pass@N oracle; with `all_steps`
+    also the oracle that counts a solution only when the verifier accepts every step and the
+    answer (`ORACLE_ALL_STEPS`)."""
     rows = [("Majority voting", "none", "majority", "none")]
     for e in evaluators:
         a = "last" if e == "orm" else aggregation
         rows += [(f"{e.upper()} best-of-N ({a})", e, "best_of_n", a),
                  (f"{e.upper()} weighted ({a})", e, "weighted", a)]
     rows.append(("pass@N (oracle)", "none", "oracle", "none"))
+    if all_steps:
+        rows.append(("pass@N (oracle, every step verified)", "none", ORACLE_ALL_STEPS, "none"))
     return rows
 
 

@@ -6,7 +6,10 @@ step-score aggregation (min, prod, mean, max, last), on the easy levels, the har
 all. For every seed, `max_n` solutions are sampled per test problem once; accuracy at N is the
 mean over `num_subsets` random N-subsets. The subsets are drawn ONCE per (split, seed, N) and
 shared by every method (`evaluation.rerank.draw_subsets` / `rerank_correct`), so methods are
-compared paired. Across seeds (independent sample sets) rows report mean and std of the per-seed
+compared paired. Where the domain's verifier checks steps (stepmath), the pass@N oracle also
+has an every-step-verified variant (method `oracle_all_steps`: some solution of the subset has
+every step and the answer right), the policy's pass@N in the sense of issue 15's targets; the
+answer-only oracle also counts right answers under wrong steps. Across seeds (independent sample sets) rows report mean and std of the per-seed
 means; with one seed, std is over subsets.
 
 Besides the accuracy rows (`mean`), every non-majority method gets three rows with a `stat`
@@ -40,6 +43,7 @@ from scalign.evaluation.generation import sample_solutions
 from scalign.evaluation.metrics import powers_of_two_upto
 from scalign.evaluation.rerank import (
     AGGREGATIONS,
+    ORACLE_ALL_STEPS,
     aggregate,
     answer_ids,
     draw_subsets,
@@ -62,8 +66,10 @@ class LevelSamples:
 
     answers: list[list[object]]        # [P][K] canonical answer keys (None = missing)
     correct: np.ndarray                # [P, K] bool
+    verified: np.ndarray               # [P, K] bool: every step and the answer right
     step_labels: list[list[list[int]]]  # [P][K][steps] verifier labels
     step_scores: dict[str, list[list[list[float]]]]  # kind -> [P][K][reads] probabilities
+    step_verified: bool = False        # the domain's verifier checks steps (stepmath)
 
 
 def _solution_scores(step_scores: list[list[list[float]]], agg: str) -> np.ndarray:
@@ -162,6 +168,10 @@ class RerankStage(Stage):
             out[lv] = LevelSamples(
                 answers=[[domain.answer_key(v.answer) for v in row] for row in sols.verdicts],
                 correct=np.asarray(sols.correct(), bool).reshape(P, K),
+                verified=np.asarray([[bool(v.answer_label) for v in row]
+                                     for row in sols.verdicts], bool).reshape(P, K),
+                step_verified=any(getattr(v, "num_expected_steps", 0)
+                                  for row in sols.verdicts for v in row),
                 step_labels=[[list(v.step_labels) for v in row] for row in sols.verdicts],
                 step_scores=scores)
         return out
@@ -179,6 +189,9 @@ class RerankStage(Stage):
         kinds = list(ctx.need("reward_models"))
         aggs = tuple(cfg.get("aggregations", AGGREGATIONS))
         ns = [n for n in powers_of_two_upto(int(cfg.max_n))]
+        # pass@N with every step verified, where the domain's verifier checks steps: the answer
+        # oracle counts guessed answers and right answers under wrong steps
+        all_steps = any(ls.step_verified for per in samples for ls in per.values())
         rows = []
         num_subsets = int(cfg.num_subsets)
         num_boot = int(cfg.get("bootstrap_samples", 2000))
@@ -188,11 +201,14 @@ class RerankStage(Stage):
                 lv_samples = [samples[s][lv] for lv in lvs]
                 answers = [a for ls in lv_samples for a in ls.answers]
                 correct = np.concatenate([ls.correct for ls in lv_samples])
+                verified = np.concatenate([ls.verified for ls in lv_samples])
                 sol_scores = {(k, a): np.concatenate([_solution_scores(ls.step_scores[k], a)
                                                       for ls in lv_samples])
                               for k in kinds for a in (("last",) if k == "orm" else aggs)}
-                per_seed.append((answer_ids(answers), correct, sol_scores))
+                per_seed.append((answer_ids(answers), correct, sol_scores, verified))
             configs = [("none", "majority", "none", None), ("none", "oracle", "none", None)]
+            if all_steps:
+                configs.append(("none", ORACLE_ALL_STEPS, "none", None))
             configs += [(k, m, a, (k, a)) for (k, a) in per_seed[0][2]
                         for m in ("best_of_n", "weighted")]
             for n in ns:
@@ -201,15 +217,16 @@ class RerankStage(Stage):
                 subsets = [draw_subsets(ids.shape[0], ids.shape[1], n, num_subsets,
                                         np.random.default_rng(
                                             [int(ctx.config.seed), si, s, n]))
-                           for s, (ids, _, _) in enumerate(per_seed)]
+                           for s, (ids, *_) in enumerate(per_seed)]
                 hits = {}
                 for evaluator, method, agg, score_key in configs:
+                    every_step = method == ORACLE_ALL_STEPS
                     hits[evaluator, method, agg] = [
-                        rerank_correct(ids, correct,
+                        rerank_correct(ids, verified if every_step else correct,
                                        None if score_key is None else sol_scores[score_key],
-                                       method, sub)
-                        for (ids, correct, sol_scores), sub in zip(per_seed, subsets,
-                                                                   strict=True)]
+                                       "oracle" if every_step else method, sub)
+                        for (ids, correct, sol_scores, verified), sub in zip(per_seed, subsets,
+                                                                             strict=True)]
                 for evaluator, method, agg, _ in configs:
                     accs = [h.mean(axis=-1) for h in hits[evaluator, method, agg]]
                     means = [float(acc.mean()) for acc in accs]
@@ -297,12 +314,17 @@ class RerankStage(Stage):
             pts = [idx[(split, evaluator, method, a, n)] for n in ns]
             return ns, [p["mean"] for p in pts], [p["std"] for p in pts]
 
+        all_steps = any(r["method"] == ORACLE_ALL_STEPS for r in rows)
         styles = {"majority": plot_style("none", "majority"),
-                  "pass@N (oracle)": plot_style("none", "oracle")}
+                  "pass@N (oracle)": plot_style("none", "oracle"),
+                  "pass@N (every step verified)": plot_style("none", ORACLE_ALL_STEPS)}
         panels = {}
         for split in splits:
             ps = {"majority": series(split, "none", "majority", "none"),
                   "pass@N (oracle)": series(split, "none", "oracle", "none")}
+            if all_steps:
+                ps["pass@N (every step verified)"] = series(split, "none", ORACLE_ALL_STEPS,
+                                                            "none")
             for k in kinds:
                 a = "last" if k == "orm" else agg
                 ps[f"{k.upper()} weighted"] = series(split, k, "weighted", a)
@@ -317,7 +339,7 @@ class RerankStage(Stage):
 
         show_ns = [n for n in (16, 64) if n in ns] or [ns[-1]]
         table = []
-        methods = table1_methods(kinds, agg)
+        methods = table1_methods(kinds, agg, all_steps)
         for label, ev, method, a in methods:
             row = {"method": label}
             for split in splits:

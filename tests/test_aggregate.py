@@ -127,3 +127,27 @@ def test_aggregate_reports_every_step_oracle_where_runs_have_it(tmp_path):
     report = (tmp_path / "agg" / "report.md").read_text()
     line = next(x for x in report.splitlines() if "every step verified" in x)
     assert "30.0 ± 5.0" in line
+
+
+def test_aggregate_report_shows_largest_pass_k_and_planning_table(tmp_path):
+    runs = []
+    for s, (greedy, p64) in enumerate(((0.40, 0.90), (0.50, 0.70))):
+        d = tmp_path / f"seed_{s}"
+        d.mkdir()
+        evaluate = [{"level": "hard", "criterion": c, "decoding": "temperature=1",
+                     "metric": f"pass@{k}", "k": k, "value": p64 - (64 - k) / 100, "problems": 9}
+                    for c in ("answer", "all_steps") for k in (16, 64)]
+        evaluate.append({"level": "hard", "criterion": "answer", "decoding": "greedy",
+                         "metric": "accuracy", "k": 1, "value": greedy, "problems": 9})
+        planning = [{"level": 1, "horizon": 1, "metric": "greedy", "value": greedy,
+                     "problems": 5},
+                    {"level": 1, "horizon": 1, "metric": "random_filling", "value": 0.3,
+                     "problems": 5}]
+        (d / "results.json").write_text(json.dumps({"evaluate": {"rows": evaluate},
+                                                    "evaluate_planning": {"rows": planning}}))
+        runs.append(d)
+    aggregate_runs(runs, tmp_path / "agg", title="t")
+    report = (tmp_path / "agg" / "report.md").read_text()
+    assert "| level | greedy | pass@64 | pass@64, all steps |" in report
+    assert "| hard | 45.0 ± 5.0 | 80.0 ± 10.0 | 80.0 ± 10.0 |" in report
+    assert "| 1 | 1 | 45.0 ± 5.0 | 30.0 ± 0.0 |" in report

@@ -119,6 +119,9 @@ def _report(agg: dict, runs: list[epath.Path], out: epath.Path, title: str | Non
     ev = agg.get("evaluate", {}).get("rows", [])
     if ev:
         md += _evaluate_table(ev)
+    pl = agg.get("evaluate_planning", {}).get("rows", [])
+    if pl:
+        md += _planning_table(pl)
     rr = agg.get("rerank", {}).get("rows", [])
     if rr:
         md += _rerank_section(rr, out, plot_aggregation)
@@ -141,16 +144,32 @@ def _report(agg: dict, runs: list[epath.Path], out: epath.Path, title: str | Non
 def _evaluate_table(rows: list[dict[str, Any]]) -> list[str]:
     idx = _index(rows, "level", "criterion", "decoding", "metric")
     levels = sorted({r["level"] for r in rows}, key=str)
+    # the largest pass@k of the runs (config.evaluate.pass_n), at their sampling temperature
+    sampled = [r for r in rows if str(r.get("metric", "")).startswith("pass@")]
+    top = max(sampled, key=lambda r: int(r["k"]), default=None)
+    passk = [] if top is None else [
+        (top["metric"], ("answer", top["decoding"], top["metric"])),
+        (f"{top['metric']}, all steps", ("all_steps", top["decoding"], top["metric"]))]
     wanted = [(label, key) for label, key in (
         ("greedy", ("answer", "greedy", "accuracy")),
-        ("greedy, all steps", ("all_steps", "greedy", "accuracy")),
-        ("pass@16", ("answer", "temperature=1", "pass@16")),
-        ("pass@16, all steps", ("all_steps", "temperature=1", "pass@16")))
+        ("greedy, all steps", ("all_steps", "greedy", "accuracy")), *passk)
         if any((lv, *key) in idx for lv in levels)]
     table = [{"level": lv, **{label: _pm(idx.get((lv, *key))) for label, key in wanted}}
              for lv in levels]
     return ["## SFT policy by level (%)", "",
             markdown_table(table, ["level", *[label for label, _ in wanted]]), ""]
+
+
+def _planning_table(rows: list[dict[str, Any]]) -> list[str]:
+    idx = _index(rows, "level", "horizon", "metric")
+    keys = sorted({(r["level"], r["horizon"]) for r in rows})
+    table = [{"level": lv, "horizon": h, "greedy": _pm(idx.get((lv, h, "greedy"))),
+              "random filling": _pm(idx.get((lv, h, "random_filling")))} for lv, h in keys]
+    return ["## SFT policy by planning horizon, greedy (%)", "",
+            "Horizon: operations from the first \"?\" to the end (1 = a local choice). "
+            "Random filling: the accuracy of a solver that computes every step right and fills "
+            "the \"?\"s at random, on the same problems.", "",
+            markdown_table(table, ["level", "horizon", "greedy", "random filling"]), ""]
 
 
 def _rerank_section(rows: list[dict[str, Any]], out: epath.Path, agg_name: str) -> list[str]:

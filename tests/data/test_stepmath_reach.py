@@ -130,3 +130,18 @@ def test_goal_spans_cover_exactly_the_last_result_and_leave_the_sft_loss():
         assert len(dropped) == 1 and full["loss_mask"][dropped[0]] == 1.0
         assert tok.id_to_piece(int(cut["tokens"][dropped[0]])).lstrip("\u2581") == str(
             stepmath.from_record(r).target)
+
+
+def test_horizon_and_random_fill_rate_hand_counted():
+    # 3+4?5*2?6 with target 0: "?" at positions 1 and 3, so the first choice looks 3 ops ahead.
+    # Fillings: 7?5 gives 2 (+), 2 (-), 5 (*); *2 gives 4, 4, 0; then ?6 reaches 0 from 4 by +,
+    # from 0 by * -> (+,+), (-,+), (*,*): 3 of the 9 fillings
+    p = stepmath.Problem(1, 3, ("+", "+", "*", "+"), (4, 5, 2, 6), modulus=10, target=0,
+                         free=(1, 3))
+    assert p.horizon == 3
+    assert p.random_fill_rate() == pytest.approx(3 / 9)
+    last = stepmath.Problem(1, 3, ("+", "+", "*", "+"), (4, 5, 2, 6), modulus=10, target=0,
+                            free=(3,))
+    assert last.horizon == 1 and last.random_fill_rate() == pytest.approx(1 / 3)  # only +6
+    with pytest.raises(ValueError, match="not a search problem"):
+        _ = stepmath.Problem(1, 3, ("+",), (4,), modulus=10).horizon

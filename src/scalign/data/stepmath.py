@@ -533,6 +533,20 @@ class Problem(_Layout):
         return count
 
     @property
+    def horizon(self) -> int:
+        """How many operations a search problem's first choice must look ahead: from its first
+        free position to the end of the chain (1 = the only "?" is the last operation, a local
+        choice: the op whose result is the target)."""
+        if not self.search:
+            raise ValueError("Problem.horizon: not a search problem")
+        return len(self.ops) - min(self.free)
+
+    def random_fill_rate(self) -> float:
+        """The chance that a uniformly random filling of the "?"s reaches the target: the
+        accuracy of a solver that computes every step right but does not plan."""
+        return self.num_solutions() / 3 ** len(self.free)
+
+    @property
     def values(self) -> tuple[int, ...]:
         """Running values v_0 .. v_n."""
         out = [self.start]

@@ -7,6 +7,12 @@ problems, reported as pass@k for k = 1, 2, 4, ..., pass_n (unbiased estimator of
 on hard problems. Rows: {"level", "criterion", "decoding", "metric", "k", "value",
 "problems"} with level "1".."5", "easy", "hard" or "all" and criterion "answer" (final answer
 right), "all_steps" (every step verified right) or "steps" (mean correct step prefix).
+
+For search problems (stepmath "reach" designs) also `results["evaluate_planning"]`: greedy
+accuracy by level and planning horizon (`Problem.horizon`: operations from the first "?" to the
+end) beside the random-filling rate of the same problems (`Problem.random_fill_rate`), the
+accuracy of a solver that computes every step right and picks the "?"s at random. A policy
+near that rate has learned the steps, not the search.
 """
 
 from __future__ import annotations
@@ -81,9 +87,12 @@ class EvaluateStage(Stage):
         rows = self._rows(levels, easy, greedy, sampled, int(cfg.pass_n),
                           float(cfg.temperature))
         ctx.results.set_rows(self.name, rows)
+        planning = self._planning_rows(levels, greedy)
+        if planning:
+            ctx.results.set_rows("evaluate_planning", planning)
         self._save_samples(ctx, greedy, sampled)
         self._report(ctx, levels, easy, rows, greedy, int(cfg.pass_n), float(cfg.temperature),
-                     int(cfg.get("show_samples", 2)))
+                     int(cfg.get("show_samples", 2)), planning)
 
     def load(self, ctx: Context) -> None:
         pass  # results and report section are on disk
@@ -125,6 +134,27 @@ class EvaluateStage(Stage):
         return rows
 
     @staticmethod
+    def _planning_rows(levels, greedy) -> list[dict]:
+        """For search problems (stepmath "reach" designs): greedy accuracy by level and planning
+        horizon (`Problem.horizon`, how far the first choice must look ahead) beside the
+        accuracy of random fillings (`Problem.random_fill_rate`) on the same problems -- a
+        policy that computes its steps right but does not plan scores the latter."""
+        if not all(getattr(p, "search", False) for lv in levels for p in greedy[lv].problems):
+            return []
+        rows = []
+        for lv in levels:
+            by_h: dict[int, list[tuple[bool, float]]] = collections.defaultdict(list)
+            for p, row in zip(greedy[lv].problems, greedy[lv].verdicts, strict=True):
+                by_h[p.horizon].append((bool(row[0].outcome_correct), p.random_fill_rate()))
+            for h in sorted(by_h):
+                ok, rate = zip(*by_h[h], strict=True)
+                for metric, value in (("greedy", float(np.mean(ok))),
+                                      ("random_filling", float(np.mean(rate)))):
+                    rows.append({"level": lv, "horizon": h, "metric": metric, "value": value,
+                                 "problems": len(ok)})
+        return rows
+
+    @staticmethod
     def _save_samples(ctx: Context, greedy, sampled) -> None:
         out = ctx.stage_dir("evaluate") / "samples.jsonl"
         with out.open("w") as f:
@@ -138,7 +168,8 @@ class EvaluateStage(Stage):
                                 "step_labels": list(v.step_labels), "error": v.error}) + "\n")
 
     # ------------------------------------------------------------------ report
-    def _report(self, ctx, levels, easy, rows, greedy, pass_n, temperature, show) -> None:
+    def _report(self, ctx, levels, easy, rows, greedy, pass_n, temperature, show,
+                planning=()) -> None:
         domain = ctx.need("domain")
         table: dict[str, dict] = {}
         for r in rows:
@@ -177,6 +208,8 @@ class EvaluateStage(Stage):
             total = sum(errors.values())
             md += ["First error of greedy failures on hard levels: " + ", ".join(
                 f"{k} {v / total:.0%}" for k, v in errors.most_common()), ""]
+        if planning:
+            md += _planning_section(planning)
         for lv in (levels[0], levels[-1]):
             s = greedy[lv]
             for p, texts, verdicts in list(zip(s.problems, s.texts, s.verdicts,
@@ -186,3 +219,18 @@ class EvaluateStage(Stage):
                        f", step labels {list(v.step_labels)}):", "", "```",
                        (domain.prompt(p) + texts[0]).rstrip(), "```", ""]
         ctx.report.set_section(self.name, "\n".join(md))
+
+
+def _planning_section(rows: list[dict]) -> list[str]:
+    """The report table of `EvaluateStage._planning_rows`."""
+    table: dict[tuple[int, int], dict] = {}
+    for r in rows:
+        t = table.setdefault((r["level"], r["horizon"]),
+                             {"level": r["level"], "horizon": r["horizon"],
+                              "problems": r["problems"]})
+        t[r["metric"].replace("_", " ")] = r["value"]
+    return ["Greedy accuracy by planning horizon (operations from the first \"?\" to the end; "
+            "1 = a local choice) beside the accuracy of a random filling of the \"?\"s with "
+            "every step right (a solver that does not plan):", "",
+            markdown_table(list(table.values()),
+                           ["level", "horizon", "problems", "greedy", "random filling"]), ""]

@@ -118,6 +118,30 @@ at the end (train accuracy 1.000), on the seed where no reach4 lever had made th
 by either layout (easy greedy 31.5% reach4, 36% g, 38.5% c, one seed each): it does not
 search, and easy greedy stays far below 90%.
 
+**SFT data and planning horizon on `reach4c`** (2026-12-06, issue 15; the `e2h_stepmath.py`
+pipeline up to `evaluate`, seed 0, 200 greedy problems per level; reports in
+`experiments/results/e2h_stepmath_reach4c_2026-12-06/sft_data_probe_seed0/`). The evaluate
+stage now splits greedy accuracy by planning horizon (operations from the first "?" to the end)
+and sets beside it the random-filling rate of the same problems: what a solver scores that
+computes every step right and picks the "?"s at random. At the demo's batch 16 (2000 steps,
+2.7 passes over the 12,000 easy problems) the policy is at that rate almost everywhere -- even a
+"?" in the last operation, a local choice (the op whose result is the target), is right 54% of
+the time against 38% at random. Batch 64 (4x the examples, 10.7 passes, 563 s instead of ~140 s):
+
+| seed 0, greedy (%) | batch 16 | batch 64 | random filling |
+|---|---|---|---|
+| level 1, "?" last (horizon 1) | 54.0 | **94.0** | 38.0 |
+| level 1, horizon 2 / 3 / 4 | 41.5 / 29.3 / 60.7 | 52.8 / 46.3 / 37.5 | 40.9 / 37.4 / 44.0 |
+| level 2 / 3 (all horizons) | 51.0 / 15.0 | 65.0 / 36.0 | 38.6 / 16.9 |
+| easy / hard | 37.8 / 6.0 | 52.8 / 15.2 | - |
+| easy / hard pass@16, every step verified | 92.3 / 56.0 | 96.7 / 83.0 | - |
+
+Facts: the tiny policy's failure to "search" was in part undertraining: with 4x the examples it
+learns the local choice almost fully and the one-step lookahead partly (level 2, horizon 2:
+78%), while choices two or more operations ahead stay near the random rate. Easy greedy at
+52.8% is still far from 90%; the trend says more passes help, at ~4.7 min of SFT per extra 1x
+of the data on this CPU. `e2h_stepmath.py` uses batch 64 since; the demo keeps 16 (its budget).
+
 **Path designs** (2026-12-05, issue 15; `--design path5` / `path6` / `path2`, seed 0,
 `--n-train 4000 --warmup 50 --min-lr-ratio 0.05`, 40 x 32 samples at T=1; raw logs and JSON in
 `experiments/results/stepmath_path_learnability_2026-12-05/`): "Go from q to h: q>v k>g ...",

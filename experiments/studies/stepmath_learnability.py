@@ -140,7 +140,10 @@ Facts: the tiny policy's failure to "search" was in part undertraining: with 4x 
 learns the local choice almost fully and the one-step lookahead partly (level 2, horizon 2:
 78%), while choices two or more operations ahead stay near the random rate. Easy greedy at
 52.8% is still far from 90%; the trend says more passes help, at ~4.7 min of SFT per extra 1x
-of the data on this CPU. `e2h_stepmath.py` uses batch 64 since; the demo keeps 16 (its budget).
+of the data on this CPU. The 3-seed `e2h_stepmath.py` study at batch 64
+(`experiments/results/e2h_stepmath_reach4c_2026-12-06/`): easy greedy 52.4 +- 0.8%, horizon-1
+choices 98 +- 2.8% right, horizon 2 on level 2 85.6 +- 10.2%; but seed 2's evaluators lost
+the hard outcome check (OPRM outcome ROC-AUC 0.565), so the study configs stay at batch 16.
 
 **Path designs** (2026-12-05, issue 15; `--design path5` / `path6` / `path2`, seed 0,
 `--n-train 4000 --warmup 50 --min-lr-ratio 0.05`, 40 x 32 samples at T=1; raw logs and JSON in

@@ -36,6 +36,14 @@ class Solutions:
     def answers(self) -> list[list[str | None]]:
         return [[v.answer for v in row] for row in self.verdicts]
 
+    def verified(self) -> list[list[bool]]:
+        """Every step and the answer right (the verifier's `answer_label`)."""
+        return [[bool(v.answer_label) for v in row] for row in self.verdicts]
+
+    def step_verified(self) -> bool:
+        """Does the domain's verifier check steps (stepmath), not only the answer?"""
+        return any(getattr(v, "num_expected_steps", 0) for row in self.verdicts for v in row)
+
     def response_ids(self, i: int, j: int) -> np.ndarray:
         if self.tokens is None or self.lengths is None:
             raise ValueError("these solutions were sampled without keeping token ids")

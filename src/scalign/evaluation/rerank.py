@@ -50,8 +50,7 @@ _EVALUATOR_COLORS = {"orm": "tab:blue", "prm": "tab:green", "oprm": "tab:purple"
 def plot_style(evaluator: str, method: str) -> dict[str, Any]:
     """Line style of one re-ranking method in the accuracy-vs-N plots (the rerank stage and the
     seed aggregate): majority voting black, the pass@N oracle grey dashed (dotted: every step
-    verified), each evaluator its own
-    colour, its best-of-N dotted with square markers."""
+    verified), each evaluator its own colour, its best-of-N dotted with square markers."""
     if method == "majority":
         return {"color": "black"}
     if method == "oracle":

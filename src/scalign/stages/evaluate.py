@@ -106,8 +106,7 @@ class EvaluateStage(Stage):
         """
         rows = []
         decoding = f"temperature={temperature:g}"
-        step_verified = any(getattr(v, "num_expected_steps", 0)
-                            for s in greedy.values() for row in s.verdicts for v in row)
+        step_verified = any(s.step_verified() for s in greedy.values())
         criteria = {"answer": lambda v: bool(v.outcome_correct)}
         if step_verified:
             criteria["all_steps"] = lambda v: bool(v.answer_label)

@@ -9,8 +9,9 @@ shared by every method (`evaluation.rerank.draw_subsets` / `rerank_correct`), so
 compared paired. Where the domain's verifier checks steps (stepmath), the pass@N oracle also
 has an every-step-verified variant (method `oracle_all_steps`: some solution of the subset has
 every step and the answer right), the policy's pass@N in the sense of issue 15's targets; the
-answer-only oracle also counts right answers under wrong steps. Across seeds (independent sample sets) rows report mean and std of the per-seed
-means; with one seed, std is over subsets.
+answer-only oracle also counts right answers under wrong steps. Across seeds (independent
+sample sets) rows report mean and std of the per-seed means; with one seed, std is over
+subsets.
 
 Besides the accuracy rows (`mean`), every non-majority method gets three rows with a `stat`
 field and a `value`: `diff_to_majority` (paired accuracy difference to majority voting on the
@@ -168,10 +169,8 @@ class RerankStage(Stage):
             out[lv] = LevelSamples(
                 answers=[[domain.answer_key(v.answer) for v in row] for row in sols.verdicts],
                 correct=np.asarray(sols.correct(), bool).reshape(P, K),
-                verified=np.asarray([[bool(v.answer_label) for v in row]
-                                     for row in sols.verdicts], bool).reshape(P, K),
-                step_verified=any(getattr(v, "num_expected_steps", 0)
-                                  for row in sols.verdicts for v in row),
+                verified=np.asarray(sols.verified(), bool).reshape(P, K),
+                step_verified=sols.step_verified(),
                 step_labels=[[list(v.step_labels) for v in row] for row in sols.verdicts],
                 step_scores=scores)
         return out

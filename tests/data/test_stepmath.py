@@ -117,7 +117,10 @@ PINNED_QUESTIONS = {"reach4": {1: "Mod 10, reach 7: 0*5*5?9*7", 2: "Mod 10, reac
                                 5: "Mod 10, goal 8: 0?5?3?6?3"},
                     "reach4c": {1: "Mod 10, target 9: 8+3-4+9?7", 2: "Mod 10, target 2: 0?8-9?5+7",
                                 3: "Mod 10, target 4: 2?3-2*2?8", 4: "Mod 10, target 1: 4?9?6-4?4",
-                                5: "Mod 10, target 9: 3?2?5?4?6"}}
+                                5: "Mod 10, target 9: 3?2?5?4?6"},
+                    "reach4h": {1: "Mod 10, target 7: 4-6?9", 2: "Mod 10, target 2: 1-9*3?4",
+                                3: "Mod 10, target 2: 1*4+4+4?6", 4: "Mod 10, target 8: 5*8?7+3?8",
+                                5: "Mod 10, target 0: 8?6-5?7?5"}}
 
 
 @pytest.mark.parametrize("design", sorted(PINNED))

@@ -145,3 +145,30 @@ def test_horizon_and_random_fill_rate_hand_counted():
     assert last.horizon == 1 and last.random_fill_rate() == pytest.approx(1 / 3)  # only +6
     with pytest.raises(ValueError, match="not a search problem"):
         _ = stepmath.Problem(1, 3, ("+",), (4,), modulus=10).horizon
+
+
+def test_reach_spec_horizon_puts_the_choices_on_the_last_operations():
+    # reach4h: easy levels are chains of 2 / 3 / 4 operations whose one "?" is the last
+    # operation (horizon 1, a local choice); hard levels are 4 operations with 2 / 3 "?"
+    # anywhere, so most of them must look 3-4 operations ahead
+    design = stepmath.get_design("reach4h")
+    for level, n_ops in ((1, 2), (2, 3), (3, 4)):
+        problems = stepmath.generate(level, 200, seed=3, design=design)
+        assert {len(p.ops) for p in problems} == {n_ops}
+        assert {p.free for p in problems} == {(n_ops - 1,)}
+        assert {p.horizon for p in problems} == {1}
+    for level, free in ((4, 2), (5, 3)):
+        problems = stepmath.generate(level, 300, seed=3, design=design)
+        assert {len(p.ops) for p in problems} == {4} and {len(p.free) for p in problems} == {free}
+        horizons = [p.horizon for p in problems]
+        assert min(horizons) >= free and max(horizons) == 4
+    # a spec's free positions stay inside its horizon; an impossible horizon is rejected
+    spec = stepmath.ReachSpec(5, 2, (1, 9), horizon=3)
+    d = stepmath.Design("h3", {1: spec}, modulus=10)
+    assert all(min(p.free) >= 2 for p in stepmath.generate(1, 100, seed=0, design=d))
+    # start x operands x C(3, 2) places x fixed ops x target (an upper bound)
+    assert stepmath.num_distinct(1, d) == 10 * 8 ** 5 * 3 * 3 ** 3 * 10
+    with pytest.raises(ValueError, match="horizon=1 must be in free=2"):
+        stepmath.ReachSpec(4, 2, (1, 9), horizon=1)
+    with pytest.raises(ValueError, match="horizon=5 must be in"):
+        stepmath.ReachSpec(4, 1, (1, 3), horizon=5)

@@ -206,10 +206,16 @@ class ReachSpec:
     num_ops: int
     free: int
     solutions: tuple[int, int]
+    # The "?"s are drawn among the last `horizon` operations (None: among all of them), so
+    # `Problem.horizon` <= horizon: 1 puts the one "?" on the last operation, a local choice.
+    horizon: int | None = None
 
     def __post_init__(self):
         if not 1 <= self.free <= self.num_ops:
             raise ValueError(f"ReachSpec.free={self.free} must be in 1..num_ops={self.num_ops}")
+        if self.horizon is not None and not self.free <= self.horizon <= self.num_ops:
+            raise ValueError(f"ReachSpec.horizon={self.horizon} must be in free={self.free}.."
+                             f"num_ops={self.num_ops}")
         lo, hi = self.solutions
         if not 1 <= lo <= hi <= 3 ** self.free:
             raise ValueError(f"ReachSpec.solutions={self.solutions} must satisfy "
@@ -377,6 +383,20 @@ DESIGNS: dict[str, Design] = {
     # 2026-12-05: hard outcome ROC-AUC of the easy-trained PRM 0.978 / 0.911 / 0.521 and of the
     # OPRM 0.990 / 0.964 / 0.869 on seeds 0-2 (experiments/results/e2h_stepmath_reach4c_*).
     "reach4c": Design("reach4c", _REACH4_LEVELS, modulus=10, goal_layout="check"),
+    # "reach4c" with hardness = planning horizon: easy problems have 2, 3 or 4 operations
+    # (levels 1-3) whose one "?" is the LAST operation -- a local choice, the op whose result
+    # is the target -- and hard problems have 4 operations with 2 (level 4) or 3 (level 5) "?"
+    # anywhere, so their first choice must look 2-4 operations ahead. Hard questions are as
+    # long as level 3's; steps and their checks are reach4c's at every level. Measured
+    # (2026-12-06, seed 0, the demo's SFT, experiments/results/e2h_stepmath_reach4h_probe_*):
+    # the local choice is not learned either (easy greedy 55.0%, random filling 37%), and a "?"
+    # before the last operation is a form SFT never showed: hard pass@16 with every step
+    # verified 11.5% (reach4c: 50.8%), 19% of hard greedy failures malformed. Not a default.
+    "reach4h": Design("reach4h", {1: ReachSpec(2, 1, (1, 3), horizon=1),
+                                  2: ReachSpec(3, 1, (1, 3), horizon=1),
+                                  3: ReachSpec(4, 1, (1, 3), horizon=1),
+                                  4: ReachSpec(4, 2, (1, 3)), 5: ReachSpec(4, 3, (1, 6))},
+                      modulus=10, goal_layout="check"),
     # Path ("graph search"; Lee et al. 2025 train on mazes, Bachmann & Nagarajan 2024 on path-star
     # graphs): 4 arms of 5 letters off the source at every level, edges listed in random order;
     # the target sits 1-5 edges down one arm (level = depth). Choosing the first edge needs
@@ -902,7 +922,11 @@ def _draw_reach(level: int, design: Design, rng: _HashRng) -> Problem:
     for _ in range(100_000):
         start = rng.uniform_int(0, mod - 1)
         operands = tuple(rng.uniform_int(2, mod - 1) for _ in range(spec.num_ops))
-        free = tuple(rng.sample_positions(spec.num_ops, spec.free))
+        if spec.horizon is None:
+            free = tuple(rng.sample_positions(spec.num_ops, spec.free))
+        else:  # among the last `horizon` operations
+            free = tuple(spec.num_ops - spec.horizon + k
+                         for k in rng.sample_positions(spec.horizon, spec.free))
         ops = tuple(str(rng.choice(OPS)) for _ in range(spec.num_ops))
         v = start
         for op, b in zip(ops, operands, strict=True):
@@ -978,7 +1002,8 @@ def num_distinct(level: int, design: str | Design | None = None) -> int:
         # an upper bound (start x operands x free positions x fixed ops x target): levels
         # split the space by solution count, and the streams stop long before it
         fixed = 3 ** (spec.num_ops - spec.free)
-        return (d.modulus * (d.modulus - 2) ** spec.num_ops * _comb(spec.num_ops, spec.free)
+        places = spec.num_ops if spec.horizon is None else spec.horizon
+        return (d.modulus * (d.modulus - 2) ** spec.num_ops * _comb(places, spec.free)
                 * fixed * d.modulus)
 
     def count(op: str | None) -> int:

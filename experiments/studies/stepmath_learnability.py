@@ -145,6 +145,19 @@ of the data on this CPU. The 3-seed `e2h_stepmath.py` study at batch 64
 choices 98 +- 2.8% right, horizon 2 on level 2 85.6 +- 10.2%; but seed 2's evaluators lost
 the hard outcome check (OPRM outcome ROC-AUC 0.565), so the study configs stay at batch 16.
 
+**Hardness = horizon: `reach4h`** (2026-12-06, issue 15; seed 0, the same pipeline up to
+`evaluate` with `--config=experiments/configs/e2h_stepmath.py:reach4h`, batch 16; reports in
+`experiments/results/e2h_stepmath_reach4h_probe_2026-12-06/`). If easy problems held only the
+choice the policy can learn -- one "?" on the last operation, of chains of 2 / 3 / 4 operations
+-- and hard problems the look-ahead (4 operations, 2 or 3 "?" anywhere), easy greedy could reach
+90% while hard stayed hard. Measured: the local choice alone is not learned at the demo's SFT
+either (easy greedy 58.0 / 50.0 / 57.0%, random filling 37-38%; SFT loss 0.017), and a "?"
+before the last operation is a form the policy never saw: hard greedy 8.0%, hard pass@16 with
+every step verified 11.5% (reach4c, same seed and budget: 56%), hard greedy failures 19%
+malformed and 25% `wrong_operation` (reach4c: mostly `missed_target`). The issue's rule that
+hard problems stay in distribution for the input handling rules it out; the easy levels must
+show the "?" at every position, and then they hold look-ahead choices.
+
 **Path designs** (2026-12-05, issue 15; `--design path5` / `path6` / `path2`, seed 0,
 `--n-train 4000 --warmup 50 --min-lr-ratio 0.05`, 40 x 32 samples at T=1; raw logs and JSON in
 `experiments/results/stepmath_path_learnability_2026-12-05/`): "Go from q to h: q>v k>g ...",

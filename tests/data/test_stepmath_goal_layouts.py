@@ -144,3 +144,25 @@ def test_goal_line_spans_cover_the_last_step_from_its_result_on():
         assert len(r["exclude_spans"]) == 4
     with pytest.raises(ValueError, match="goal_span"):
         dom.train_records([1], exclude_goal=True, goal_span="all")
+
+
+def test_goal_copy_spans_add_the_last_steps_copy_of_the_goal_but_not_the_echo():
+    p = _problem("target")
+    last = p.steps[-1]  # "a op b=2, 2-2=0": result, echo, goal copy, distance
+    start = p.solution.index(last)
+    spans = p.goal_copy_spans
+    assert [p.solution[a:b] for a, b in spans] == ["2", "2", "0"]
+    # the result, the goal's copy after the "-" and the distance; the echo (before "-") stays in
+    assert [a - start for a, _ in spans] == [last.index("=") + 1, last.rindex("-") + 1,
+                                             last.rindex("=") + 1]
+    prefix = _problem("goal")
+    got = [(prefix.solution[a - 1], prefix.solution[a:b]) for a, b in prefix.goal_copy_spans]
+    assert got == [("[", str(prefix.target)), ("=", str(prefix.target))]
+    plain = _problem("reach")
+    assert plain.goal_copy_spans == plain.goal_spans
+    from scalign.data.domain import StepMathDomain
+
+    dom = StepMathDomain.build([1], n_train=3, n_test=1, seed=0, design="reach4c")
+    for r in dom.train_records([1], exclude_goal=True, goal_span="goal"):
+        assert len(r["exclude_spans"]) == 3
+        assert [r["response"][a:b] for a, b in r["exclude_spans"]][-1] == "0"

@@ -23,7 +23,7 @@ from scalign.data.records import OnError, PathLike, ReadStats
 
 # What `train_records(exclude_goal=True)` leaves out of the SFT loss: the last result(s) that
 # repeat the goal ("result"), or every number of the last step from its result on ("line").
-GOAL_SPANS = ("result", "line")
+GOAL_SPANS = ("result", "goal", "line")
 
 
 class Domain(Protocol):
@@ -76,8 +76,9 @@ class StepMathDomain:
         """SFT records of the train problems; `blind`: prompts with the goal hidden
         (`stepmath.Problem.blind_prompt`); `exclude_goal`: each record carries
         "exclude_spans" = `Problem.goal_spans` (`goal_span="result"`: the response characters
-        that repeat the goal) or `Problem.goal_line_spans` ("line": every number of the last
-        step from its result on), left out of the SFT loss by `SftFeaturizer`."""
+        that repeat the goal), `Problem.goal_copy_spans` ("goal": also the last step's copy of
+        the goal) or `Problem.goal_line_spans` ("line": every number of the last step from its
+        result on), left out of the SFT loss by `SftFeaturizer`."""
         if goal_span not in GOAL_SPANS:
             raise ValueError(f"goal_span must be one of {GOAL_SPANS}, got {goal_span!r}")
         problems = [p for lv in levels for p in self.train_problems(lv)]
@@ -87,7 +88,8 @@ class StepMathDomain:
                                                                         strict=True)]
         if exclude_goal:
             records = [{**r, "exclude_spans": [list(s) for s in (
-                p.goal_spans if goal_span == "result" else p.goal_line_spans)]}
+                {"result": p.goal_spans, "goal": p.goal_copy_spans,
+                 "line": p.goal_line_spans}[goal_span])]}
                 for r, p in zip(records, problems, strict=True)]
         return records
 

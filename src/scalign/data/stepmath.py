@@ -670,6 +670,30 @@ class Problem(_Layout):
         return tuple(spans)
 
     @property
+    def goal_copy_spans(self) -> tuple[tuple[int, int], ...]:
+        """`goal_spans` plus the last step's copy of the goal: the subtrahend of the "check"
+        layout's distance step ("3+4=[7], 7-[7]=[0]") or the "prefix" layout's "[[7]] 3+4=[7]".
+        Every demonstration's last step writes that copy equal to its own result, so in that
+        one line "copy the target" and "copy my result" fit the demonstrations alike; a policy
+        that learns the second (`ERR_GOAL` failures, "3-3=0" for target 2) hides a missed
+        target from a step check. Left out of the loss, the slot is learned from the earlier
+        steps only, where the goal's copy is the target and differs from the result. The echo
+        of the result stays in. Same as `goal_spans` in the layout without a goal copy."""
+        spans = list(self.goal_spans)
+        if not spans or not self.goal_layout:
+            return tuple(spans)
+        last = self.steps[-1]
+        start = len(STEP_DELIMITER.join(self.steps)) - len(last)
+        if self.goal_layout == "check":
+            sep = last.index(GOAL_CHECK_SEP) + len(GOAL_CHECK_SEP)
+            m = re.match(r"\s*\d+\s*-\s*(\d+)", last[sep:])
+            spans.append((start + sep + m.start(1), start + sep + m.end(1)))
+        else:  # "prefix": "[7] 3+4=7"
+            m = re.match(r"\[(\d+)\]", last)
+            spans.append((start + m.start(1), start + m.end(1)))
+        return tuple(sorted(spans))
+
+    @property
     def goal_line_spans(self) -> tuple[tuple[int, int], ...]:
         """The spans of every number of the last step from its result on: in the "check"
         layout also the echo of the result and the copy of the goal in its distance step

@@ -18,8 +18,10 @@ small policy copies the target there instead of computing the step ("7+5=5" for 
 `experiments/results/e2h_reach4_evaluators_2026-12-04/`), so its failures are arithmetic
 errors only a computing evaluator can see; without them it computes the step from its inputs
 like every other, and a chain that misses the target says so in its last line.
-`config.sft.exclude_goal_span` (default "result"): "line" leaves out every number of the last
-step from its result on (`Problem.goal_line_spans`): in the reach4c layout also the echo of the
+`config.sft.exclude_goal_span` (default "result"): "goal" also leaves out the last step's copy
+of the goal (`Problem.goal_copy_spans`), which every demonstration writes equal to that step's
+result, so the policy learns that slot from the earlier steps alone; "line" leaves out every
+number of the last step from its result on (`Problem.goal_line_spans`): in the reach4c layout also the echo of the
 result and the goal's copy in the distance step, which every demonstration writes equal
 ("7-7=0"); the separators stay in the loss.
 """

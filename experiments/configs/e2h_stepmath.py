@@ -46,7 +46,9 @@ def get_config(design: str | None = None) -> ConfigDict:
     # operation chosen right 98% of the time (random filling 39%) -- but its 3-seed study
     # (experiments/results/e2h_stepmath_reach4c_2026-12-06/) lost the re-ranking effect on seed 2
     # for every evaluator (OPRM weighted +2.9 [-0.6, +6.6] over majority; batch 16: +27.8), so
-    # the default stays at 16 (the 2026-12-05 study).
+    # the default stays at 16 (the 2026-12-05 study). A rerun of the batch-16 study on another
+    # machine (experiments/results/e2h_stepmath_reach4c_batch16_2026-12-06/) lost seed 2 too
+    # (OPRM weighted +3.8 [+0.8, +6.8]): on that seed the policy's `wrong_goal` shortcut decides.
     c.data.n_test = 250
     c.evaluate.pass_problems = 100
 

@@ -678,7 +678,9 @@ class Problem(_Layout):
         that learns the second (`ERR_GOAL` failures, "3-3=0" for target 2) hides a missed
         target from a step check. Left out of the loss, the slot is learned from the earlier
         steps only, where the goal's copy is the target and differs from the result. The echo
-        of the result stays in. Same as `goal_spans` in the layout without a goal copy."""
+        of the result stays in. Same as `goal_spans` in the layout without a goal copy.
+        Measured (reach4c, seed 2, 2026-12-06): the policy does not carry the target into the
+        unsupervised slot but writes an arbitrary digit there (`config.sft.exclude_goal_span`)."""
         spans = list(self.goal_spans)
         if not spans or not self.goal_layout:
             return tuple(spans)

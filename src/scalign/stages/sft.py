@@ -20,7 +20,10 @@ errors only a computing evaluator can see; without them it computes the step fro
 like every other, and a chain that misses the target says so in its last line.
 `config.sft.exclude_goal_span` (default "result"): "goal" also leaves out the last step's copy
 of the goal (`Problem.goal_copy_spans`), which every demonstration writes equal to that step's
-result, so the policy learns that slot from the earlier steps alone; "line" leaves out every
+result, so the policy would learn that slot from the earlier steps alone (measured on the
+reach4c study's shortcut seed 2: it does not; the unsupervised slot gets an arbitrary digit,
+every step right on 2.8% of easy greedy solutions, `experiments/results/
+e2h_stepmath_reach4c_batch16_2026-12-06/exclude_goal_span_goal_seed2/`); "line" leaves out every
 number of the last step from its result on (`Problem.goal_line_spans`): in the reach4c layout also the echo of the
 result and the goal's copy in the distance step, which every demonstration writes equal
 ("7-7=0"); the separators stay in the loss.

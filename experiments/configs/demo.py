@@ -17,11 +17,11 @@ from scalign.data import stepmath
 
 # Token budgets per design (BPE vocab 96): (sft.seq_len, max_new_tokens of every sampling
 # stage, seq_len of the evaluator and eva updates). The reach designs' prompts are <= 26 tokens,
-# their gold responses: reach4c <= 64 (a step "3+4=7, 7-7=0" is 12-13 tokens), reach4g <= 52,
-# reach4 <= 36 (graded99: the 2026-11-27 study's SFT length). Samples may run a little longer
-# than the gold text.
-TOKEN_BUDGETS = {"reach4c": (96, 72, 104), "reach4h": (96, 72, 104), "reach4g": (80, 56, 88), "reach4": (64, 40, 72),
-                 "graded99": (56, 40, 72)}
+# their gold responses: reach4c <= 64 (a step "3+4=7, 7-7=0" is 12-13 tokens; reach4h has the
+# same steps), reach4g <= 52, reach4 <= 36 (graded99: the 2026-11-27 study's SFT length).
+# Samples may run a little longer than the gold text.
+TOKEN_BUDGETS = {"reach4c": (96, 72, 104), "reach4h": (96, 72, 104), "reach4g": (80, 56, 88),
+                 "reach4": (64, 40, 72), "graded99": (56, 40, 72)}
 DEFAULT_DESIGN = stepmath.DEFAULT_DESIGN
 
 

@@ -22,7 +22,8 @@ from scalign.data.math import MathProblem, problem_key, read_math
 from scalign.data.records import OnError, PathLike, ReadStats
 
 # What `train_records(exclude_goal=True)` leaves out of the SFT loss: the last result(s) that
-# repeat the goal ("result"), or every number of the last step from its result on ("line").
+# repeat the goal ("result"), those and the last step's copy of the goal ("goal"), or every
+# number of the last step from its result on ("line").
 GOAL_SPANS = ("result", "goal", "line")
 
 

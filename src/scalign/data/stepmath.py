@@ -391,7 +391,8 @@ DESIGNS: dict[str, Design] = {
     # (2026-12-06, seed 0, the demo's SFT, experiments/results/e2h_stepmath_reach4h_probe_*):
     # the local choice is not learned either (easy greedy 55.0%, random filling 37%), and a "?"
     # before the last operation is a form SFT never showed: hard pass@16 with every step
-    # verified 11.5% (reach4c: 50.8%), 19% of hard greedy failures malformed. Not a default.
+    # verified 11.5% (reach4c, same seed: 56%), 19% of hard greedy failures malformed. Not a
+    # default.
     "reach4h": Design("reach4h", {1: ReachSpec(2, 1, (1, 3), horizon=1),
                                   2: ReachSpec(3, 1, (1, 3), horizon=1),
                                   3: ReachSpec(4, 1, (1, 3), horizon=1),

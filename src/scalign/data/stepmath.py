@@ -649,6 +649,11 @@ class Problem(_Layout):
         question = self._search_question(FREE_OP)
         return PROMPT_TEMPLATE.format(question=question)
 
+    def _last_step(self) -> tuple[str, int]:
+        """The last step's text and its start offset in `solution`."""
+        last = self.steps[-1]
+        return last, len(STEP_DELIMITER.join(self.steps)) - len(last)
+
     @property
     def goal_spans(self) -> tuple[tuple[int, int], ...]:
         """[start, end) character spans of `solution` that repeat the question's goal: in a
@@ -659,8 +664,7 @@ class Problem(_Layout):
         for a chain problem."""
         if not self.search:
             return ()
-        last = self.steps[-1]
-        start = len(STEP_DELIMITER.join(self.steps)) - len(last)
+        last, start = self._last_step()
         spans, offset = [], start
         for part in last.split(GOAL_CHECK_SEP) if self.goal_layout == "check" else [last]:
             result = part.rindex("=") + 1
@@ -685,8 +689,7 @@ class Problem(_Layout):
         spans = list(self.goal_spans)
         if not spans or not self.goal_layout:
             return tuple(spans)
-        last = self.steps[-1]
-        start = len(STEP_DELIMITER.join(self.steps)) - len(last)
+        last, start = self._last_step()
         if self.goal_layout == "check":
             sep = last.index(GOAL_CHECK_SEP) + len(GOAL_CHECK_SEP)
             m = re.match(r"\s*\d+\s*-\s*(\d+)", last[sep:])

@@ -49,6 +49,9 @@ def get_config(design: str | None = None) -> ConfigDict:
     # the default stays at 16 (the 2026-12-05 study). A rerun of the batch-16 study on another
     # machine (experiments/results/e2h_stepmath_reach4c_batch16_2026-12-06/) lost seed 2 too
     # (OPRM weighted +3.8 [+0.8, +6.8]): on that seed the policy's `wrong_goal` shortcut decides.
+    # --config.sft.exclude_goal=False removes the shortcut on every seed but loses the effect on
+    # every seed (OPRM weighted +8.4 / +1.8 / -0.4: the evaluators cannot check a wrong last
+    # result equal to the target; experiments/results/e2h_stepmath_reach4c_nogoal_2026-12-06/).
     c.data.n_test = 250
     c.evaluate.pass_problems = 100
 

@@ -17,7 +17,11 @@ every demonstration writes as the target (`stepmath.Problem.goal_spans`). Traine
 small policy copies the target there instead of computing the step ("7+5=5" for target 5,
 `experiments/results/e2h_reach4_evaluators_2026-12-04/`), so its failures are arithmetic
 errors only a computing evaluator can see; without them it computes the step from its inputs
-like every other, and a chain that misses the target says so in its last line.
+like every other, and a chain that misses the target says so in its last line. On the reach4c
+study the unmasked recipe keeps every policy off the `wrong_goal` shortcut but turns its
+failures into a wrong last result equal to the target, which no easy-trained evaluator learns
+to check (3 seeds, OPRM weighted +8.4 / +1.8 / -0.4 over majority; masked +69.4 / +76.8 / +3.8;
+`experiments/results/e2h_stepmath_reach4c_nogoal_2026-12-06/`).
 `config.sft.exclude_goal_span` (default "result"): "goal" also leaves out the last step's copy
 of the goal (`Problem.goal_copy_spans`), which every demonstration writes equal to that step's
 result, so the policy would learn that slot from the earlier steps alone (measured on the

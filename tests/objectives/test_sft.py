@@ -28,10 +28,10 @@ def test_chunked_head_matches_one_block_and_the_plain_cross_entropy():
     params = init_params(config, jax.random.PRNGKey(0))
     batch = _batch(3, 23, 61)
     one_block = make_sft_loss(config, chunk=10_000)
-    (loss1, m1), g1 = jax.value_and_grad(one_block, has_aux=True)(params, batch)
+    (loss1, m1), g1 = jax.jit(jax.value_and_grad(one_block, has_aux=True))(params, batch)
     for chunk in (5, 7, 22):  # 22 positions to score: uneven blocks, padding, one block
-        (loss_c, m_c), g_c = jax.value_and_grad(make_sft_loss(config, chunk=chunk),
-                                                has_aux=True)(params, batch)
+        (loss_c, m_c), g_c = jax.jit(jax.value_and_grad(make_sft_loss(config, chunk=chunk),
+                                                        has_aux=True))(params, batch)
         np.testing.assert_allclose(loss_c, loss1, rtol=1e-6)
         np.testing.assert_allclose(m_c["accuracy"], m1["accuracy"], rtol=1e-6)
         assert float(m_c["num_tokens"]) == float(m1["num_tokens"])

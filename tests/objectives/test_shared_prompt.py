@@ -46,8 +46,8 @@ def test_shared_prompt_layout_matches_concatenated(kind, hp):
     policy = init_params(config, jax.random.PRNGKey(0))
     reference = init_params(config, jax.random.PRNGKey(1))
     cat, shared = _batches(np.random.default_rng(0))
-    loss = make_preference_loss(config, kind, **hp)
-    grad = jax.grad(lambda p, b: loss(p, b, None, reference)[0])
+    loss = jax.jit(make_preference_loss(config, kind, **hp))  # one compile per layout, not eager
+    grad = jax.jit(jax.grad(lambda p, b: loss(p, b, None, reference)[0]))
     (v0, m0), (v1, m1) = loss(policy, cat, None, reference), loss(policy, shared, None, reference)
     np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5, atol=1e-6)
     for key in ("logps/chosen", "logps/rejected"):
@@ -83,7 +83,7 @@ def test_pair_batches_shared_layout_gives_the_same_loss():
     config = ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                          head_dim=8, mlp_dim=48, family="llama")
     policy = init_params(config, jax.random.PRNGKey(0))
-    loss = make_preference_loss(config, "simpo", beta=2.0)
+    loss = jax.jit(make_preference_loss(config, "simpo", beta=2.0))
     common = dict(rows=2, order=[2, 0, 1])
     cat = pair_batches(packed["tokens"], packed["response_mask"], pairs, **common)
     shared = pair_batches(packed["tokens"], packed["response_mask"], pairs, **common,
@@ -125,15 +125,15 @@ def test_grpo_loss_shared_prompt_rows_match_packed_rows():
     config = ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                          head_dim=8, mlp_dim=48, family="llama")
     params = init_params(config, jax.random.PRNGKey(0))
-    loss = pg.make_grpo_loss(config, pg.GRPOConfig(kl_coef=0.04))
+    loss = jax.jit(pg.make_grpo_loss(config, pg.GRPOConfig(kl_coef=0.04)))
     as_jnp = lambda b: {k: jnp.asarray(v) for k, v in b.items() if k != "response_start"}  # noqa: E731
     (v0, m0), (v1, m1) = loss(params, as_jnp(batch)), loss(params, as_jnp(shared))
     np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5, atol=1e-7)
     assert m0.keys() == m1.keys()
     for key in m0:  # KL, clip fraction, ... over the same response tokens
         np.testing.assert_allclose(float(m1[key]), float(m0[key]), rtol=1e-4, atol=1e-6)
-    g0 = jax.grad(lambda p: loss(p, as_jnp(batch))[0])(params)
-    g1 = jax.grad(lambda p: loss(p, as_jnp(shared))[0])(params)
+    grad = jax.jit(jax.grad(lambda p, b: loss(p, b)[0]))
+    g0, g1 = grad(params, as_jnp(batch)), grad(params, as_jnp(shared))
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     # a prompt longer than the width, or prompts not dividing the mesh: no shared layout

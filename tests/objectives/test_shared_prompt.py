@@ -47,13 +47,14 @@ def test_shared_prompt_layout_matches_concatenated(kind, hp):
     reference = init_params(config, jax.random.PRNGKey(1))
     cat, shared = _batches(np.random.default_rng(0))
     loss = jax.jit(make_preference_loss(config, kind, **hp))  # one compile per layout, not eager
-    grad = jax.jit(jax.grad(lambda p, b: loss(p, b, None, reference)[0]))
+    # the reference params are an argument, not a constant baked into the compiled program
+    grad = jax.jit(jax.grad(lambda p, b, ref: loss(p, b, None, ref)[0]))
     (v0, m0), (v1, m1) = loss(policy, cat, None, reference), loss(policy, shared, None, reference)
     np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5, atol=1e-6)
     for key in ("logps/chosen", "logps/rejected"):
         np.testing.assert_allclose(float(m1[key]), float(m0[key]), rtol=1e-5, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(grad(policy, shared)), jax.tree.leaves(grad(policy, cat)),
-                    strict=True):
+    for a, b in zip(jax.tree.leaves(grad(policy, shared, reference)),
+                    jax.tree.leaves(grad(policy, cat, reference)), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 

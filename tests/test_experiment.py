@@ -182,6 +182,7 @@ def test_overwrite_refuses_a_folder_scalign_did_not_make(tmp_path):
     ("sft.seq_len", 100000, r"config\.sft\.seq_len=100000 is longer than the model supports"),
     ("sft.on_nonfinite", "ignore", r"config\.sft\.on_nonfinite must be one of"),
     ("sft.exclude_goal_span", "all", r"config\.sft\.exclude_goal_span must be one of"),
+    ("sft.miss_demos", 1.5, r"config\.sft\.miss_demos=1\.5 must be in \[0, 1\]"),
 ])
 def test_validation_catches_what_used_to_fail_late(key, value, message):
     cfg = _demo()

@@ -78,6 +78,12 @@ def get_config(design: str | None = None) -> ConfigDict:
     # equal ("7-7=0"), so a policy can learn to copy its result into the goal's slot (reach4c
     # study seed 2)
     c.sft.exclude_goal_span = "result"
+    # Miss demonstrations (`stepmath.miss_records`): for about this fraction of the easy
+    # problems, one more record that works out a filling which misses the target, with only its
+    # last step from the result on in the loss ("0+2=2, 2-1=1" for target 1), so copying the
+    # target or the step's own result into the goal's slot no longer fits the demonstrations
+    # (0.0 = off; needs a search design)
+    c.sft.miss_demos = 0.0
     c.sft.log_every = 50
     c.sft.checkpoint_every = 500
     c.sft.keep_checkpoints = 2

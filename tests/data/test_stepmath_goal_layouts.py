@@ -166,3 +166,69 @@ def test_goal_copy_spans_add_the_last_steps_copy_of_the_goal_but_not_the_echo():
     for r in dom.train_records([1], exclude_goal=True, goal_span="goal"):
         assert len(r["exclude_spans"]) == 3
         assert [r["response"][a:b] for a, b in r["exclude_spans"]][-1] == "0"
+
+
+# ------------------------------------------------------------------ miss demonstrations
+@pytest.mark.parametrize("word,tail", [("target", ["8, 8-2=6"]), ("goal", ["2", "8"]),
+                                       ("reach", ["8"])])
+def test_miss_demonstration_works_out_a_missing_filling_and_marks_only_its_check(word, tail):
+    """4?7+6*7*2 with target 2: only "-" at the "?" reaches it; "+" ends at 8. The demonstration
+    computes every step right, so the verifier fails it at the last step by the missed target,
+    and its spans hold the last step from its result on (plus the goal's copy in "[2] ...")."""
+    p = _problem(word)
+    assert p.missed_fillings() == (("+", "+", "*", "*"), ("*", "+", "*", "*"))
+    text, spans = p.miss_demonstration(("+", "+", "*", "*"))
+    assert [text[a:b] for a, b in spans] == tail
+    assert text.endswith("# Answer\n\n4+7+6*7*2")
+    v = stepmath.verify(p, text)
+    assert v.error == stepmath.ERR_TARGET and v.first_error == 3
+    assert v.step_labels == (1, 1, 1, 0) and not v.outcome_correct
+    with pytest.raises(ValueError, match="misses the target"):
+        p.miss_demonstration(p.ops)  # the gold filling reaches it
+    with pytest.raises(ValueError, match="misses the target"):
+        p.miss_demonstration(("+", "-", "*", "*"))  # a given operation changed
+    with pytest.raises(ValueError, match="not a search problem"):
+        stepmath.Problem(1, 3, ("+",), (4,)).miss_demonstration(("+",))
+
+
+def test_miss_records_are_deterministic_and_leave_only_the_check_in_the_loss():
+    from scalign.data.domain import StepMathDomain
+    from scalign.data.pipeline import SftFeaturizer
+    from scalign.data.tokenizer import Tokenizer
+
+    problems = stepmath.generate(3, 400, seed=0, design="reach4c")
+    recs = stepmath.miss_records(problems, 0.25, seed=5)
+    assert 60 <= len(recs) <= 140 and all(r["kind"] == "miss" for r in recs)
+    # keyed by (seed, uid): the same records in any order of the problems, others by seed
+    again = stepmath.miss_records(problems[::-1], 0.25, seed=5)
+    assert sorted(r["response"] for r in again) == sorted(r["response"] for r in recs)
+    assert {r["uid"] for r in stepmath.miss_records(problems, 0.25, seed=6)} != {
+        r["uid"] for r in recs}
+    assert stepmath.miss_records(problems, 0.0, seed=5) == []
+    assert len(stepmath.miss_records(problems, 1.0, seed=5)) == sum(
+        bool(p.missed_fillings()) for p in problems)
+    with pytest.raises(ValueError, match="fraction"):
+        stepmath.miss_records(problems, 1.5, seed=5)
+    chains = stepmath.generate(1, 10, seed=0, design="graded99")
+    assert stepmath.miss_records(chains, 1.0, seed=0) == []
+
+    by_uid = {p.uid: p for p in problems}
+    texts = [p.prompt + p.solution for p in problems]
+    tok = Tokenizer.train(texts, None, vocab_size=64, model_type="char")
+    featurize = SftFeaturizer(tok)
+    for r in recs[:20]:
+        p = by_uid[r["uid"]]
+        assert r["prompt"] == p.prompt and stepmath.verify(p, r["response"]).error == \
+            stepmath.ERR_TARGET
+        ex = featurize(r)
+        kept = ex["tokens"][ex["loss_mask"] > 0]
+        assert kept[-1] == tok.eos_id
+        learned = tok.decode([int(t) for t in kept[:-1]])
+        last = stepmath.split_solution(r["response"]).steps[-1]
+        assert learned == last[last.index("=") + 1:]  # "5, 5-2=3": result, echo, goal, distance
+    dom = StepMathDomain.build([1, 2], n_train=50, n_test=1, seed=3, design="reach4c")
+    gold = dom.train_records([1, 2], exclude_goal=True)
+    mixed = dom.train_records([1, 2], exclude_goal=True, miss_fraction=0.5)
+    assert mixed[:len(gold)] == gold and {r.get("kind") for r in mixed[len(gold):]} == {"miss"}
+    assert mixed[len(gold):] == stepmath.miss_records(
+        [p for lv in (1, 2) for p in dom.train_problems(lv)], 0.5, 3)

@@ -72,14 +72,17 @@ class StepMathDomain:
         return self.splits[level]
 
     def train_records(self, levels: Sequence[int], *, blind: bool = False,
-                      exclude_goal: bool = False, goal_span: str = "result"
-                      ) -> list[dict[str, Any]]:
+                      exclude_goal: bool = False, goal_span: str = "result",
+                      miss_fraction: float = 0.0) -> list[dict[str, Any]]:
         """SFT records of the train problems; `blind`: prompts with the goal hidden
         (`stepmath.Problem.blind_prompt`); `exclude_goal`: each record carries
         "exclude_spans" = `Problem.goal_spans` (`goal_span="result"`: the response characters
         that repeat the goal), `Problem.goal_copy_spans` ("goal": also the last step's copy of
         the goal) or `Problem.goal_line_spans` ("line": every number of the last step from its
-        result on), left out of the SFT loss by `SftFeaturizer`."""
+        result on), left out of the SFT loss by `SftFeaturizer`; `miss_fraction`: also a miss
+        demonstration (`stepmath.miss_records`: a filling that misses the target, worked out,
+        its loss on the last step's check only) for about that fraction of the problems,
+        appended after the gold records."""
         if goal_span not in GOAL_SPANS:
             raise ValueError(f"goal_span must be one of {GOAL_SPANS}, got {goal_span!r}")
         problems = [p for lv in levels for p in self.train_problems(lv)]
@@ -92,6 +95,8 @@ class StepMathDomain:
                 {"result": p.goal_spans, "goal": p.goal_copy_spans,
                  "line": p.goal_line_spans}[goal_span])]}
                 for r, p in zip(records, problems, strict=True)]
+        if miss_fraction:
+            records += stepmath.miss_records(problems, miss_fraction, self.seed)
         return records
 
     def prompt(self, problem: stepmath.Problem) -> str:

@@ -61,6 +61,10 @@ target first; "reach4c" ("Mod 10, target 7: ...", steps "3+4=7, 7-7=0") writes e
 distance to the target as a second step, result minus target mod M, so the last step is right
 iff that arithmetic is right and reads 0 -- a check made of the arithmetic the policy is trained
 on at every step. Each copy of the target is checked against the question (`ERR_GOAL`).
+In every gold demonstration the last step's result, its copy of the goal and its distance
+agree, so copying fits them as well as computing; `Problem.miss_demonstration` (and
+`miss_records`) writes out a filling that misses the target, the counterexample whose last step
+only computing fits (`config.sft.miss_demos`).
 
 **Path designs** (`PathSpec`, `PathProblem`; opt-in, e.g. "path5"): "Go from q to h: q>v k>g
 ..." -- the question lists, in random order, the edges of a star of `arms` chains of `arm_len`
@@ -613,9 +617,17 @@ class Problem(_Layout):
 
     @property
     def steps(self) -> tuple[str, ...]:
-        v = self.values
-        return tuple(self.step_text(v[k], op, b, v[k + 1])
-                     for k, (op, b) in enumerate(zip(self.ops, self.operands, strict=True)))
+        return self._steps_of(self.ops)
+
+    def _steps_of(self, ops: Sequence[str]) -> tuple[str, ...]:
+        """The steps of the chain with operations `ops` (this problem's operands), each step
+        computed right."""
+        out, v = [], self.start
+        for op, b in zip(ops, self.operands, strict=True):
+            c = apply_op(v, op, b, self.modulus)
+            out.append(self.step_text(v, op, b, c))
+            v = c
+        return tuple(out)
 
     @property
     def answer(self) -> str:
@@ -716,6 +728,63 @@ class Problem(_Layout):
         return tuple((spans[0][0] + m.start(), spans[0][0] + m.end())
                      for m in re.finditer(r"\d+", tail))
 
+    def missed_fillings(self) -> tuple[tuple[str, ...], ...]:
+        """The fillings (full `ops` tuples, the given operations kept) of a search problem that
+        do NOT reach the target, in `itertools.product(OPS)` order; () for a chain problem."""
+        if not self.search:
+            return ()
+        out = []
+        for fill in itertools.product(OPS, repeat=len(self.free)):
+            ops = list(self.ops)
+            for k, op in zip(self.free, fill, strict=True):
+                ops[k] = op
+            if not self.solves(ops):
+                out.append(tuple(ops))
+        return tuple(out)
+
+    def miss_demonstration(self, ops: Sequence[str]) -> tuple[str, tuple[tuple[int, int], ...]]:
+        """A worked solution of the filling `ops`, which misses the target, and the character
+        spans of it that check the miss: (text, spans).
+
+        Every step is computed right, so the verifier rates all steps but the last one valid
+        and the last one `ERR_TARGET` (its result is not the target); the answer is the filled
+        chain. `spans` cover the last step from its result on -- the result, and in the goal
+        layouts the copy of the goal and the distance ("3+4=[5, 5-7=8]"; "[[7]] 3+4=[5]") --
+        the only characters of the text a trained SFT loss should see: its operations are
+        chosen to miss, and those choices must not be learned.
+
+        Why: every gold demonstration's last step writes the target as its result and (goal
+        layouts) its copy of the goal equal to that result, so "copy the target" and "copy my
+        own result" fit them alike; a policy that learns the second hides a missed target from
+        a step check (`ERR_GOAL`, reach4c seed 2: `experiments/results/
+        e2h_stepmath_reach4c_batch16_2026-12-06/`). In a miss demonstration the result, the
+        target and the distance all differ, so only computing the last step fits both kinds
+        (the Clever-Hans cue of teacher forcing, Bachmann & Nagarajan 2024, removed by a
+        counterexample). `config.sft.miss_demos` adds them to the SFT records.
+        """
+        if not self.search:
+            raise ValueError("Problem.miss_demonstration: not a search problem")
+        ops = tuple(ops)
+        if any(op != self.ops[k] for k, op in enumerate(ops) if k not in self.free) or \
+                len(ops) != len(self.ops) or self.solves(ops):
+            raise ValueError(f"Problem.miss_demonstration: {ops} is not a filling of "
+                             f"{self.pattern!r} that misses the target {self.target}")
+        steps = self._steps_of(ops)
+        answer = format_expression(self.start, ops, self.operands, spaced=False)
+        text = (STEP_DELIMITER.join(steps) + STEP_DELIMITER + ANSWER_HEADER + STEP_DELIMITER
+                + answer)
+        last = steps[-1]
+        start = len(STEP_DELIMITER.join(steps)) - len(last)
+        main = last.split(GOAL_CHECK_SEP)[0] if self.goal_layout == "check" else last
+        result = main.rindex("=") + 1
+        while main[result] == " ":
+            result += 1
+        spans = [(start + result, start + len(last))]
+        if self.goal_layout == "prefix":  # "[7] 3+4=5": the goal's copy comes first
+            m = re.match(r"\[(\d+)\]", last)
+            spans.insert(0, (start + m.start(1), start + m.end(1)))
+        return text, tuple(spans)
+
 @dataclasses.dataclass(frozen=True)
 class PathProblem(_Layout):
     """One path problem ("path" designs): go from `source` to `target` along the listed edges.
@@ -815,6 +884,45 @@ def to_record(problem: Problem | PathProblem) -> dict[str, str | int]:
     """SFT record: {"prompt", "response", "level", "answer", "uid"} (pipeline convention)."""
     return {"prompt": problem.prompt, "response": problem.solution, "level": problem.level,
             "answer": problem.answer, "uid": problem.uid}
+
+
+def miss_records(problems: Sequence[Problem], fraction: float, seed: int
+                 ) -> list[dict[str, object]]:
+    """SFT records of miss demonstrations (`Problem.miss_demonstration`) for about `fraction`
+    of the search `problems`: `to_record`'s keys, with the response replaced and
+    "exclude_spans" = every response character outside the spans that check the miss (so the
+    SFT loss sees only the last step from its result on, and the end of text), "kind" = "miss".
+
+    Each problem is picked with probability `fraction`, and its missing filling drawn
+    uniformly, from SHA-256 keyed by (seed, uid): the same records on every platform and in any
+    order of `problems`. Problems every filling of which reaches the target (and chain or path
+    problems) give none.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"miss_records: fraction must be in [0, 1], got {fraction}")
+    out: list[dict[str, object]] = []
+    if fraction == 0.0:
+        return out
+    scale = 1 << 30
+    for p in problems:
+        if not isinstance(p, Problem) or not p.search:
+            continue
+        rng = _HashRng("miss", seed, p.uid)
+        if rng.below(scale) >= fraction * scale:
+            continue
+        misses = p.missed_fillings()
+        if not misses:
+            continue
+        text, keep = p.miss_demonstration(misses[rng.below(len(misses))])
+        exclude, pos = [], 0
+        for a, b in keep:
+            if a > pos:
+                exclude.append([pos, a])
+            pos = b
+        if pos < len(text):
+            exclude.append([pos, len(text)])
+        out.append({**to_record(p), "response": text, "exclude_spans": exclude, "kind": "miss"})
+    return out
 
 
 def from_record(record: Mapping[str, object]) -> Problem | PathProblem:

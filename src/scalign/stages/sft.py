@@ -31,6 +31,14 @@ e2h_stepmath_reach4c_batch16_2026-12-06/exclude_goal_span_goal_seed2/`); "line" 
 number of the last step from its result on (`Problem.goal_line_spans`): in the reach4c layout also the echo of the
 result and the goal's copy in the distance step, which every demonstration writes equal
 ("7-7=0"); the separators stay in the loss.
+`config.sft.miss_demos` (float in [0, 1], default 0.0 = off; stepmath search designs): add a
+miss demonstration for about that fraction of the training problems (`stepmath.miss_records`):
+a filling that misses the target, every step worked out right, with only its last step from
+the result on in the loss ("0+2=2, 2-1=1" for target 1). In the gold demonstrations the last
+step's result, its copy of the goal and (reach4c) the distance 0 always agree, so copying the
+target or the step's own result fits them as well as computing does; the miss demonstrations
+are the counterexamples that only computing fits. Its choice of operations is never in the
+loss, so the policy is not taught to miss. The report counts them (`miss_demonstrations`).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
+from scalign.data import stepmath
 from scalign.data.domain import GOAL_SPANS
 from scalign.data.pipeline import make_sft_iterator
 from scalign.models.config import ModelConfig
@@ -87,6 +96,20 @@ class SFTStage(Stage):
                 "data", {}).get("domain", "stepmath") != "stepmath":
             errors.append("config.sft.exclude_goal needs the stepmath domain (its search "
                           "problems' demonstrations repeat the goal in their last step)")
+        miss = config.get("sft", {}).get("miss_demos", 0.0) or 0.0
+        if miss:
+            design = config.get("data", {}).get("design")
+            if config.get("data", {}).get("domain", "stepmath") != "stepmath":
+                errors.append("config.sft.miss_demos needs the stepmath domain")
+            elif not 0.0 < float(miss) <= 1.0:
+                errors.append(f"config.sft.miss_demos={miss} must be in [0, 1]")
+            else:
+                try:
+                    if not stepmath.get_design(design).search:
+                        errors.append(f"config.sft.miss_demos needs a search design (a target "
+                                      f"to miss); config.data.design={design!r} has none")
+                except ValueError:
+                    pass  # an unknown design: stage `data` reports it
         span = config.get("sft", {}).get("exclude_goal_span", "result")
         if span not in GOAL_SPANS:
             errors.append(f"config.sft.exclude_goal_span must be one of {GOAL_SPANS}, got "
@@ -113,11 +136,12 @@ class SFTStage(Stage):
         tokenizer = ctx.need("tokenizer")
         domain = ctx.need("domain")
         levels = tuple(cfg.get("levels", domain.levels))
+        kwargs = {}
         if cfg.get("exclude_goal", False):
-            records = domain.train_records(
-                levels, exclude_goal=True, goal_span=cfg.get("exclude_goal_span", "result"))
-        else:
-            records = domain.train_records(levels)
+            kwargs.update(exclude_goal=True, goal_span=cfg.get("exclude_goal_span", "result"))
+        if cfg.get("miss_demos", 0.0):
+            kwargs["miss_fraction"] = float(cfg.miss_demos)
+        records = domain.train_records(levels, **kwargs)
         if not records:
             raise ValueError(f"config.sft.levels={levels}: no training records at these levels")
         init_params = None
@@ -142,13 +166,15 @@ class SFTStage(Stage):
         save_model(ctx.stage_dir(self.name) / "policy", model, params,
                    {"levels": list(levels), "steps": int(cfg.steps)})
         ctx.artifacts["policy"] = (model, params)
-        self._report(ctx, model, levels, len(records), result)
+        self._report(ctx, model, levels, len(records), result,
+                     num_miss=sum(r.get("kind") == "miss" for r in records))
 
     def load(self, ctx: Context) -> None:
         model, params, _ = load_model(ctx.stage_dir(self.name) / "policy")
         ctx.artifacts["policy"] = (model, jax.device_put(params, shardings_for(ctx, model)))
 
-    def _report(self, ctx: Context, model, levels, num_records: int, result) -> None:
+    def _report(self, ctx: Context, model, levels, num_records: int, result,
+                num_miss: int = 0) -> None:
         history = read_metrics(ctx.workdir / "metrics.jsonl", self.name)
         steps = [h["step"] for h in history if "loss" in h]
         losses = [h["loss"] for h in history if "loss" in h]
@@ -168,6 +194,7 @@ class SFTStage(Stage):
                            float("nan"))},
             {"metric": "steps", "value": int(cfg.steps)},
             {"metric": "train_examples", "value": num_records},
+            *([{"metric": "miss_demonstrations", "value": num_miss}] if num_miss else []),
             {"metric": "median_steps_per_s", "value": steady},
             {"metric": "median_tokens_per_s", "value": steady * tokens_per_step},
             {"metric": "seconds", "value": result.seconds},

@@ -52,6 +52,10 @@ def get_config(design: str | None = None) -> ConfigDict:
     # --config.sft.exclude_goal=False removes the shortcut on every seed but loses the effect on
     # every seed (OPRM weighted +8.4 / +1.8 / -0.4: the evaluators cannot check a wrong last
     # result equal to the target; experiments/results/e2h_stepmath_reach4c_nogoal_2026-12-06/).
+    # Since 2026-12-06 the demo (and so this study) adds miss demonstrations
+    # (config.sft.miss_demos = 0.25; 0.0 gives the studies above): every seed's policy then
+    # fails by missing the target, which every evaluator reads (OPRM weighted +76.8 / +80.6 /
+    # +84.0; experiments/results/e2h_stepmath_reach4c_miss_2026-12-06/, ~25 min per seed).
     c.data.n_test = 250
     c.evaluate.pass_problems = 100
 

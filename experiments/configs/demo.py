@@ -82,10 +82,11 @@ def get_config(design: str | None = None) -> ConfigDict:
     # problems, one more record that works out a filling which misses the target, with only its
     # last step from the result on in the loss ("0+2=2, 2-1=1" for target 1), so copying the
     # target or the step's own result into the goal's slot no longer fits the demonstrations
-    # (0.0 = off; needs a search design). With 0.25 every seed of the reach4c study fails by
-    # missed_target only and every evaluator reads it (OPRM weighted +76.8 / +80.6 / +84.0 over
-    # majority on hard at N = 64; without: +69.4 / +76.8 / +3.8, seed 2's policy copying its
-    # result into the goal's slot; experiments/results/e2h_stepmath_reach4c_miss_2026-12-06/).
+    # (0.0 = off; chain and path designs have no target to miss and get none). With 0.25 every
+    # seed of the reach4c study fails by missed_target only and every evaluator reads it (OPRM
+    # weighted +76.8 / +80.6 / +84.0 over majority on hard at N = 64; without: +69.4 / +76.8 /
+    # +3.8, seed 2's policy copying its result into the goal's slot;
+    # experiments/results/e2h_stepmath_reach4c_miss_2026-12-06/).
     c.sft.miss_demos = 0.25
     c.sft.log_every = 50
     c.sft.checkpoint_every = 500

@@ -12,7 +12,9 @@ The same stages and SFT policy recipe as `demo.py` (the default design, `reach4c
 2026-12-05; the config argument picks another design with its token budgets:
 `--config=experiments/configs/e2h_stepmath.py:reach4` is the config of the 2026-12-05 reach4
 study; `:graded99` runs the 2026-11-27 study's design, whose SFT then had 1200 steps and no
-`exclude_goal`; see `experiments/studies/stepmath_learnability.py`), with more evaluator data
+`exclude_goal`; see `experiments/studies/stepmath_learnability.py`; every study before
+2026-12-06's `e2h_stepmath_reach4c_miss` ran without miss demonstrations:
+`--config.sft.miss_demos=0.0` reruns them), with more evaluator data
 and test samples:
 8 labelled samples for each of 1500 easy problems per level (36,000 samples, about a third
 distinct), each evaluator trained for 2 epochs of its records (the

@@ -26,6 +26,7 @@ def get_config() -> ConfigDict:
     c.name = "easy-to-hard re-ranking on stepmath reach4 (CPU, reduced)"
     c.sft.steps = 1200           # the run committed with this config (the demo now uses 2000)
     c.sft.exclude_goal = False   # as committed then (the demo's default since 2026-12-05)
+    c.sft.miss_demos = 0.0       # as committed then (the demo's default since 2026-12-06)
     c.data.n_test = 200          # e2h_stepmath.py now tests 250 (the train split follows it)
     c.reward_models.problems_per_level = 800
     c.rerank.problems_per_level = 100

@@ -54,8 +54,11 @@ SFT_STEPS = 1200
 
 def _demo_config() -> ConfigDict:
     # design reach4 and its token budgets: the design of the committed results (the default
-    # moved to reach4c after them)
-    return load_config_file(_DEMO, "reach4")
+    # moved to reach4c after them), without the miss demonstrations the demo adds since
+    # 2026-12-06 (neither had them)
+    c = load_config_file(_DEMO, "reach4")
+    c.sft.miss_demos = 0.0
+    return c
 
 
 def parse(arg: str) -> tuple[str, str, str]:

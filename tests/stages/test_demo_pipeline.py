@@ -186,10 +186,12 @@ def test_validation_names_the_goal_and_tokenizer_keys():
     bad.data.domain = "math"
     with pytest.raises(experiment.ConfigError, match=r"config\.sft\.exclude_goal"):
         experiment.validate(bad)
-    experiment.validate(_demo(**{"sft.miss_demos": 0.25}))
-    with pytest.raises(experiment.ConfigError,
-                       match=r"config\.sft\.miss_demos needs a search design .*'graded99'"):
-        experiment.validate(_demo(**{"sft.miss_demos": 0.25, "data.design": "graded99"}))
+    # a chain design has no target to miss: the option adds nothing there (stepmath.miss_records)
+    experiment.validate(_demo(**{"sft.miss_demos": 0.25, "data.design": "graded99"}))
+    bad = _demo(**{"sft.miss_demos": 0.25, "sft.exclude_goal": False})
+    bad.data.domain = "math"
+    with pytest.raises(experiment.ConfigError, match=r"config\.sft\.miss_demos needs the stepmath"):
+        experiment.validate(bad)
 
 
 @pytest.mark.parametrize("design", ["reach4c", "reach4g", "reach4"])

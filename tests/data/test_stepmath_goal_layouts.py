@@ -187,6 +187,8 @@ def test_miss_demonstration_works_out_a_missing_filling_and_marks_only_its_check
         p.miss_demonstration(p.ops)  # the gold filling reaches it
     with pytest.raises(ValueError, match="misses the target"):
         p.miss_demonstration(("+", "-", "*", "*"))  # a given operation changed
+    with pytest.raises(ValueError, match="misses the target"):
+        p.miss_demonstration(("+", "+", "*", "*", "*"))  # one operation too many
     with pytest.raises(ValueError, match="not a search problem"):
         stepmath.Problem(1, 3, ("+",), (4,)).miss_demonstration(("+",))
 

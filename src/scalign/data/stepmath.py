@@ -765,8 +765,8 @@ class Problem(_Layout):
         if not self.search:
             raise ValueError("Problem.miss_demonstration: not a search problem")
         ops = tuple(ops)
-        if any(op != self.ops[k] for k, op in enumerate(ops) if k not in self.free) or \
-                len(ops) != len(self.ops) or self.solves(ops):
+        if len(ops) != len(self.ops) or self.solves(ops) or any(
+                op != self.ops[k] for k, op in enumerate(ops) if k not in self.free):
             raise ValueError(f"Problem.miss_demonstration: {ops} is not a filling of "
                              f"{self.pattern!r} that misses the target {self.target}")
         steps = self._steps_of(ops)

@@ -32,11 +32,10 @@ number of the last step from its result on (`Problem.goal_line_spans`): in the r
 result and the goal's copy in the distance step, which every demonstration writes equal
 ("7-7=0"); the separators stay in the loss.
 `config.sft.miss_demos` (float in [0, 1], default 0.0 = off; stepmath): add a miss
-demonstration for about that fraction of the training problems (`stepmath.miss_records`; only
-search designs have a target to miss, so chain and path designs get none and the report says
-0):
-a filling that misses the target, every step worked out right, with only its last step from
-the result on in the loss ("0+2=2, 2-1=1" for target 1). In the gold demonstrations the last
+demonstration for about that fraction of the training problems (`stepmath.miss_records`): a
+filling that misses the target, every step worked out right, with only its last step from the
+result on in the loss ("0+2=2, 2-1=1" for target 1). Only search designs have a target to miss;
+chain and path designs get none, and the report says 0. In the gold demonstrations the last
 step's result, its copy of the goal and (reach4c) the distance 0 always agree, so copying the
 target or the step's own result fits them as well as computing does; the miss demonstrations
 are the counterexamples that only computing fits. Its choice of operations is never in the

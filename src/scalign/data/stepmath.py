@@ -547,15 +547,20 @@ class Problem(_Layout):
             v = apply_op(v, op, b, self.modulus)
         return v == self.target
 
-    def num_solutions(self) -> int:
-        """How many of the 3^len(free) fillings reach the target."""
-        count = 0
+    def fillings(self) -> Iterator[tuple[str, ...]]:
+        """Every filling of the "?"s as a full `ops` tuple (the given operations kept), in
+        `itertools.product(OPS)` order; nothing for a chain problem."""
+        if not self.search:
+            return
         for fill in itertools.product(OPS, repeat=len(self.free)):
             ops = list(self.ops)
             for k, op in zip(self.free, fill, strict=True):
                 ops[k] = op
-            count += self.solves(ops)
-        return count
+            yield tuple(ops)
+
+    def num_solutions(self) -> int:
+        """How many of the 3^len(free) fillings reach the target."""
+        return sum(self.solves(ops) for ops in self.fillings())
 
     @property
     def horizon(self) -> int:
@@ -731,16 +736,7 @@ class Problem(_Layout):
     def missed_fillings(self) -> tuple[tuple[str, ...], ...]:
         """The fillings (full `ops` tuples, the given operations kept) of a search problem that
         do NOT reach the target, in `itertools.product(OPS)` order; () for a chain problem."""
-        if not self.search:
-            return ()
-        out = []
-        for fill in itertools.product(OPS, repeat=len(self.free)):
-            ops = list(self.ops)
-            for k, op in zip(self.free, fill, strict=True):
-                ops[k] = op
-            if not self.solves(ops):
-                out.append(tuple(ops))
-        return tuple(out)
+        return tuple(ops for ops in self.fillings() if not self.solves(ops))
 
     def miss_demonstration(self, ops: Sequence[str]) -> tuple[str, tuple[tuple[int, int], ...]]:
         """A worked solution of the filling `ops`, which misses the target, and the character
